@@ -1,0 +1,49 @@
+# mlctl: `make demo` runs the main job, `make test` runs the suite. Both set up .venv first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.mlctl-installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+export DS_ACCELERATOR ?= $(if $(HAS_GPU),cuda,cpu)
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-quick lint bench clean
+
+setup: $(STAMP)
+
+# NOTE: torch goes in first and on its own. Without a GPU, torch==2.13.0 resolves to the CPU wheel
+# on disk; if deepspeed or transformers pulled torch in, pip would fetch a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if [ -n "$(HAS_GPU)" ]; then \
+		$(BIN)/pip install -q torch; \
+	else \
+		$(BIN)/pip install -q torch==2.13.0; \
+	fi
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/python -m mlctl.demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-quick: setup
+	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check mlctl launcher tests bench
+	$(BIN)/ruff format --check mlctl launcher tests bench
+	$(BIN)/mypy mlctl launcher --ignore-missing-imports
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(VENV) runs demo_data .pytest_cache

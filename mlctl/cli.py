@@ -1,0 +1,65 @@
+"""The `mlctl` command. Each verb lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; a verb is listed only when its module exists."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+
+# verb -> (module, one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "prepare": ("mlctl.data.prepare", "parallel corpora + dictionary -> anchored WebDataset shards"),
+    "train": ("launcher.cli", "train ML-CTL: Ray-orchestrated DeepSpeed workers, checkpoints, resume"),
+    "eval": ("mlctl.evaluate", "retrieval accuracy and bitext-mining F1 of an encoder or run"),
+    "export": ("mlctl.export", "a run's encoder as a HuggingFace / sentence-transformers folder"),
+    "report": ("mlctl.report", "plot a run's metrics.jsonl (loss, throughput, eval accuracy) to PNG"),
+    "demo": ("mlctl.demo", "the main job on bundled data (what `make demo` runs)"),
+}
+
+
+def available_verbs() -> dict[str, tuple[str, str]]:
+    out = {}
+    for verb, (module, helptext) in VERBS.items():
+        try:
+            if importlib.util.find_spec(module) is not None:
+                out[verb] = (module, helptext)
+        except ModuleNotFoundError:
+            continue
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlctl", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (module, helptext) in available_verbs().items():
+        p = sub.add_parser(verb, help=helptext, description=helptext)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not args.verb:
+        parser.print_help()
+        return 2
+    from mlctl.config import ConfigError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"mlctl {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

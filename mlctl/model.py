@@ -1,0 +1,194 @@
+"""The ML-CTL encoder: a BERT-like masked LM, layer-averaged mean pooling, and the fusion MLP.
+
+Architecture only: no DeepSpeed, no collectives, no checkpoint policy (those live in the engine).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlctl.hub import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncoderOutput:
+    sentence: torch.Tensor  # [R, H] sentence vectors s
+    fused: torch.Tensor | None  # [R, 2H] MLP(concat(s, w)), when anchor spans were given
+    mlm_loss: torch.Tensor | None  # scalar, 0.5 * (MLM(x) + MLM(y)), when masked inputs were given
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``hidden`` [R, T, H] over positions where ``mask`` [R, T] is true (float32 sums)."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    total = (hidden * m).sum(dim=1)
+    count = m.sum(dim=1).clamp_min(1.0)
+    return total / count
+
+
+def span_mask(spans: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean [R, T] mask of the inclusive token spans ``spans`` [R, 2] = (start, end)."""
+    pos = torch.arange(length, device=spans.device).unsqueeze(0)
+    return (pos >= spans[:, :1]) & (pos <= spans[:, 1:2])
+
+
+def pool_layers(hidden_states: tuple[torch.Tensor, ...], layers: list[int], mask: torch.Tensor) -> torch.Tensor:
+    """Average over ``layers`` of the masked mean of each layer's hidden states."""
+    pooled = [masked_mean(hidden_states[i], mask) for i in layers]
+    return torch.stack(pooled, dim=0).mean(dim=0)
+
+
+class FusionMLP(nn.Module):
+    """MLP(concat(s, w)) with Linear(2H, 2H) -> ReLU -> Linear(2H, 2H)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(2 * hidden_size, 2 * hidden_size)
+        self.fc2 = nn.Linear(2 * hidden_size, 2 * hidden_size)
+
+    def forward(self, sentence: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.cat([sentence, word], dim=-1))))
+
+
+class MLCTLModel(nn.Module):
+    """Wraps a ``*ForMaskedLM`` model whose MLM decoder is tied to the input embeddings."""
+
+    def __init__(self, mlm_model: nn.Module, pool_layers: list[int]):
+        super().__init__()
+        self.mlm = mlm_model
+        cfg = mlm_model.config
+        self.hidden_size = cfg.hidden_size
+        self.num_layers = cfg.num_hidden_layers
+        self.pool_layers = self._normalise_layers(pool_layers)
+        self.fusion = FusionMLP(cfg.hidden_size)
+
+    def _normalise_layers(self, layers: list[int]) -> list[int]:
+        out = []
+        for layer in layers:
+            idx = layer if layer > 0 else self.num_layers + 1 + layer
+            if not 1 <= idx <= self.num_layers:
+                raise ValueError(
+                    f"pool layer {layer} is out of range for a {self.num_layers}-layer encoder "
+                    f"(use 1..{self.num_layers} or -1..-{self.num_layers})"
+                )
+            out.append(idx)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, pool_layers: list[int] | None = None) -> MLCTLModel:
+        from transformers import AutoModelForMaskedLM
+
+        path = resolve_model_path(name_or_path)
+        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        missing = [k for k in info.get("missing_keys", []) if "decoder.weight" not in k]
+        if missing:
+            # all-MiniLM-L6-v2 and other sentence encoders ship without an MLM head: its transform
+            # and bias start fresh; the decoder is still tied to the pretrained embeddings.
+            log.warning("%s: %d MLM-head weights not in the checkpoint, initialised fresh: %s",
+                        name_or_path, len(missing), ", ".join(sorted(missing)[:6]))
+        return cls(mlm, pool_layers or [1, -1])
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.mlm.base_model
+
+    @property
+    def config(self):
+        return self.mlm.config
+
+    def mlm_head(self) -> nn.Module:
+        return self.mlm.get_output_embeddings()
+
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # `cls` is BERT's prediction head (transform + tied decoder); other encoders expose
+        # their head as the module holding the output embeddings.
+        head = getattr(self.mlm, "cls", None) or getattr(self.mlm, "lm_head", None)
+        if head is None:
+            raise TypeError(f"{type(self.mlm).__name__} has no MLM head (cls or lm_head)")
+        return head(hidden)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        spans: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+    ) -> EncoderOutput:
+        """One encoder call over ``R`` rows (both sides of the batch: R = 2B, x rows first).
+
+        With ``mlm_input_ids`` the masked copy rides in the same call (2R rows); the MLM head runs
+        only at masked positions, so its vocabulary projection costs ~15% of a full one.
+        """
+        rows = input_ids.shape[0]
+        ids, mask = input_ids, attention_mask
+        if mlm_input_ids is not None:
+            ids = torch.cat([input_ids, mlm_input_ids], dim=0)
+            mask = torch.cat([attention_mask, attention_mask], dim=0)
+        out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hs = out.hidden_states
+        clean = tuple(h[:rows] for h in hs)
+        sentence = pool_layers(clean, self.pool_layers, attention_mask.bool())
+        fused = None
+        if spans is not None:
+            word_mask = span_mask(spans, input_ids.shape[1]) & attention_mask.bool()
+            word = pool_layers(clean, self.pool_layers, word_mask)
+            fused = self.fusion(sentence, word)
+        mlm_loss = None
+        if mlm_input_ids is not None and mlm_labels is not None:
+            mlm_loss = self._mlm_loss(hs[-1][rows:], mlm_labels)
+        return EncoderOutput(sentence=sentence, fused=fused, mlm_loss=mlm_loss)
+
+    def _mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """0.5 * (MLM(x) + MLM(y)); x is the first half of the rows, y the second."""
+        half = labels.shape[0] // 2
+        losses = []
+        for side in (slice(0, half), slice(half, None)):
+            lab = labels[side]
+            sel = lab != -100
+            if not bool(sel.any()):
+                # Keep the graph connected (every rank must touch the same parameters).
+                losses.append(hidden[side].sum() * 0.0)
+                continue
+            logits = self._lm_logits(hidden[side][sel])
+            losses.append(F.cross_entropy(logits.float(), lab[sel]))
+        return 0.5 * (losses[0] + losses[1])
+
+    @torch.no_grad()
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+        """Sentence vectors for inference (no anchor word, no MLP)."""
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        use = self._normalise_layers(layers) if layers else self.pool_layers
+        return pool_layers(out.hidden_states, use, attention_mask.bool())
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    special_ids: torch.Tensor,
+    mask_token_id: int,
+    vocab_size: int,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking on a copy: pick ``probability`` of real, non-special tokens; of those 80% become
+    [MASK], 10% a random token, 10% stay. Returns (masked copy, labels with -100 where unpicked)."""
+    ids = input_ids.clone()
+    labels = input_ids.clone()
+    eligible = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+    u = torch.rand(ids.shape, generator=generator)
+    picked = eligible & (u < probability)
+    labels[~picked] = -100
+    r = torch.rand(ids.shape, generator=generator)
+    to_mask = picked & (r < 0.8)
+    to_random = picked & (r >= 0.8) & (r < 0.9)
+    ids[to_mask] = mask_token_id
+    random_tokens = torch.randint(vocab_size, ids.shape, generator=generator, dtype=ids.dtype)
+    ids[to_random] = random_tokens[to_random]
+    return ids, labels

@@ -1,0 +1,60 @@
+"""Tiny offline models for tests, benchmarks and the quick demo: a WordPiece vocabulary trained with
+`tokenizers` on fixture text and a small BertForMaskedLM built from a config (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "data"
+
+
+def fixture_texts(data_dir: Path = FIXTURES) -> list[str]:
+    texts: list[str] = []
+    for path in sorted(data_dir.glob("pairs.*.tsv")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            texts.extend(part for part in line.split("\t")[:2] if part)
+    return texts
+
+
+def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000, lowercase: bool = False):
+    """Train a BERT WordPiece tokenizer and save it as a HF fast tokenizer folder."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    wp = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=False if not lowercase else None)
+    wp.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
+                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    from tokenizers.processors import BertProcessing
+
+    wp._tokenizer.post_processor = BertProcessing(("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]")))
+    tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def build_tiny_bert(out_dir: str | Path, tokenizer, hidden: int = 32, layers: int = 2, heads: int = 2,
+                    intermediate: int = 64, max_positions: int = 256, seed: int = 0) -> Path:
+    """A randomly initialised BertForMaskedLM (decoder tied to the embeddings) saved with its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                     num_attention_heads=heads, intermediate_size=intermediate,
+                     max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
+                     tie_word_embeddings=True)
+    model = BertForMaskedLM(cfg)
+    out = Path(out_dir)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def make_tiny_model(out_dir: str | Path, **kwargs) -> Path:
+    """Tokenizer + tiny BERT in one folder, usable as `model.name_or_path`."""
+    tok = train_wordpiece(fixture_texts(), Path(out_dir) / "_tok")
+    return build_tiny_bert(out_dir, tok, **kwargs)

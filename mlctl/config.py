@@ -114,6 +114,8 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
+    # Append every step's pair ids per rank to RUN/pair_ids/ (audits exactly-once across restarts).
+    log_pair_ids: bool = False
 
     def __post_init__(self) -> None:
         if self.max_steps < 1:
@@ -332,11 +334,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < YAML file at ``path`` < dotted ``overrides``."""
+def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < YAML file(s) at ``path`` (later files win) < dotted ``overrides``."""
     tree: dict[str, Any] = {}
-    if path:
-        p = Path(path)
+    paths = path if isinstance(path, list) else ([path] if path else [])
+    for item in paths:
+        p = Path(item)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
@@ -345,7 +348,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        tree = loaded
+        tree = _merge(tree, loaded)
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
     return from_dict(Config, tree)

@@ -1,0 +1,48 @@
+"""`mlctl train`: resolve the config, then launch (or resume) the run under Ray."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mlctl.config import load_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", action="append", help="YAML config; repeat to layer presets "
+                   "(defaults < YAML files in order < overrides)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.temperature=0.05")
+    p.add_argument("--address", help="join this Ray cluster (default: start an embedded local Ray)")
+    p.add_argument("--num-workers", type=int, help="training workers (ranks)")
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--storage", help="storage path; the run folder is STORAGE/NAME (shared by all nodes)")
+    p.add_argument("--name", help="run name (default: derived from the config, so a re-run resumes)")
+
+
+def resolve(args: argparse.Namespace):
+    overrides = list(args.overrides or [])
+    for flag, key in (("address", "ray.address"), ("num_workers", "ray.num_workers"),
+                      ("gpus_per_worker", "ray.gpus_per_worker"), ("cpus_per_worker", "ray.cpus_per_worker"),
+                      ("storage", "ray.storage_path"), ("name", "ray.name")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")
+    return load_config(args.config, overrides)
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def run(args: argparse.Namespace) -> int:
+    from launcher.ray_train import launch
+
+    cfg = resolve(args)
+    try:
+        run_dir = launch(cfg)
+    except RuntimeError as e:
+        print(f"mlctl train: {e}", file=sys.stderr)
+        return 1
+    print(f"[mlctl] done: {run_dir}")
+    return 0

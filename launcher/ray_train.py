@@ -1,0 +1,254 @@
+"""Ray side of training: start or join Ray, build the TorchTrainer (Ray Train V2), name the run,
+apply the failure and checkpoint policy, and watch the run from the driver.
+
+Checkpoint bytes live in the run folder (``RUN/checkpoints``, written by the workers through
+:mod:`mlctl.checkpoint`); Ray holds the registry: every rank reports a small pointer checkpoint
+(``mlctl_checkpoint.json``) after each published save, so Ray's restart logic and its
+re-run-with-the-same-name restoration hand the workers the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mlctl.config import Config, config_from_dict
+
+log = logging.getLogger(__name__)
+
+POINTER = "mlctl_checkpoint.json"
+# Variables every worker needs, whatever the cluster's defaults.
+WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+              "OMP_NUM_THREADS", "MLCTL_FAULT")
+
+
+def run_name(cfg: Config) -> str:
+    """Deterministic from what shapes the training (not from where it runs), so re-running the same
+    command after the driver died finds and resumes the same run."""
+    if cfg.ray.name:
+        return cfg.ray.name
+    d = cfg.to_dict()
+    for key in ("address", "storage_path", "name", "max_failures"):
+        d["ray"].pop(key, None)
+    d.pop("metrics", None)
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return f"mlctl-{digest}"
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.ray.storage_path).expanduser().resolve() / run_name(cfg)
+
+
+class RayReporter:
+    """Reports a pointer checkpoint from every rank; reads the one Ray restored, if any."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / f"rank{self.rank:05d}.{POINTER}").write_text(
+                json.dumps({"path": str(path), "step": step, "rank": self.rank}))
+            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"ray_step_{step:08d}")
+
+    def restored_from(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            pointers = sorted(Path(d).glob(f"*.{POINTER}"))
+            if not pointers:
+                return None
+            path = Path(json.loads(pointers[0].read_text())["path"])
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"Ray restored a checkpoint pointing at {path}, which is not there; "
+                                    "is the run's storage path shared by all nodes?")
+        return path
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of every Ray Train worker."""
+    import ray
+    import ray.train
+
+    from mlctl.engine import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
+    fault = _fault_hook(loop_config.get("fault"), ctx.get_world_rank())
+    trainer = Trainer(cfg, loop_config["run_dir"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                      local_rank=ctx.get_local_rank(), node=node, run_name=loop_config["run_name"],
+                      reporter=RayReporter(ctx.get_world_rank()), fault_hook=fault)
+    trainer.setup()
+    trainer.fit()
+
+
+def _fault_hook(spec: dict[str, Any] | None, rank: int):
+    """Fault injection for the fault-tolerance tests: SIGKILL this worker process at a step, once
+    per run (a marker file remembers that it fired)."""
+    if not spec:
+        return None
+
+    def hook(event: str, step: int) -> None:
+        marker = Path(spec["marker"])
+        if (event == spec.get("event", "step") and rank == spec.get("rank", 0)
+                and step == spec["step"] and not marker.exists()):
+            marker.write_text(str(step))
+            os.kill(os.getpid(), 9)
+
+    return hook
+
+
+class RunWatcher(threading.Thread):
+    """Driver-side: prints each worker's endpoint once, keeps the Prometheus service-discovery
+    file current, and draws the progress line from metrics.jsonl."""
+
+    def __init__(self, run_dir: Path, cfg: Config, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.run_dir, self.cfg, self.interval = run_dir, cfg, interval
+        self.stop_event = threading.Event()
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.offset = 0
+
+    def run(self) -> None:
+        from launcher.monitoring import ProgressLine
+
+        progress = ProgressLine(total=self.cfg.train.max_steps)
+        while not self.stop_event.wait(self.interval):
+            self.poll_endpoints()
+            self.poll_metrics(progress)
+        self.poll_endpoints()
+        self.poll_metrics(progress)
+        progress.close()
+
+    def poll_endpoints(self) -> None:
+        from launcher.monitoring import write_service_discovery
+
+        changed = False
+        for f in sorted((self.run_dir / "endpoints").glob("rank*.json")):
+            try:
+                info = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if self.seen.get(f.name) != info:
+                self.seen[f.name] = info
+                changed = True
+                print(f"[mlctl] rank {info['rank']} on {info['node']}: metrics at {info['url']}", flush=True)
+        if changed:
+            endpoints = [{"target": f"{i['host']}:{i['port']}", "run": self.run_dir.name, "rank": i["rank"],
+                          "node": i["node"]} for i in self.seen.values()]
+            write_service_discovery(self.run_dir / "prometheus_sd.json", endpoints)
+
+    def poll_metrics(self, progress) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        with open(path) as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec and "step" in rec:
+                progress.update(step=rec["step"], loss=rec["loss"],
+                                pairs_per_s=rec.get("samples_per_second", float("nan")))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)
+
+
+def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | None = None) -> Path:
+    """Run (or resume) training under Ray; returns the run folder. Raises RuntimeError with the
+    failure count and the last good checkpoint when the run fails for good."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    name = run_name(cfg)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.gpus_per_worker > 0 else "cpu")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.ray.cpus_per_worker))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent),
+                                                    os.environ.get("PYTHONPATH", "")] if p)
+    started_here = False
+    if not ray.is_initialized():
+        if cfg.ray.address:
+            ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:
+            need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
+            ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
+                     runtime_env={"env_vars": env}, log_to_driver=True)
+        started_here = True
+    print(f"[mlctl] run {name}: {run_dir}", flush=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": name, "fault": fault},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker > 0 else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.gpus_per_worker > 0 else "gloo"),
+        run_config=RunConfig(
+            name=name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+        ),
+    )
+    watcher = RunWatcher(run_dir, cfg)
+    watcher.start()
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; say what a user needs to act on
+        from mlctl.checkpoint import CheckpointDir
+
+        try:
+            last = CheckpointDir(run_dir).latest()
+        except FileNotFoundError:
+            last = None
+        failures = _count_failures(e, cfg.ray.max_failures)
+        raise RuntimeError(
+            f"training failed after {failures} worker failure(s) (max_failures={cfg.ray.max_failures}); "
+            f"last good checkpoint: {last or 'none'}; cause: {_root_cause(e)}"
+        ) from e
+    finally:
+        watcher.stop()
+        if started_here:
+            ray.shutdown()
+    return run_dir
+
+
+def _count_failures(error: BaseException, max_failures: int) -> int:
+    # Ray gives up after max_failures restarts, i.e. on failure number max_failures + 1.
+    return max_failures + 1 if max_failures >= 0 else -1
+
+
+def _root_cause(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:300] if text else type(error).__name__

@@ -1,0 +1,481 @@
+"""The training worker: DeepSpeed engine, the ML-CTL step, checkpoints and resume.
+
+Runs under Ray (launcher/) or on its own in a process group set up by torch.distributed's usual
+environment variables (the tests do that). One optimizer step = ``grad_accum`` micro-batches; each
+micro-batch gathers its own negatives across ranks (the contrastive batch is the global
+micro-batch, not the accumulated one). DeepSpeed divides the loss by the accumulation steps in
+``engine.backward``; the step does not divide it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mlctl.checkpoint import CheckpointDir, CheckpointMeta, check_compatible, step_name
+from mlctl.config import Config
+from mlctl.hub import load_tokenizer, tokenizer_fingerprint
+from mlctl.losses import contrastive_loss
+from mlctl.model import MLCTLModel, mask_tokens
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed pieces
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON config from the typed config (``deepspeed.extra`` merged last)."""
+    b, gas = cfg.data.batch_size, cfg.train.grad_accum
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": b,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": b * gas * world_size,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
+        "fp16": {"enabled": cfg.deepspeed.precision == "fp16", "initial_scale_power": 12},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.extra.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def lr_lambda(cfg: Config) -> Callable[[int], float]:
+    """Multiplier of the peak rate: linear warmup, then constant (the paper), linear or cosine decay."""
+    warmup, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on biases and LayerNorm weights."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Train state
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # pairs, all ranks together
+    tokens_seen: int = 0
+    restarts: int = 0
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Per-(step, rank, micro-batch) seed: dropout and MLM masks do not depend on history, so a
+    resumed run redoes a step exactly as the uninterrupted run did."""
+    return (seed * 1_000_003 + step * 1009 + rank * 31 + micro) % (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker
+
+
+class Reporter:
+    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone)."""
+
+    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:  # noqa: B027
+        pass
+
+    def restored_from(self) -> Path | None:
+        return None
+
+
+class Trainer:
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        local_rank: int = 0,
+        node: str | None = None,
+        run_name: str = "",
+        reporter: Reporter | None = None,
+        fault_hook: Callable[[str, int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.node = node or socket.gethostname()
+        self.run_name = run_name or self.run_dir.name
+        self.reporter = reporter or Reporter()
+        # Tests inject faults here: fault_hook(event, step), events "step" and "save".
+        self.fault_hook = fault_hook or (lambda event, step: None)
+        self.clock = clock
+        self.state = TrainState()
+        self.ckpt = CheckpointDir(self.run_dir, cfg.checkpoint.keep_last)
+        self.metrics = None
+        self.last_save_time = clock()
+        self.history: list[dict[str, float]] = []
+        self._skips_logged: dict[str, int] = {}
+
+    # ---- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from mlctl.data.dataset import ShardLoader
+
+        cfg = self.cfg
+        if not dist.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        tok_name = cfg.model.tokenizer or cfg.model.name_or_path
+        self.tokenizer = load_tokenizer(tok_name)
+        self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
+        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
+
+        torch.manual_seed(cfg.train.seed)  # identical fusion-MLP init on every rank
+        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers)
+        self.vocab_size = model.config.vocab_size
+
+        self.loader = ShardLoader(
+            cfg.data.shards, batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world_size,
+            num_workers=cfg.data.num_workers, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            bucket_by_length=cfg.data.bucket_by_length, bucket_size=cfg.data.bucket_size,
+            expected_tokenizer_hash=self.tokenizer_hash,
+        )
+        self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
+
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                      betas=tuple(cfg.train.betas))
+        schedule = lr_lambda(cfg)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        self.model: MLCTLModel = self.engine.module
+        self._setup_metrics()
+
+    def _setup_metrics(self) -> None:
+        try:
+            from mlctl.metrics import MetricsExporter
+        except ImportError:  # monitoring not installed in this build
+            return
+        self.metrics = MetricsExporter(self.cfg.metrics, run=self.run_name, rank=self.rank, node=self.node,
+                                       local_rank=self.local_rank, run_dir=self.run_dir)
+        port = self.metrics.start()
+        if port is not None:
+            ep_dir = self.run_dir / "endpoints"
+            ep_dir.mkdir(parents=True, exist_ok=True)
+            host = self.cfg.metrics.bind if self.cfg.metrics.bind not in ("0.0.0.0", "::", "") else _node_ip()
+            info = {"rank": self.rank, "node": self.node, "host": host, "port": port,
+                    "url": f"http://{host}:{port}/metrics"}
+            tmp = ep_dir / f".rank{self.rank:05d}.json"
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, ep_dir / f"rank{self.rank:05d}.json")
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        t0 = time.perf_counter()
+        step = self.state.step
+        if self.rank == 0:
+            self.ckpt.prepare(step)
+        dist.barrier()
+        tmp = self.ckpt.tmp_path(step)
+        self.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
+        self.fault_hook("save", step)
+        (tmp / f"data_state_rank{self.rank:05d}.json").write_text(json.dumps(self.loader.state_dict()))
+        torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
+        dist.barrier()
+        final = self.ckpt.final_path(step)
+        if self.rank == 0:
+            self.cfg.save(tmp / "config.yaml")
+            meta = CheckpointMeta(
+                step=step, samples_seen=self.state.samples_seen, tokens_seen=self.state.tokens_seen,
+                restarts=self.state.restarts, model=self.cfg.model.name_or_path,
+                tokenizer_hash=self.tokenizer_hash, world_size=self.world_size,
+                zero_stage=self.cfg.deepspeed.zero_stage, manifest_hash=self.manifest_hash,
+                config_fingerprint=self.cfg.fingerprint(),
+            )
+            self.ckpt.publish(step, meta)
+        dist.barrier()
+        seconds = time.perf_counter() - t0
+        self.last_save_time = self.clock()
+        if self.metrics is not None:
+            self.metrics.log_checkpoint(seconds, step)
+        last = self.history[-1] if self.history else {}
+        self.reporter.checkpoint(final, step, {"step": step, **last})
+        if self.rank == 0:
+            log.info("checkpoint %s written in %.1fs", final, seconds)
+        return final
+
+    def find_resume_point(self) -> Path | None:
+        path = self.reporter.restored_from()
+        if path is not None:
+            return path
+        if not self.cfg.checkpoint.resume:
+            return None
+        return self.ckpt.latest()
+
+    def load_checkpoint(self, path: Path) -> None:
+        meta = CheckpointMeta.load(path / "meta.json")
+        check_compatible(meta, model=self.cfg.model.name_or_path, tokenizer_hash=self.tokenizer_hash,
+                         world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage, where=path)
+        if meta.manifest_hash and meta.manifest_hash != self.manifest_hash:
+            log.warning("%s was trained on other shards (manifest %s, now %s); the data position starts over",
+                        path, meta.manifest_hash, self.manifest_hash)
+        load_path, _ = self.engine.load_checkpoint(str(path / "engine"), tag="state",
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no engine state under {path / 'engine'}")
+        data_state = path / f"data_state_rank{self.rank:05d}.json"
+        if meta.world_size == self.world_size and meta.manifest_hash == self.manifest_hash:
+            self.loader.load_state_dict(json.loads(data_state.read_text()))
+        rng = path / f"rng_rank{self.rank:05d}.pt"
+        if rng.is_file():
+            set_rng_state(torch.load(rng, weights_only=False))
+        self.state = TrainState(step=meta.step, samples_seen=meta.samples_seen, tokens_seen=meta.tokens_seen,
+                                restarts=meta.restarts + 1)
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (restart %d)", path, meta.step, self.state.restarts)
+
+    # ---- the step ----------------------------------------------------------------------------
+
+    def micro_step(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        spans = batch["spans"].to(self.device) if cfg.model.word_level else None
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
+        mlm_ids = mlm_labels = None
+        if cfg.loss.mlm_weight > 0:
+            mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids,
+                                              self.tokenizer.mask_token_id, self.vocab_size,
+                                              cfg.loss.mlm_probability, generator=gen)
+            mlm_ids, mlm_labels = mlm_ids.to(self.device), mlm_labels.to(self.device)
+        out = self.engine(ids, mask, spans=spans, mlm_input_ids=mlm_ids, mlm_labels=mlm_labels)
+        emb = out.fused if cfg.model.word_level else out.sentence
+        b = ids.shape[0] // 2
+        x, y = emb[:b], emb[b:]
+        cl = contrastive_loss(x, y, cfg.loss.temperature, cross_zero=cfg.loss.kind == "cz_nce",
+                              same_language_negatives=cfg.loss.same_language_negatives,
+                              rank=self.rank, world_size=self.world_size)
+        mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros((), device=cl.device)
+        loss = cl + cfg.loss.mlm_weight * mlm.float()
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": loss.detach(), "cl": cl.detach(), "mlm": mlm.detach().float(),
+                "acc": _local_inbatch_accuracy(x.detach(), y.detach(), self.rank, self.world_size)}
+
+    def train_step(self, it) -> dict[str, float]:
+        """One optimizer step (grad_accum micro-batches). Returns rank-averaged figures."""
+        torch.manual_seed(step_seed(self.cfg.train.seed, self.state.step, self.rank, 10_000))
+        t0 = time.perf_counter()
+        wait = 0.0
+        sums = torch.zeros(4)
+        samples = tokens = 0
+        pair_ids: list[str] = []
+        for micro in range(self.cfg.train.grad_accum):
+            tw = time.perf_counter()
+            batch = next(it)
+            wait += time.perf_counter() - tw
+            r = self.micro_step(batch, micro)
+            sums += torch.stack([r["loss"].cpu(), r["cl"].cpu(), r["mlm"].cpu(), r["acc"].cpu()])
+            samples += len(batch["pair_ids"])
+            tokens += int(batch["num_tokens"])
+            pair_ids.extend(batch["pair_ids"])
+        self.fault_hook("step", self.state.step)
+        # One collective for all logged figures; the save-now flag rides along (rank 0's clock rules).
+        due = float(self.rank == 0 and self._time_save_due())
+        packed = torch.cat([sums / self.cfg.train.grad_accum, torch.tensor([float(samples), float(tokens), due])])
+        dist.all_reduce(packed)
+        packed[:4] /= self.world_size
+        self.state.step += 1
+        self.state.samples_seen += int(packed[4])
+        self.state.tokens_seen += int(packed[5])
+        step_seconds = time.perf_counter() - t0
+        if self.cfg.train.log_pair_ids:
+            self._log_pair_ids(pair_ids)
+        out = {"step": self.state.step, "loss": float(packed[0]), "contrastive_loss": float(packed[1]),
+               "mlm_loss": float(packed[2]), "inbatch_accuracy": float(packed[3]),
+               "samples": int(packed[4]), "tokens": int(packed[5]), "step_seconds": step_seconds,
+               "data_wait_seconds": wait, "lr": float(self.engine.get_lr()[0]),
+               "grad_norm": _grad_norm(self.engine), "save_due": bool(packed[6] > 0)}
+        return out
+
+    def _time_save_due(self) -> bool:
+        minutes = self.cfg.checkpoint.every_minutes
+        return minutes > 0 and (self.clock() - self.last_save_time) >= minutes * 60
+
+    def _log_pair_ids(self, pair_ids: list[str]) -> None:
+        d = self.run_dir / "pair_ids"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"rank{self.rank:05d}.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.state.step, "restarts": self.state.restarts, "pair_ids": pair_ids}) + "\n")
+
+    # ---- the loop ----------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        cfg = self.cfg
+        resume = self.find_resume_point()
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if self.metrics is not None:
+            self.metrics.restore_totals(self.state.step, self.state.samples_seen, self.state.tokens_seen,
+                                        self.state.restarts)
+        self.engine.train()
+        it = iter(self.loader)
+        global_batch = cfg.data.batch_size * self.world_size
+        every = cfg.checkpoint.every_steps
+        eval_every = cfg.eval.every_steps
+        t_start = time.perf_counter()
+        start_step = self.state.step
+        try:
+            while self.state.step < cfg.train.max_steps:
+                m = self.train_step(it)
+                self.history.append({k: v for k, v in m.items() if isinstance(v, float)})
+                self._log_step(m, global_batch)
+                if eval_every and self.state.step % eval_every == 0 and cfg.eval.pairs:
+                    self.evaluate()
+                last = self.state.step == cfg.train.max_steps
+                if last or (every and self.state.step % every == 0) or m["save_due"]:
+                    self.save_checkpoint()
+                if self.rank == 0 and (self.state.step % cfg.train.log_every == 0 or last):
+                    elapsed = time.perf_counter() - t_start
+                    done = self.state.step - start_step
+                    log.info("step %d/%d loss %.4f (cl %.4f mlm %.4f) acc %.3f lr %.2e %.1f pairs/s",
+                             self.state.step, cfg.train.max_steps, m["loss"], m["contrastive_loss"],
+                             m["mlm_loss"], m["inbatch_accuracy"], m["lr"],
+                             done * global_batch * cfg.train.grad_accum / max(elapsed, 1e-9))
+        finally:
+            close = getattr(self.loader, "close", None)
+            if close:
+                close()
+            if self.metrics is not None:
+                self.metrics.close()
+        return self.state
+
+    def _log_step(self, m: dict[str, Any], global_batch: int) -> None:
+        if self.metrics is None:
+            return
+        from mlctl.metrics import StepMetrics
+
+        self.metrics.log_step(StepMetrics(
+            step=m["step"], loss=m["loss"], contrastive_loss=m["contrastive_loss"], mlm_loss=m["mlm_loss"],
+            samples=m["samples"], tokens=m["tokens"], step_seconds=m["step_seconds"],
+            data_wait_seconds=m["data_wait_seconds"], lr=m["lr"], grad_norm=m["grad_norm"],
+            global_batch_size=global_batch * self.cfg.train.grad_accum, inbatch_accuracy=m["inbatch_accuracy"],
+        ))
+        skipped = getattr(self.loader, "skipped", {}) or {}
+        for reason, count in skipped.items():
+            seen = self._skips_logged.get(reason, 0)
+            if count > seen:
+                self.metrics.log_skipped(reason, count - seen)
+        self._skips_logged = dict(skipped)
+
+    def evaluate(self) -> dict[str, float]:
+        """Retrieval accuracy on the configured dev pairs (every rank runs it: under ZeRO-3 the
+        forward pass itself is collective); rank 0 logs."""
+        from mlctl.evaluate import load_pairs, retrieval_accuracy_on_pairs
+
+        results: dict[str, float] = {}
+        self.engine.eval()
+        for path in self.cfg.eval.pairs:
+            lang = _lang_of(path)
+            pairs = load_pairs(path, max_pairs=self.cfg.eval.max_pairs)
+            r = retrieval_accuracy_on_pairs(self.model, self.tokenizer, pairs, batch_size=self.cfg.eval.batch_size)
+            results[lang] = r["xx2en"]
+        self.engine.train()
+        if self.metrics is not None and results:
+            self.metrics.log_eval(self.state.step, results)
+        if self.rank == 0:
+            log.info("eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items()))
+        return results
+
+
+def _lang_of(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".gz", ".tsv", ".txt"):
+        name = name.removesuffix(suffix)
+    return name.split(".")[-1].split("-")[-1]
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Share of this rank's rows whose nearest neighbour in the global batch (other side) is their
+    translation, both directions averaged. Its mean over ranks is the global-batch accuracy."""
+    from mlctl.distributed import all_gather_with_grad
+
+    with torch.no_grad():
+        xn = torch.nn.functional.normalize(x.float(), dim=-1)
+        yn = torch.nn.functional.normalize(y.float(), dim=-1)
+        gx = all_gather_with_grad(xn) if world_size > 1 else xn
+        gy = all_gather_with_grad(yn) if world_size > 1 else yn
+        target = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
+        a = ((xn @ gy.T).argmax(1) == target).float().mean()
+        b = ((yn @ gx.T).argmax(1) == target).float().mean()
+        return ((a + b) / 2).cpu()
+
+
+def _node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return socket.gethostbyname(socket.gethostname())

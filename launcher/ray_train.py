@@ -202,7 +202,9 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
         else:
             need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
+            # NOTE: the embedded Ray stays on loopback; nothing of a local run listens elsewhere.
             ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
+                     _node_ip_address="127.0.0.1",
                      runtime_env={"env_vars": env}, log_to_driver=True)
         started_here = True
     print(f"[mlctl] run {name}: {run_dir}", flush=True)

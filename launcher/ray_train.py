@@ -101,16 +101,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _fault_hook(spec: dict[str, Any] | None, rank: int):
-    """Fault injection for the fault-tolerance tests: SIGKILL this worker process at a step, once
-    per run (a marker file remembers that it fired)."""
+    """Fault injection for the tests. ``{"step": N, "rank": R, "marker": PATH}`` SIGKILLs rank R's
+    process when it finishes step N, once per run (the marker file remembers it fired);
+    ``"always": true`` fires on every attempt; ``"sleep": S`` slows every step by S seconds."""
     if not spec:
         return None
 
     def hook(event: str, step: int) -> None:
+        if event == "step" and spec.get("sleep"):
+            time.sleep(float(spec["sleep"]))
+        if "step" not in spec:
+            return
         marker = Path(spec["marker"])
-        if (event == spec.get("event", "step") and rank == spec.get("rank", 0)
-                and step == spec["step"] and not marker.exists()):
-            marker.write_text(str(step))
+        if (event == spec.get("event", "step") and rank == spec.get("rank", 0) and step == spec["step"]
+                and (spec.get("always") or not marker.exists())):
+            with open(marker, "a") as f:
+                f.write(f"{step}\n")
             os.kill(os.getpid(), 9)
 
     return hook

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlctl.checkpoint import CheckpointDir, CheckpointMeta, check_compatible, step_name
+from mlctl.checkpoint import CheckpointDir, CheckpointMeta, check_compatible
 from mlctl.config import Config
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
 from mlctl.losses import contrastive_loss

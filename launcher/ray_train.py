@@ -92,7 +92,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
-    fault = _fault_hook(loop_config.get("fault"), ctx.get_world_rank())
+    spec = loop_config.get("fault") or json.loads(os.environ.get("MLCTL_FAULT") or "null")
+    fault = _fault_hook(spec, ctx.get_world_rank())
     trainer = Trainer(cfg, loop_config["run_dir"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                       local_rank=ctx.get_local_rank(), node=node, run_name=loop_config["run_name"],
                       reporter=RayReporter(ctx.get_world_rank()), fault_hook=fault)

@@ -1,0 +1,45 @@
+"""Run one standalone training process (world size 1, gloo) for the engine tests.
+
+usage: python tests/engine_worker.py RUN_DIR FAULT_JSON key=value ...
+FAULT_JSON: {"event": "save"|"step", "step": N} makes the process die with os._exit(9) there.
+"""
+
+import json
+import os
+import socket
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    run_dir, fault_json, *overrides = sys.argv[1:]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    import logging
+
+    from mlctl.config import load_config
+    from mlctl.engine import Trainer
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fault = json.loads(fault_json)
+
+    def hook(event: str, step: int) -> None:
+        if fault and event == fault["event"] and step == fault["step"]:
+            os._exit(9)
+
+    cfg = load_config(None, overrides)
+    trainer = Trainer(cfg, run_dir, rank=0, world_size=1, fault_hook=hook)
+    trainer.setup()
+    state = trainer.fit()
+    print("FINAL", json.dumps(state.__dict__))
+
+
+if __name__ == "__main__":
+    main()

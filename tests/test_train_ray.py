@@ -1,0 +1,206 @@
+"""Fault tolerance end to end: real Ray, 2 CPU workers, DeepSpeed ZeRO-1, gloo, real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlctl.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_STEPS = 12
+EVERY = 4
+
+
+def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str]:
+    base = {
+        "model.name_or_path": str(model_dir), "data.shards": str(shards), "data.batch_size": 4,
+        "data.shuffle_buffer": 16, "train.max_steps": MAX_STEPS, "train.lr": 1e-3, "train.warmup_steps": 2,
+        "train.log_every": 4, "train.log_pair_ids": True, "checkpoint.every_steps": EVERY,
+        "checkpoint.keep_last": 5, "ray.storage_path": str(storage), "ray.num_workers": 2,
+        "ray.max_failures": 2, "metrics.port": 19400, "deepspeed.zero_stage": 1,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    states = torch.load(run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def pair_log(run_dir: Path) -> dict[int, list[dict]]:
+    """rank -> records in the order they were written (several attempts interleave by time)."""
+    out = {}
+    for f in sorted((run_dir / "pair_ids").glob("rank*.jsonl")):
+        out[int(f.stem[4:])] = [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def meta(run_dir: Path) -> dict:
+    step = (run_dir / "checkpoints" / "latest").read_text().strip()
+    return json.loads((run_dir / "checkpoints" / step / "meta.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, tiny_model_dir, tiny_shards):
+    """An uninterrupted run, scraped over HTTP while it trains (steps slowed to be scrapeable)."""
+    from launcher.ray_train import launch
+    from mlctl.metrics import scrape
+
+    storage = tmp_path_factory.mktemp("clean")
+    cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, storage, **{"ray.name": "clean"}))
+    scrapes: list[dict] = []
+    errors: list[BaseException] = []
+
+    def scraper():
+        ep_dir = storage / "clean" / "endpoints"
+        deadline = time.time() + 240
+        try:
+            while time.time() < deadline and len(scrapes) < 2:
+                eps = sorted(ep_dir.glob("rank*.json")) if ep_dir.is_dir() else []
+                if len(eps) == 2:
+                    urls = [json.loads(e.read_text())["url"] for e in eps]
+                    try:
+                        snap = {u: scrape(u) for u in urls}
+                    except OSError:
+                        time.sleep(0.2)
+                        continue
+                    if all(s.get("mlctl_train_steps_total") for s in snap.values()):
+                        scrapes.append(snap)
+                        time.sleep(1.5)
+                        continue
+                time.sleep(0.2)
+        except BaseException as e:  # surfaced by the test
+            errors.append(e)
+
+    t = threading.Thread(target=scraper, daemon=True)
+    t.start()
+    run_dir = launch(cfg, fault={"sleep": 0.4})
+    t.join(timeout=5)
+    return {"run_dir": run_dir, "scrapes": scrapes, "errors": errors}
+
+
+def test_uninterrupted_run_exports_metrics(clean_run):
+    assert not clean_run["errors"], clean_run["errors"]
+    scrapes = clean_run["scrapes"]
+    assert len(scrapes) == 2, "could not scrape both workers twice during the run"
+    first, second = scrapes
+    assert len(first) == 2
+    expected = {"mlctl_train_loss", "mlctl_train_contrastive_loss", "mlctl_train_mlm_loss",
+                "mlctl_train_steps_total", "mlctl_train_samples_total", "mlctl_train_tokens_total",
+                "mlctl_train_samples_per_second", "mlctl_train_step_seconds", "mlctl_data_wait_seconds",
+                "mlctl_train_lr", "mlctl_train_grad_norm", "mlctl_train_global_batch_size",
+                "mlctl_train_inbatch_accuracy", "mlctl_restarts_total"}
+    for url, families in first.items():
+        assert expected <= set(families), f"{url} lacks {expected - set(families)}"
+        steps1 = sum(v for _, v in families["mlctl_train_steps_total"])
+        steps2 = sum(v for _, v in second[url]["mlctl_train_steps_total"])
+        samples1 = sum(v for _, v in families["mlctl_train_samples_total"])
+        samples2 = sum(v for _, v in second[url]["mlctl_train_samples_total"])
+        assert steps2 > steps1 and samples2 > samples1, "counters did not grow between scrapes"
+        for labels, value in second[url]["mlctl_train_loss"]:
+            assert {"run", "rank", "node"} <= set(labels)
+            assert "step" not in labels
+            assert value == value and abs(value) < 1e6  # finite
+    m = meta(clean_run["run_dir"])
+    assert m["step"] == MAX_STEPS and m["restarts"] == 0
+    sd = json.loads((clean_run["run_dir"] / "prometheus_sd.json").read_text())
+    assert len(sd) == 2 and all(e["labels"]["run"] == "clean" for e in sd)
+
+
+def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(tmp_path, clean_run, tiny_model_dir,
+                                                                          tiny_shards):
+    from launcher.ray_train import launch
+
+    kill_step = random.Random().randint(EVERY + 1, MAX_STEPS - 1)  # after the first checkpoint
+    cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "killed"}))
+    run_dir = launch(cfg, fault={"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
+
+    m = meta(run_dir)
+    assert m["step"] == MAX_STEPS
+    assert m["restarts"] == 1, "the restart was not counted"
+
+    # Pair ids: the surviving timeline (last record per step) equals the clean run's, so none is
+    # lost; the only repeats are the steps redone after the checkpoint before the kill.
+    last_ckpt = (kill_step // EVERY) * EVERY
+    clean_log = pair_log(clean_run["run_dir"])
+    for rank, records in pair_log(run_dir).items():
+        by_step: dict[int, list[list[str]]] = {}
+        for rec in records:
+            by_step.setdefault(rec["step"], []).append(rec["pair_ids"])
+        assert sorted(by_step) == list(range(1, MAX_STEPS + 1))
+        redone = {s for s, seen in by_step.items() if len(seen) > 1}
+        assert redone <= set(range(last_ckpt + 1, kill_step + 1)), (rank, redone, kill_step)
+        for s, seen in by_step.items():
+            assert all(ids == seen[0] for ids in seen), f"step {s} redone with other pairs"
+        clean_by_step = {rec["step"]: rec["pair_ids"] for rec in clean_log[rank]}
+        assert {s: seen[-1] for s, seen in by_step.items()} == clean_by_step
+
+    # Same final weights as the uninterrupted run, bitwise (CPU, fixed seeds, same world size).
+    a, b = final_weights(clean_run["run_dir"]), final_weights(run_dir)
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ after kill+resume: {different[:5]}"
+
+
+def _train_cmd(model_dir, shards, storage, name, *extra):
+    return [sys.executable, "-m", "mlctl.cli", "train",
+            *overrides(model_dir, shards, storage, **{"ray.name": name, "train.max_steps": 16}), *extra]
+
+
+def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLCTL_FAULT": json.dumps({"sleep": 0.5})}
+    cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    latest = tmp_path / "driver" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not latest.exists():
+        if proc.poll() is not None:
+            pytest.fail("driver finished before it could be killed:\n" + proc.stdout.read().decode()[-3000:])
+        time.sleep(0.3)
+    assert latest.exists(), "no checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+    proc.wait(timeout=30)
+    first = int(latest.read_text().strip().split("_")[1])
+    assert first < 16
+
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    log_text = out.stdout + out.stderr
+    assert out.returncode == 0, log_text[-4000:]
+    assert "resumed from" in log_text, log_text[-4000:]
+    m = meta(tmp_path / "driver")
+    assert m["step"] == 16 and m["restarts"] >= 1
+    # The second run started at a checkpoint, not at step 1.
+    records = pair_log(tmp_path / "driver")[0]
+    second_attempt = [r["step"] for r in records if r["restarts"] >= 1]
+    assert second_attempt and second_attempt[0] > 1 and second_attempt[0] <= first + 1
+
+
+def test_more_failures_than_allowed_reports_count_and_checkpoint(tmp_path, tiny_model_dir, tiny_shards):
+    from launcher.ray_train import launch
+
+    cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, tmp_path,
+                                      **{"ray.name": "doomed", "ray.max_failures": 1}))
+    with pytest.raises(RuntimeError) as info:
+        launch(cfg, fault={"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
+    msg = str(info.value)
+    assert "2 worker failure(s)" in msg and "max_failures=1" in msg
+    assert str(tmp_path / "doomed" / "checkpoints" / "step_00000004") in msg
+    assert (tmp_path / "fired").read_text().split() == ["6", "6"]

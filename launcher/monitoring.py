@@ -1,0 +1,156 @@
+"""Driver-side monitoring: the Prometheus service-discovery file of a run and the progress line.
+
+The workers serve their own metrics (:mod:`mlctl.metrics`); the driver only tells Prometheus where
+they are (a ``file_sd`` JSON that one Prometheus re-reads, so workers on every node are found as
+they come and go) and shows a one-line summary to the person who started the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+
+def _target(ep: dict[str, Any]) -> str:
+    if ep.get("target"):
+        return str(ep["target"])
+    if ep.get("host") and ep.get("port"):
+        host = str(ep["host"])
+        return f"[{host}]:{ep['port']}" if ":" in host else f"{host}:{ep['port']}"
+    raise ValueError(f"service discovery: endpoint {ep!r} needs 'target' (host:port) or 'host' and 'port'")
+
+
+def write_service_discovery(path: str | Path, endpoints: list[dict[str, Any]]) -> None:
+    """Write a Prometheus file-based service-discovery JSON for a run's workers.
+
+    Each endpoint is ``{"target": "host:port"}`` (or ``"host"`` and ``"port"``) with ``run``,
+    ``rank`` and ``node``; the result is ``[{"targets": ["host:port"], "labels": {"run": ...,
+    "rank": ..., "node": ...}}, ...]`` sorted by rank. The file is replaced atomically, because
+    Prometheus re-reads it whenever it changes and must never see half of it.
+    """
+    groups = []
+    for ep in endpoints:
+        missing = [k for k in ("run", "rank", "node") if k not in ep]
+        if missing:
+            raise ValueError(f"service discovery: endpoint {ep!r} lacks {', '.join(missing)}")
+        # file_sd label values must be strings.
+        groups.append({"targets": [_target(ep)],
+                       "labels": {"run": str(ep["run"]), "rank": str(ep["rank"]), "node": str(ep["node"])}})
+    groups.sort(key=lambda g: (int(g["labels"]["rank"]) if g["labels"]["rank"].isdigit() else 0, g["targets"][0]))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(groups, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+SD_FILE = "prometheus_sd.json"
+SD_FOLDER = "prometheus_sd"
+
+
+def shared_sd_path(run_dir: str | Path) -> Path:
+    """``STORAGE/prometheus_sd/RUN.json``: where ``cluster/monitoring/prometheus.yml`` looks.
+
+    Prometheus accepts a wildcard only in a file name, not in a folder, so one Prometheus can follow
+    every run only if their discovery files share one folder next to the run folders.
+    """
+    run_dir = Path(run_dir)
+    return run_dir.parent / SD_FOLDER / f"{run_dir.name}.json"
+
+
+def publish_service_discovery(run_dir: str | Path, endpoints: list[dict[str, Any]]) -> list[Path]:
+    """Write the run's discovery file into the run folder (a record of where its workers served) and
+    into the shared folder Prometheus watches. Returns both paths."""
+    paths = [Path(run_dir) / SD_FILE, shared_sd_path(run_dir)]
+    for p in paths:
+        write_service_discovery(p, endpoints)
+    return paths
+
+
+def retract_service_discovery(run_dir: str | Path) -> None:
+    """Remove the run from the shared folder once it is over, so Prometheus stops scraping (and
+    alerting on) workers that are gone. The copy in the run folder stays."""
+    shared_sd_path(run_dir).unlink(missing_ok=True)
+
+
+def format_eta(seconds: float) -> str:
+    """``4270.2`` -> ``"1:11:10"``; unknown -> ``"?"``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class ProgressLine:
+    """``step 40/100 | loss 1.234 | 512 pairs/s | ETA 0:01:10``, on one line.
+
+    On a terminal the line is redrawn in place (``\\r``); otherwise (a log file, Ray's captured
+    output) a new line is printed at most every ``every_seconds`` so logs stay readable. The ETA
+    comes from the observed step rate since the first update.
+    """
+
+    def __init__(self, total: int, stream: TextIO | None = None, every_seconds: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic, tty: bool | None = None):
+        self.total = total
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_seconds = every_seconds
+        self.clock = clock
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = tty if tty is not None else bool(isatty and isatty())
+        self._first: tuple[float, int] | None = None
+        self._last_print: float | None = None
+        self._width = 0
+        self._line = ""
+        self._printed_line = ""
+        self.step = 0
+
+    def render(self, step: int, loss: float, pairs_per_s: float, eta_seconds: float) -> str:
+        rate = f"{pairs_per_s:.0f}" if math.isfinite(pairs_per_s) else "?"
+        return f"step {step}/{self.total} | loss {loss:.3f} | {rate} pairs/s | ETA {format_eta(eta_seconds)}"
+
+    def update(self, step: int, loss: float, pairs_per_s: float) -> None:
+        """New figures for ``step``; draws the line when it is due."""
+        now = self.clock()
+        if self._first is None or step < self._first[1]:  # first update, or a restart went back
+            self._first = (now, step)
+        t0, s0 = self._first
+        eta = (self.total - step) * (now - t0) / (step - s0) if step > s0 and now > t0 else math.nan
+        self.step = step
+        self._line = self.render(step, loss, pairs_per_s, eta if step < self.total else 0.0)
+        if self.tty:
+            pad = max(0, self._width - len(self._line))
+            self.stream.write("\r" + self._line + " " * pad)
+            self._width = len(self._line)
+            self.stream.flush()
+            self._printed_line = self._line
+        elif self._last_print is None or now - self._last_print >= self.every_seconds or step >= self.total:
+            self._print_line(now)
+
+    def _print_line(self, now: float) -> None:
+        self.stream.write(self._line + "\n")
+        self.stream.flush()
+        self._last_print = now
+        self._printed_line = self._line
+
+    def close(self) -> None:
+        """End the line (terminal) or print the last figures if not printed yet (logs)."""
+        if self.tty:
+            if self._width:
+                self.stream.write("\n")
+                self.stream.flush()
+                self._width = 0
+        elif self._line and self._line != self._printed_line:
+            self._print_line(self.clock())

@@ -189,6 +189,10 @@ class RunWatcher(threading.Thread):
 def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | None = None) -> Path:
     """Run (or resume) training under Ray; returns the run folder. Raises RuntimeError with the
     failure count and the last good checkpoint when the run fails for good."""
+    if not cfg.ray.address:
+        # NOTE: read when ray is first imported: keeps an embedded Ray (GCS, raylet, workers) on
+        # 127.0.0.1 instead of the machine's outward address. Joining a cluster leaves it alone.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -253,11 +253,13 @@ class MetricsExporter:
         if len(self._window) == self._window.maxlen:
             self._window_samples -= self._window[1][1]  # leaves the window; [0] only marks its start
         self._window.append((now, m.samples))
-        if len(self._window) == 1:
-            return m.samples / m.step_seconds if m.step_seconds > 0 else 0.0
-        self._window_samples += m.samples
-        span = now - self._window[0][0]
-        return self._window_samples / span if span > 0 else 0.0
+        if len(self._window) > 1:
+            self._window_samples += m.samples
+            span = now - self._window[0][0]
+            if span > 0:
+                return self._window_samples / span
+        # No window yet (or a clock that did not move): this step's own rate.
+        return m.samples / m.step_seconds if m.step_seconds > 0 else 0.0
 
     def log_skipped(self, reason: str, count: int) -> None:
         """Count ``count`` records the loader dropped for ``reason``."""

@@ -1,0 +1,58 @@
+"""`mlctl train --address`: join a Ray cluster started separately with `ray start` (on loopback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY = Path(sys.executable).parent / "ray"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A standalone Ray head (its own processes, not the test's), stopped afterwards."""
+    port = free_port()
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PYTHONPATH": str(ROOT)}
+    temp = tmp_path / "ray"
+    start = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
+             "--disable-usage-stats", f"--temp-dir={temp}"]
+    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        pytest.fail("ray start failed:\n" + out.stdout[-2000:] + out.stderr[-2000:])
+    try:
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_train_joins_an_existing_cluster(tmp_path, ray_cluster, tiny_model_dir, tiny_shards):
+    address, env = ray_cluster
+    cmd = [sys.executable, "-m", "mlctl.cli", "train", "--address", address, "--num-workers", "2",
+           "--cpus-per-worker", "1", "--storage", str(tmp_path), "--name", "joined",
+           f"model.name_or_path={tiny_model_dir}", f"data.shards={tiny_shards}", "data.batch_size=4",
+           "train.max_steps=6", "checkpoint.every_steps=3", "metrics.port=19600"]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert f"Connecting to existing Ray cluster at address: {address}" in text
+    run = tmp_path / "joined"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    endpoints = [json.loads(p.read_text()) for p in sorted((run / "endpoints").glob("rank*.json"))]
+    assert [e["rank"] for e in endpoints] == [0, 1]
+    assert "metrics at http://127.0.0.1:" in text

@@ -121,9 +121,13 @@ class ProgressLine:
         rate = f"{pairs_per_s:.0f}" if math.isfinite(pairs_per_s) else "?"
         return f"step {step}/{self.total} | loss {loss:.3f} | {rate} pairs/s | ETA {format_eta(eta_seconds)}"
 
-    def update(self, step: int, loss: float, pairs_per_s: float) -> None:
-        """New figures for ``step``; draws the line when it is due."""
-        now = self.clock()
+    def update(self, step: int, loss: float, pairs_per_s: float, at: float | None = None) -> None:
+        """New figures for ``step``; draws the line when it is due.
+
+        ``at`` is when the step happened, on one clock for all calls (e.g. metrics.jsonl's ``time``
+        when replaying records read in batches); default: now, by ``clock``.
+        """
+        now = self.clock() if at is None else at
         if self._first is None or step < self._first[1]:  # first update, or a restart went back
             self._first = (now, step)
         t0, s0 = self._first

@@ -336,6 +336,15 @@ def test_progress_line_prints_now_and_then_when_not_a_terminal():
     assert lines[-1].endswith("ETA 0:00:10")
 
 
+def test_progress_line_eta_from_record_times():
+    out = io.StringIO()
+    p = ProgressLine(total=50, stream=out, tty=False, every_seconds=0, clock=FakeClock(5.0))
+    # Records read in one batch carry their own times: the ETA follows them, not the reading time.
+    for s, t in ((10, 1000.0), (20, 1010.0)):
+        p.update(step=s, loss=1.0, pairs_per_s=100.0, at=t)
+    assert out.getvalue().splitlines()[-1].endswith("ETA 0:00:30")
+
+
 def test_format_eta():
     assert format_eta(4270.2) == "1:11:10"
     assert format_eta(59.6) == "0:01:00"

@@ -53,8 +53,13 @@ def build_step(model_dir: str, batch: int, max_length: int):
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return {"loss": float(loss), "cl": float(cl), "mlm": float(out.mlm_loss),
-                "acc": float(inbatch_accuracy(x.detach(), y.detach())), "grad_norm": float(norm)}
+        return {
+            "loss": float(loss),
+            "cl": float(cl),
+            "mlm": float(out.mlm_loss),
+            "acc": float(inbatch_accuracy(x.detach(), y.detach())),
+            "grad_norm": float(norm),
+        }
 
     return step, tokens
 
@@ -90,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    exp = MetricsExporter(MetricsConfig(port=port), run="bench", rank=0, node="local", local_rank=0,
-                          run_dir=tmp / "run")
+    exp = MetricsExporter(
+        MetricsConfig(port=port), run="bench", rank=0, node="local", local_rank=0, run_dir=tmp / "run"
+    )
     exp.start()
     stop = threading.Event()
     scrapes = 0
@@ -118,10 +124,22 @@ def main(argv: list[str] | None = None) -> int:
                 if mode == "on":
                     n += 1
                     t1 = time.perf_counter()
-                    exp.log_step(StepMetrics(step=n, loss=r["loss"], contrastive_loss=r["cl"], mlm_loss=r["mlm"],
-                                             samples=args.batch, tokens=tokens, step_seconds=t1 - t0,
-                                             data_wait_seconds=0.0, lr=1e-4, grad_norm=r["grad_norm"],
-                                             global_batch_size=args.batch, inbatch_accuracy=r["acc"]))
+                    exp.log_step(
+                        StepMetrics(
+                            step=n,
+                            loss=r["loss"],
+                            contrastive_loss=r["cl"],
+                            mlm_loss=r["mlm"],
+                            samples=args.batch,
+                            tokens=tokens,
+                            step_seconds=t1 - t0,
+                            data_wait_seconds=0.0,
+                            lr=1e-4,
+                            grad_norm=r["grad_norm"],
+                            global_batch_size=args.batch,
+                            inbatch_accuracy=r["acc"],
+                        )
+                    )
                     log_costs.append(time.perf_counter() - t1)
                 times[mode].append(time.perf_counter() - t0)
     stop.set()
@@ -130,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     off, on = statistics.median(times["off"]), statistics.median(times["on"])
     mean_off = statistics.fmean(times["off"])
     log_mean = statistics.fmean(log_costs)
-    print(f"tiny BERT step, batch {args.batch} pairs, {args.threads} torch thread(s), "
-          f"{args.rounds} x {args.steps} steps per mode, {scrapes} scrapes")
+    print(
+        f"tiny BERT step, batch {args.batch} pairs, {args.threads} torch thread(s), "
+        f"{args.rounds} x {args.steps} steps per mode, {scrapes} scrapes"
+    )
     print(f"step time median: off {off * 1e3:.2f} ms | on {on * 1e3:.2f} ms | on/off {on / off:.4f}")
-    print(f"log_step itself: mean {log_mean * 1e6:.1f} us, p99 {sorted(log_costs)[int(0.99 * len(log_costs))] * 1e6:.1f} us"
-          f" = {100 * log_mean / mean_off:.3f}% of a mean step ({mean_off * 1e3:.2f} ms)")
+    print(
+        f"log_step itself: mean {log_mean * 1e6:.1f} us, p99 {sorted(log_costs)[int(0.99 * len(log_costs))] * 1e6:.1f} us"
+        f" = {100 * log_mean / mean_off:.3f}% of a mean step ({mean_off * 1e3:.2f} ms)"
+    )
     print(f"metrics.jsonl: {sum(1 for _ in open(tmp / 'run' / 'metrics.jsonl'))} lines")
     return 0
 

@@ -41,9 +41,15 @@ def write_service_discovery(path: str | Path, endpoints: list[dict[str, Any]]) -
         if missing:
             raise ValueError(f"service discovery: endpoint {ep!r} lacks {', '.join(missing)}")
         # file_sd label values must be strings.
-        groups.append({"targets": [_target(ep)],
-                       "labels": {"run": str(ep["run"]), "rank": str(ep["rank"]), "node": str(ep["node"])}})
-    groups.sort(key=lambda g: (int(g["labels"]["rank"]) if g["labels"]["rank"].isdigit() else 0, g["targets"][0]))
+        groups.append(
+            {
+                "targets": [_target(ep)],
+                "labels": {"run": str(ep["run"]), "rank": str(ep["rank"]), "node": str(ep["node"])},
+            }
+        )
+    groups.sort(
+        key=lambda g: (int(g["labels"]["rank"]) if g["labels"]["rank"].isdigit() else 0, g["targets"][0])
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -102,8 +108,14 @@ class ProgressLine:
     comes from the observed step rate since the first update.
     """
 
-    def __init__(self, total: int, stream: TextIO | None = None, every_seconds: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic, tty: bool | None = None):
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        every_seconds: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        tty: bool | None = None,
+    ):
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.every_seconds = every_seconds

@@ -59,7 +59,23 @@ METRIC_NAMES = (
 # Steps take from ~10 ms (tiny CPU model) to a minute (large model, big global batch).
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, math.inf)
 # Waiting for data should be near zero; the low buckets tell "prefetch keeps up" from "it does not".
-WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
+WAIT_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    math.inf,
+)
 
 # How many ports past the configured one to try when it is taken.
 PORT_ATTEMPTS = 64
@@ -96,9 +112,19 @@ class MetricsExporter:
     ``registry`` defaults to a private one, so several exporters can live in one process.
     """
 
-    def __init__(self, cfg: MetricsConfig, *, run: str, rank: int, node: str, local_rank: int,
-                 run_dir: Path | None = None, registry: CollectorRegistry | None = None,
-                 clock: Callable[[], float] = time.monotonic, flush_seconds: float = 1.0):
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        *,
+        run: str,
+        rank: int,
+        node: str,
+        local_rank: int,
+        run_dir: Path | None = None,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        flush_seconds: float = 1.0,
+    ):
         if cfg.window_steps < 1:
             raise ValueError(f"metrics.window_steps must be >= 1, got {cfg.window_steps}")
         self.cfg = cfg
@@ -134,29 +160,59 @@ class MetricsExporter:
             return Counter(name.removesuffix("_total"), doc, LABELS, registry=r).labels(**labels)
 
         self.loss = gauge("mlctl_train_loss", "Total loss of the last step (contrastive + weighted MLM).")
-        self.contrastive_loss = gauge("mlctl_train_contrastive_loss", "Contrastive (CZ-NCE / InfoNCE) loss of the last step.")
+        self.contrastive_loss = gauge(
+            "mlctl_train_contrastive_loss", "Contrastive (CZ-NCE / InfoNCE) loss of the last step."
+        )
         self.mlm_loss = gauge("mlctl_train_mlm_loss", "Masked-LM loss of the last step (unweighted).")
         self.steps = counter("mlctl_train_steps_total", "Optimizer steps done, carried across restarts.")
-        self.samples = counter("mlctl_train_samples_total", "Sentence pairs trained on, carried across restarts.")
+        self.samples = counter(
+            "mlctl_train_samples_total", "Sentence pairs trained on, carried across restarts."
+        )
         self.tokens = counter("mlctl_train_tokens_total", "Tokens trained on, carried across restarts.")
-        self.samples_per_second = gauge("mlctl_train_samples_per_second",
-                                        "Pairs per second over the last metrics.window_steps steps (wall clock).")
-        self.step_seconds = Histogram("mlctl_train_step_seconds", "Wall time of one optimizer step, data wait included.",
-                                      LABELS, buckets=STEP_BUCKETS, registry=r).labels(**labels)
-        self.data_wait_seconds = Histogram("mlctl_data_wait_seconds", "Time one step spent waiting for its batches.",
-                                           LABELS, buckets=WAIT_BUCKETS, registry=r).labels(**labels)
+        self.samples_per_second = gauge(
+            "mlctl_train_samples_per_second",
+            "Pairs per second over the last metrics.window_steps steps (wall clock).",
+        )
+        self.step_seconds = Histogram(
+            "mlctl_train_step_seconds",
+            "Wall time of one optimizer step, data wait included.",
+            LABELS,
+            buckets=STEP_BUCKETS,
+            registry=r,
+        ).labels(**labels)
+        self.data_wait_seconds = Histogram(
+            "mlctl_data_wait_seconds",
+            "Time one step spent waiting for its batches.",
+            LABELS,
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        ).labels(**labels)
         self.lr = gauge("mlctl_train_lr", "Learning rate of the last step.")
-        self.grad_norm = gauge("mlctl_train_grad_norm", "Global gradient norm of the last step (before clipping).")
+        self.grad_norm = gauge(
+            "mlctl_train_grad_norm", "Global gradient norm of the last step (before clipping)."
+        )
         self.grad_norm.set(math.nan)  # unknown until a step reports one, rather than a made-up 0
-        self.global_batch_size = gauge("mlctl_train_global_batch_size", "Pairs per optimizer step over all ranks.")
-        self.inbatch_accuracy = gauge("mlctl_train_inbatch_accuracy",
-                                      "Share of rows whose nearest neighbour in the global batch is their translation.")
+        self.global_batch_size = gauge(
+            "mlctl_train_global_batch_size", "Pairs per optimizer step over all ranks."
+        )
+        self.inbatch_accuracy = gauge(
+            "mlctl_train_inbatch_accuracy",
+            "Share of rows whose nearest neighbour in the global batch is their translation.",
+        )
         self.checkpoint_seconds = gauge("mlctl_checkpoint_seconds", "Wall time of the last checkpoint save.")
         self.restarts = counter("mlctl_restarts_total", "Times the run resumed from a checkpoint.")
-        self._skipped = Counter("mlctl_data_skipped", "Records the data loader skipped, by reason.",
-                                (*LABELS, "reason"), registry=r)
-        self._eval = Gauge("mlctl_eval_retrieval_accuracy", "Retrieval accuracy (xx->en) on the dev pairs, by language.",
-                           (*LABELS, "lang"), registry=r)
+        self._skipped = Counter(
+            "mlctl_data_skipped",
+            "Records the data loader skipped, by reason.",
+            (*LABELS, "reason"),
+            registry=r,
+        )
+        self._eval = Gauge(
+            "mlctl_eval_retrieval_accuracy",
+            "Retrieval accuracy (xx->en) on the dev pairs, by language.",
+            (*LABELS, "lang"),
+            registry=r,
+        )
         self._labels = labels
 
     # ---- serving -----------------------------------------------------------------------------
@@ -170,17 +226,23 @@ class MetricsExporter:
         last_error: OSError | None = None
         for port in range(wanted, min(wanted + PORT_ATTEMPTS, 65536)):
             try:
-                self._server, self._thread = start_http_server(port, addr=self.cfg.bind, registry=self.registry)
+                self._server, self._thread = start_http_server(
+                    port, addr=self.cfg.bind, registry=self.registry
+                )
             except OSError as e:  # taken (EADDRINUSE) or not allowed; the next one may do
                 last_error = e
                 continue
             self.port = port
             break
         if self.port is None:
-            raise OSError(f"metrics: no free port in {wanted}..{wanted + PORT_ATTEMPTS - 1} on {self.cfg.bind!r} "
-                          f"(last error: {last_error})")
+            raise OSError(
+                f"metrics: no free port in {wanted}..{wanted + PORT_ATTEMPTS - 1} on {self.cfg.bind!r} "
+                f"(last error: {last_error})"
+            )
         if self.port != wanted:
-            log.warning("metrics: port %d is in use; rank %d serves on %d instead", wanted, self.rank, self.port)
+            log.warning(
+                "metrics: port %d is in use; rank %d serves on %d instead", wanted, self.rank, self.port
+            )
         log.info("metrics: rank %d serves %s", self.rank, self.endpoint)
         return self.port
 
@@ -213,8 +275,13 @@ class MetricsExporter:
         # up runs; Prometheus would read a drop as a counter reset, so keep the higher one and say so.
         diff = value - self._totals[key]
         if diff < 0:
-            log.warning("metrics: %s total %d is below the exported %d; kept %d", key, value, self._totals[key],
-                        self._totals[key])
+            log.warning(
+                "metrics: %s total %d is below the exported %d; kept %d",
+                key,
+                value,
+                self._totals[key],
+                self._totals[key],
+            )
             return
         if diff:
             counter.inc(diff)
@@ -271,7 +338,9 @@ class MetricsExporter:
         """Record how long the checkpoint at ``step`` took to write."""
         self.checkpoint_seconds.set(seconds)
         if self._writes_jsonl():
-            self._write({"event": "checkpoint", "step": step, "checkpoint_seconds": seconds}, self.clock(), flush=True)
+            self._write(
+                {"event": "checkpoint", "step": step, "checkpoint_seconds": seconds}, self.clock(), flush=True
+            )
 
     def log_eval(self, step: int, results: dict[str, float]) -> None:
         """Record retrieval accuracy per language (``{"de": 0.93, ...}``) measured at ``step``."""

@@ -108,7 +108,9 @@ def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
         ax_eval.legend(loc="lower right")
         ax_eval.set_ylim(0, 1.02)
     else:
-        ax_eval.text(0.5, 0.5, "no evaluation in this run", ha="center", va="center", transform=ax_eval.transAxes)
+        ax_eval.text(
+            0.5, 0.5, "no evaluation in this run", ha="center", va="center", transform=ax_eval.transAxes
+        )
     ax_eval.set_ylabel("retrieval accuracy")
     ax_eval.set_xlabel("step")
     ax_eval.grid(alpha=0.3)
@@ -125,7 +127,9 @@ def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run folder holding metrics.jsonl")
-    parser.add_argument("--out", metavar="PNG", default=None, help="output image (default: RUN_DIR/report.png)")
+    parser.add_argument(
+        "--out", metavar="PNG", default=None, help="output image (default: RUN_DIR/report.png)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -136,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     out = plot_report(metrics, args.out or run_dir / "report.png", title=run_dir.resolve().name)
     last = metrics.train[-1]
     evals = " ".join(f"{lang}={pts[-1][1]:.3f}" for lang, pts in metrics.eval.items())
-    print(f"{out}: {len(metrics.train)} steps (last {last['step']}, loss {last['loss']:.4f})"
-          + (f", eval {evals}" if evals else "")
-          + (f", {len(metrics.skipped_lines)} malformed line(s) skipped" if metrics.skipped_lines else ""))
+    print(
+        f"{out}: {len(metrics.train)} steps (last {last['step']}, loss {last['loss']:.4f})"
+        + (f", eval {evals}" if evals else "")
+        + (f", {len(metrics.skipped_lines)} malformed line(s) skipped" if metrics.skipped_lines else "")
+    )
     return 0

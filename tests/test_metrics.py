@@ -61,15 +61,29 @@ class FakeClock:
 
 
 def step(i: int, samples: int = 8, loss: float = 2.0, step_seconds: float = 0.5) -> StepMetrics:
-    return StepMetrics(step=i, loss=loss, contrastive_loss=loss - 0.1, mlm_loss=1.0, samples=samples,
-                       tokens=samples * 20, step_seconds=step_seconds, data_wait_seconds=0.01, lr=1e-4,
-                       grad_norm=0.7, global_batch_size=samples, inbatch_accuracy=0.25)
+    return StepMetrics(
+        step=i,
+        loss=loss,
+        contrastive_loss=loss - 0.1,
+        mlm_loss=1.0,
+        samples=samples,
+        tokens=samples * 20,
+        step_seconds=step_seconds,
+        data_wait_seconds=0.01,
+        lr=1e-4,
+        grad_norm=0.7,
+        global_batch_size=samples,
+        inbatch_accuracy=0.25,
+    )
 
 
-def exporter(tmp_path: Path | None, port: int = 0, rank: int = 0, local_rank: int = 0, **kw) -> MetricsExporter:
+def exporter(
+    tmp_path: Path | None, port: int = 0, rank: int = 0, local_rank: int = 0, **kw
+) -> MetricsExporter:
     cfg = MetricsConfig(port=port, bind="127.0.0.1", window_steps=kw.pop("window_steps", 4))
-    return MetricsExporter(cfg, run="testrun", rank=rank, node="node-a", local_rank=local_rank,
-                           run_dir=tmp_path, **kw)
+    return MetricsExporter(
+        cfg, run="testrun", rank=rank, node="node-a", local_rank=local_rank, run_dir=tmp_path, **kw
+    )
 
 
 def total(families: dict, name: str) -> float:
@@ -106,8 +120,13 @@ def test_two_workers_serve_all_metrics_with_labels_and_growing_counters(tmp_path
         a, b = first[e.endpoint], second[e.endpoint]
         missing = set(METRIC_NAMES) - set(a)
         assert not missing, f"rank {rank} lacks {sorted(missing)}"
-        for name in ("mlctl_train_steps_total", "mlctl_train_samples_total", "mlctl_train_tokens_total",
-                     "mlctl_train_step_seconds", "mlctl_data_wait_seconds"):
+        for name in (
+            "mlctl_train_steps_total",
+            "mlctl_train_samples_total",
+            "mlctl_train_tokens_total",
+            "mlctl_train_step_seconds",
+            "mlctl_data_wait_seconds",
+        ):
             assert total(b, name) > total(a, name), f"{name} did not grow between scrapes"
         assert total(b, "mlctl_train_steps_total") == 5
         assert total(b, "mlctl_train_samples_total") == 40
@@ -119,7 +138,10 @@ def test_two_workers_serve_all_metrics_with_labels_and_growing_counters(tmp_path
             for labels, _ in samples:
                 assert "step" not in labels
                 assert {"run", "rank", "node"} <= set(labels)
-        assert dict((lab["lang"], v) for lab, v in b["mlctl_eval_retrieval_accuracy"]) == {"de": 0.5, "fr": 0.75}
+        assert dict((lab["lang"], v) for lab, v in b["mlctl_eval_retrieval_accuracy"]) == {
+            "de": 0.5,
+            "fr": 0.75,
+        }
         assert [(lab["reason"], v) for lab, v in b["mlctl_data_skipped_total"]] == [("too_long", 2.0)]
         assert total(b, "mlctl_checkpoint_seconds") == 0.25
         assert total(b, "mlctl_train_grad_norm") == pytest.approx(0.7)
@@ -250,7 +272,7 @@ def test_report_plots_a_real_metrics_jsonl(tmp_path, capsys):
         e.log_step(step(i, loss=9.0))
     e.close()
     with open(run / "metrics.jsonl", "a") as f:
-        f.write("not json\n{\"step\": \"x\"}\n{\"event\": \"train\", \"step\": 31, \"loss\"\n")
+        f.write('not json\n{"step": "x"}\n{"event": "train", "step": 31, "loss"\n')
 
     m = load_metrics(run / "metrics.jsonl")
     assert len(m.skipped_lines) == 3
@@ -282,10 +304,13 @@ def test_report_errors_name_the_file(tmp_path, capsys):
 
 def test_service_discovery_file_is_prometheus_file_sd(tmp_path):
     path = tmp_path / "sd" / "prometheus_sd.json"
-    write_service_discovery(path, [
-        {"target": "10.0.0.2:9401", "run": "r1", "rank": 1, "node": "b"},
-        {"host": "10.0.0.1", "port": 9400, "run": "r1", "rank": 0, "node": "a"},
-    ])
+    write_service_discovery(
+        path,
+        [
+            {"target": "10.0.0.2:9401", "run": "r1", "rank": 1, "node": "b"},
+            {"host": "10.0.0.1", "port": 9400, "run": "r1", "rank": 0, "node": "a"},
+        ],
+    )
     assert json.loads(path.read_text()) == [
         {"targets": ["10.0.0.1:9400"], "labels": {"run": "r1", "rank": "0", "node": "a"}},
         {"targets": ["10.0.0.2:9401"], "labels": {"run": "r1", "rank": "1", "node": "b"}},
@@ -353,11 +378,39 @@ def test_format_eta():
 
 # ---- the Grafana dashboard ---------------------------------------------------------------------
 
-PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool", "and",
-                "or", "unless", "le", "run", "rank", "node", "lang", "reason", "job",
-                # aggregation operators may be followed by `by (...)` rather than `(`
-                "sum", "min", "max", "avg", "count", "group", "stddev", "stdvar", "topk", "bottomk",
-                "quantile", "count_values"}
+PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "and",
+    "or",
+    "unless",
+    "le",
+    "run",
+    "rank",
+    "node",
+    "lang",
+    "reason",
+    "job",
+    # aggregation operators may be followed by `by (...)` rather than `(`
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "count",
+    "group",
+    "stddev",
+    "stdvar",
+    "topk",
+    "bottomk",
+    "quantile",
+    "count_values",
+}
 
 
 def dashboard_exprs() -> list[str]:
@@ -378,7 +431,7 @@ def referenced_metrics(expr: str) -> set[str]:
     expr = re.sub(r"\{[^}]*\}", "{}", expr)  # matchers: label names are not metrics
     names = set()
     for m in re.finditer(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr):
-        word, rest = m.group(0), expr[m.end():].lstrip()
+        word, rest = m.group(0), expr[m.end() :].lstrip()
         if rest.startswith("(") or word in PROMQL_WORDS:
             continue
         names.add(word)
@@ -399,12 +452,23 @@ def test_dashboard_queries_name_only_exported_metrics(tmp_path):
     used = set().union(*(referenced_metrics(x) for x in exprs))
     assert not used - exposed, f"dashboard queries unknown metrics: {sorted(used - exposed)}"
     # The list of panels: loss, pairs/s, data wait, step time, restarts, eval accuracy.
-    for name in ("mlctl_train_loss", "mlctl_train_samples_per_second", "mlctl_data_wait_seconds_sum",
-                 "mlctl_train_step_seconds_bucket", "mlctl_restarts_total", "mlctl_eval_retrieval_accuracy"):
+    for name in (
+        "mlctl_train_loss",
+        "mlctl_train_samples_per_second",
+        "mlctl_data_wait_seconds_sum",
+        "mlctl_train_step_seconds_bucket",
+        "mlctl_restarts_total",
+        "mlctl_eval_retrieval_accuracy",
+    ):
         assert name in used, f"no panel shows {name}"
 
 
 def test_promql_name_extraction():
-    assert referenced_metrics('histogram_quantile(0.95, sum by (run, le) (rate(a_bucket{run=~"x"}[1m])))') == {"a_bucket"}
-    assert referenced_metrics("sum(rate(x_sum[5m])) / sum(rate(x_count[5m])) > bool 0") == {"x_sum", "x_count"}
+    assert referenced_metrics(
+        'histogram_quantile(0.95, sum by (run, le) (rate(a_bucket{run=~"x"}[1m])))'
+    ) == {"a_bucket"}
+    assert referenced_metrics("sum(rate(x_sum[5m])) / sum(rate(x_count[5m])) > bool 0") == {
+        "x_sum",
+        "x_count",
+    }
     assert referenced_metrics('max by (run) (y{run=~"$run"}) + count by (run) (up == 1)') == {"y", "up"}

@@ -92,10 +92,19 @@ def test_prometheus_scrapes_workers_found_through_service_discovery(tmp_path):
 
     storage = tmp_path / "runs"
     run_dir = storage / "promtest"
-    exps = [MetricsExporter(MetricsConfig(port=free_port(), bind="127.0.0.1"), run="promtest", rank=r,
-                            node=f"node{r}", local_rank=0, run_dir=run_dir) for r in (0, 1)]
+    exps = [
+        MetricsExporter(
+            MetricsConfig(port=free_port(), bind="127.0.0.1"),
+            run="promtest",
+            rank=r,
+            node=f"node{r}",
+            local_rank=0,
+            run_dir=run_dir,
+        )
+        for r in (0, 1)
+    ]
     stop = threading.Event()
-    proc = None
+    proc = log = None
     try:
         for e in exps:
             e.start()
@@ -109,27 +118,55 @@ def test_prometheus_scrapes_workers_found_through_service_discovery(tmp_path):
             while not stop.wait(0.1):
                 i += 1
                 for e in exps:
-                    e.log_step(StepMetrics(step=i, loss=2.0 / i, contrastive_loss=1.5 / i, mlm_loss=0.5, samples=8,
-                                           tokens=160, step_seconds=0.1, data_wait_seconds=0.002, lr=1e-4,
-                                           grad_norm=1.0, global_batch_size=8, inbatch_accuracy=0.5))
+                    e.log_step(
+                        StepMetrics(
+                            step=i,
+                            loss=2.0 / i,
+                            contrastive_loss=1.5 / i,
+                            mlm_loss=0.5,
+                            samples=8,
+                            tokens=160,
+                            step_seconds=0.1,
+                            data_wait_seconds=0.002,
+                            lr=1e-4,
+                            grad_norm=1.0,
+                            global_batch_size=8,
+                            inbatch_accuracy=0.5,
+                        )
+                    )
 
         trainer = threading.Thread(target=train, daemon=True)
         trainer.start()
-        publish_service_discovery(run_dir, [{"target": f"127.0.0.1:{e.port}", "run": "promtest", "rank": e.rank,
-                                             "node": e.node} for e in exps])
+        publish_service_discovery(
+            run_dir,
+            [
+                {"target": f"127.0.0.1:{e.port}", "run": "promtest", "rank": e.rank, "node": e.node}
+                for e in exps
+            ],
+        )
 
         config = tmp_path / "prometheus.yml"
         config.write_text(yaml.safe_dump(scrape_config_for(storage), sort_keys=False))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log = open(tmp_path / "prometheus.log", "w")  # noqa: SIM115
-        proc = subprocess.Popen([binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}"], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
         def series():
             if proc.poll() is not None:
-                raise AssertionError(f"prometheus exited ({proc.returncode}): "
-                                     + (tmp_path / "prometheus.log").read_text()[-2000:])
+                raise AssertionError(
+                    f"prometheus exited ({proc.returncode}): "
+                    + (tmp_path / "prometheus.log").read_text()[-2000:]
+                )
             res = query(base, 'mlctl_train_steps_total{run="promtest"}')
             return res if len(res) == 2 else None
 
@@ -169,5 +206,7 @@ def test_prometheus_scrapes_workers_found_through_service_discovery(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if log is not None:
+            log.close()
         for e in exps:
             e.close()

@@ -35,21 +35,16 @@ def write_service_discovery(path: str | Path, endpoints: list[dict[str, Any]]) -
     "rank": ..., "node": ...}}, ...]`` sorted by rank. The file is replaced atomically, because
     Prometheus re-reads it whenever it changes and must never see half of it.
     """
-    groups = []
+    keyed: list[tuple[tuple[int, str], dict[str, Any]]] = []
     for ep in endpoints:
         missing = [k for k in ("run", "rank", "node") if k not in ep]
         if missing:
             raise ValueError(f"service discovery: endpoint {ep!r} lacks {', '.join(missing)}")
+        target, rank = _target(ep), str(ep["rank"])
         # file_sd label values must be strings.
-        groups.append(
-            {
-                "targets": [_target(ep)],
-                "labels": {"run": str(ep["run"]), "rank": str(ep["rank"]), "node": str(ep["node"])},
-            }
-        )
-    groups.sort(
-        key=lambda g: (int(g["labels"]["rank"]) if g["labels"]["rank"].isdigit() else 0, g["targets"][0])
-    )
+        labels = {"run": str(ep["run"]), "rank": rank, "node": str(ep["node"])}
+        keyed.append(((int(rank) if rank.isdigit() else 0, target), {"targets": [target], "labels": labels}))
+    groups = [g for _, g in sorted(keyed, key=lambda kg: kg[0])]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)

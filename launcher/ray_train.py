@@ -146,7 +146,7 @@ class RunWatcher(threading.Thread):
         progress.close()
 
     def poll_endpoints(self) -> None:
-        from launcher.monitoring import write_service_discovery
+        from launcher.monitoring import publish_service_discovery
 
         changed = False
         for f in sorted((self.run_dir / "endpoints").glob("rank*.json")):
@@ -161,7 +161,7 @@ class RunWatcher(threading.Thread):
         if changed:
             endpoints = [{"target": f"{i['host']}:{i['port']}", "run": self.run_dir.name, "rank": i["rank"],
                           "node": i["node"]} for i in self.seen.values()]
-            write_service_discovery(self.run_dir / "prometheus_sd.json", endpoints)
+            publish_service_discovery(self.run_dir, endpoints)
 
     def poll_metrics(self, progress) -> None:
         path = self.run_dir / "metrics.jsonl"
@@ -179,7 +179,7 @@ class RunWatcher(threading.Thread):
                 continue
             if "loss" in rec and "step" in rec:
                 progress.update(step=rec["step"], loss=rec["loss"],
-                                pairs_per_s=rec.get("samples_per_second", float("nan")))
+                                pairs_per_s=rec.get("samples_per_second", float("nan")), at=rec.get("time"))
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -251,7 +251,10 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             f"last good checkpoint: {last or 'none'}; cause: {_root_cause(e)}"
         ) from e
     finally:
+        from launcher.monitoring import retract_service_discovery
+
         watcher.stop()
+        retract_service_discovery(run_dir)  # Prometheus stops scraping workers that are gone
         if started_here:
             ray.shutdown()
     return run_dir

@@ -1,0 +1,105 @@
+"""Bilingual dictionaries: TSV word pairs, or the paper's format (one word list per language, line i
+of each list are translations of each other). Entries are stored as tuples of case-folded words, so
+anchor mining looks phrases up in a dict instead of looping over the dictionary."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlctl.data.anchors import words_of
+from mlctl.data.readers import InputError, open_text_bytes
+
+
+@dataclass
+class Dictionary:
+    """src phrase (tuple of folded words) -> target phrases; plus the longest phrase on each side."""
+
+    src_lang: str
+    tgt_lang: str
+    entries: dict[tuple[str, ...], set[tuple[str, ...]]] = field(default_factory=lambda: defaultdict(set))
+    sources: list[str] = field(default_factory=list)
+    max_src_words: int = 0
+    max_tgt_words: int = 0
+
+    def add(self, src: str, tgt: str) -> bool:
+        s = tuple(w.casefold() for w, _, _ in words_of(src, self.src_lang))
+        t = tuple(w.casefold() for w, _, _ in words_of(tgt, self.tgt_lang))
+        if not s or not t:
+            return False
+        self.entries[s].add(t)
+        self.max_src_words = max(self.max_src_words, len(s))
+        self.max_tgt_words = max(self.max_tgt_words, len(t))
+        return True
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.entries.values())
+
+
+def _read_lines(path: Path) -> list[str]:
+    """All lines of a dictionary file; any undecodable line or NUL byte is fatal, naming the line."""
+    try:
+        with open_text_bytes(path) as f:
+            raw_lines = f.read().split(b"\n")
+    except OSError as e:
+        raise InputError(f"dictionary {path} cannot be read: {e}") from None
+    if raw_lines and raw_lines[-1] == b"":
+        raw_lines.pop()
+    out = []
+    for lineno, raw in enumerate(raw_lines, 1):
+        if b"\x00" in raw:
+            raise InputError(f"dictionary {path}:{lineno}: NUL byte; is this a text file?")
+        try:
+            out.append(raw.rstrip(b"\r").decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"dictionary {path}:{lineno}: invalid UTF-8 ({e})") from None
+    return out
+
+
+def _strip_quotes(s: str) -> str:
+    s = s.strip()
+    return s[1:-1].strip() if len(s) >= 2 and s[0] == s[-1] == '"' else s
+
+
+def load_tsv_dictionary(path: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+    """``src<TAB>tgt`` lines; several lines per source word give several translations. Blank lines and
+    ``#`` comments are ignored; a line without a tab is an error naming the line."""
+    d = into or Dictionary(src_lang, tgt_lang)
+    d.sources.append(str(path))
+    for lineno, line in enumerate(_read_lines(path), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise InputError(f"dictionary {path}:{lineno}: expected 'word<TAB>translation', got {line[:60]!r}")
+        d.add(_strip_quotes(cols[0]), _strip_quotes(cols[1]))
+    return d
+
+
+def load_list_dictionary(folder: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+    """The paper's format: ``folder/{src}.txt`` and ``folder/{tgt}.txt``, line-aligned word lists."""
+    d = into or Dictionary(src_lang, tgt_lang)
+    files = [folder / f"{lang}.txt" for lang in (src_lang, tgt_lang)]
+    for f in files:
+        if not f.is_file():
+            raise InputError(f"dictionary folder {folder}: no word list {f.name} for language pair "
+                             f"{src_lang}-{tgt_lang}")
+    src, tgt = _read_lines(files[0]), _read_lines(files[1])
+    if len(src) != len(tgt):
+        raise InputError(f"dictionary word lists differ in length: {files[0]} has {len(src)} lines, "
+                         f"{files[1]} has {len(tgt)}")
+    d.sources.append(str(folder))
+    for s, t in zip(src, tgt):
+        d.add(s.strip(), t.strip())
+    return d
+
+
+def load_dictionary(path: str | Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+    """A folder is a pair of word lists, anything else a TSV (gzip'd or not)."""
+    p = Path(path)
+    if p.is_dir():
+        return load_list_dictionary(p, src_lang, tgt_lang, into)
+    if not p.is_file():
+        raise InputError(f"dictionary not found: {p}")
+    return load_tsv_dictionary(p, src_lang, tgt_lang, into)

@@ -1,0 +1,415 @@
+"""`mlctl prepare`: parallel corpora + bilingual dictionaries -> anchored WebDataset shards.
+
+Pipeline: read (one reader per format, malformed lines counted) -> normalise, drop empty, length-ratio
+and duplicate pairs (main process, since dedup needs one global view) -> chunks of pairs go to
+``--workers`` processes that tokenize each chunk in one batched call, drop over-long pairs and mine
+anchors -> results come back in input order and are written to shards, so the output is
+byte-identical for the same inputs whatever the worker count.
+
+Several language pairs in one run: give each input its languages (``PATH:FORMAT:SRC-TGT``, or
+``PrepareInput.src_lang/tgt_lang`` in a config) and each pair its dictionary (``--dictionary
+de=PATH`` or ``--dictionary en-de=PATH``); a bare ``--dictionary PATH`` is for ``--src-lang`` -
+``--tgt-lang``. A dictionary given as a folder is the paper's word-list format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from collections import Counter, deque
+from pathlib import Path
+
+from mlctl.config import PrepareConfig, PrepareInput
+from mlctl.data.anchors import SpanMapper, mine_char_anchors
+from mlctl.data.clean import Deduper, length_ratio_ok, normalize
+from mlctl.data.dictionary import Dictionary, load_dictionary
+from mlctl.data.readers import FORMATS, Counts, InputError, check_input, detect_format, multiway_files, read_input
+from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amortise the IPC
+MANIFEST_VERSION = 1
+_LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Specs
+
+
+def parse_input_spec(spec: str, src_lang: str = "", tgt_lang: str = "") -> PrepareInput:
+    """``PATH``, ``PATH:FORMAT`` or ``PATH:FORMAT:SRC-TGT`` (FORMAT may be empty: ``PATH::en-de``)."""
+    parts = spec.split(":")
+    if len(parts) >= 3 and parts[-2] in (*FORMATS, "") and _LANG_PAIR.match(parts[-1]):
+        src, tgt = _LANG_PAIR.match(parts[-1]).groups()  # type: ignore[union-attr]
+        return PrepareInput(":".join(parts[:-2]), parts[-2], src, tgt)
+    if len(parts) >= 2 and parts[-1] in FORMATS:
+        return PrepareInput(":".join(parts[:-1]), parts[-1], src_lang, tgt_lang)
+    return PrepareInput(spec, "", src_lang, tgt_lang)
+
+
+def parse_dictionary_spec(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, str, str]:
+    """``PATH`` (default pair), ``TGT=PATH`` (source is ``src_lang``) or ``SRC-TGT=PATH``."""
+    head, eq, tail = spec.partition("=")
+    if eq and "/" not in head:
+        m = _LANG_PAIR.match(head)
+        if m:
+            return m.group(1), m.group(2), tail
+        return src_lang, head, tail
+    if not tgt_lang:
+        raise InputError(f"dictionary {spec}: which language pair? write TGT=PATH or SRC-TGT=PATH")
+    return src_lang, tgt_lang, spec
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker side: tokenize a chunk in one batch, filter by token length, mine anchors
+
+_W: dict = {}  # per-process state, filled by _init_worker (inherited through fork when workers > 1)
+
+
+def _init_worker(tokenizer: str, dicts: dict, max_tokens: int, truncate: bool, keep_no_anchor: bool) -> None:
+    from tokenizers import Tokenizer
+
+    from mlctl.hub import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # private copy: we change its settings
+    backend.no_truncation()
+    backend.no_padding()
+    _W.update(backend=backend, dicts=dicts, max_tokens=max_tokens, truncate=truncate,
+              keep_no_anchor=keep_no_anchor)
+
+
+def _token_anchors(chars, text_s, text_t, ms: SpanMapper, mt: SpanMapper) -> list[dict]:
+    out = []
+    for s0, s1, t0, t1 in chars:
+        a, b = ms.span(s0, s1), mt.span(t0, t1)
+        if a is not None and b is not None:
+            out.append({"src": text_s[s0:s1], "tgt": text_t[t0:t1], "src_span": list(a), "tgt_span": list(b)})
+    return out
+
+
+def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
+    """For each (src, tgt, src_lang, tgt_lang, where): ``("drop", reason)`` or
+    ``("keep", meta, src_npy, tgt_npy, truncated)``."""
+    backend, dicts, max_tok = _W["backend"], _W["dicts"], _W["max_tokens"]
+    enc = backend.encode_batch([p[0] for p in chunk] + [p[1] for p in chunk])
+    n = len(chunk)
+    out: list[tuple] = []
+    for k, (src, tgt, sl, tl, where) in enumerate(chunk):
+        es, et = enc[k], enc[n + k]
+        ids_s, ids_t, off_s, off_t = es.ids, et.ids, es.offsets, et.offsets
+        truncated = False
+        if len(ids_s) > max_tok or len(ids_t) > max_tok:
+            if not _W["truncate"]:
+                out.append(("drop", "too_long"))
+                continue
+            # keep the closing special token so the sequence still looks like the model expects
+            if len(ids_s) > max_tok:
+                ids_s, off_s = ids_s[:max_tok - 1] + ids_s[-1:], off_s[:max_tok - 1] + [(0, 0)]
+            if len(ids_t) > max_tok:
+                ids_t, off_t = ids_t[:max_tok - 1] + ids_t[-1:], off_t[:max_tok - 1] + [(0, 0)]
+            truncated = True
+        d = dicts.get((sl, tl))
+        chars = mine_char_anchors(src, tgt, d) if d is not None else []
+        anchors = _token_anchors(chars, src, tgt, SpanMapper(off_s), SpanMapper(off_t)) if chars else []
+        if not anchors and not _W["keep_no_anchor"]:
+            out.append(("drop", "no_anchor"))
+            continue
+        meta = {"src_lang": sl, "tgt_lang": tl, "src": src, "tgt": tgt, "anchors": anchors, "source": where}
+        out.append(("keep", meta, npy_bytes(ids_s), npy_bytes(ids_t), truncated))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Main side
+
+
+def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
+    if not cfg.inputs:
+        raise InputError("no --input given")
+    out = []
+    for inp in cfg.inputs:
+        path = Path(inp.path)
+        src, tgt = inp.src_lang or cfg.src_lang, inp.tgt_lang or cfg.tgt_lang
+        if not path.exists() and (inp.format or "") != "moses":
+            raise InputError(f"input file not found: {path}")
+        fmt = inp.format or detect_format(path)
+        check_input(path, fmt, src, tgt)
+        out.append((path, fmt, src, tgt))
+    return out
+
+
+def _language_pairs(inputs) -> list[tuple[str, str]]:
+    pairs: list[tuple[str, str]] = []
+    for path, fmt, src, tgt in inputs:
+        tgts = [tgt] if tgt else [lang for lang in multiway_files(path) if lang != src]
+        for t in tgts:
+            if (src, t) not in pairs:
+                pairs.append((src, t))
+    return pairs
+
+
+def _load_dictionaries(cfg: PrepareConfig, pairs) -> dict[tuple[str, str], Dictionary]:
+    dicts: dict[tuple[str, str], Dictionary] = {}
+    for spec in cfg.dictionaries:
+        src, tgt, path = parse_dictionary_spec(spec, cfg.src_lang, cfg.tgt_lang)
+        d = dicts.get((src, tgt))
+        dicts[(src, tgt)] = load_dictionary(path, src, tgt, into=d)
+    missing = [f"{s}-{t}" for s, t in pairs if (s, t) not in dicts]
+    if missing and not cfg.keep_no_anchor:
+        raise InputError(f"no dictionary for language pair(s) {', '.join(missing)}: every pair would be "
+                         "dropped for lack of anchors (give --dictionary TGT=PATH, or --keep-no-anchor)")
+    return dicts
+
+
+def _clear_outputs(out: Path) -> None:
+    """A re-run replaces the previous output; the manifest goes first so a crash leaves no manifest."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
+        p.unlink()
+
+
+class _Progress:
+    """One self-overwriting stderr line with pairs/s (a log line instead when stderr is not a tty)."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.every = every
+        self.tty = sys.stderr.isatty()
+
+    def update(self, read: int, kept: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not final and now - self.last < (self.every if self.tty else 30.0):
+            return
+        self.last = now
+        rate = read / max(now - self.t0, 1e-9)
+        msg = f"prepare: {read:,} pairs read, {kept:,} kept, {rate:,.0f} pairs/s"
+        if self.tty:
+            sys.stderr.write("\r" + msg + ("\n" if final else ""))
+            sys.stderr.flush()
+        else:
+            log.info(msg)
+
+
+def _cleaned(inputs, cfg: PrepareConfig, counts: Counts, stats: dict):
+    """Normalised, filtered, deduplicated pairs as tuples for the workers."""
+    dedup = Deduper()
+    for path, fmt, src_lang, tgt_lang in inputs:
+        for raw in read_input(path, fmt, src_lang, tgt_lang, counts):
+            stats["read"] += 1
+            per = stats["per_pair"].setdefault(f"{raw.src_lang}-{raw.tgt_lang}", Counter())
+            per["read"] += 1
+            src, tgt = normalize(raw.src), normalize(raw.tgt)
+            if not src or not tgt:
+                counts.skip("empty", raw.where)
+            elif not length_ratio_ok(src, tgt, cfg.max_length_ratio):
+                counts.skip("length_ratio", raw.where, f"{len(src)} vs {len(tgt)} characters")
+            elif not dedup.is_new(raw.src_lang, raw.tgt_lang, src, tgt):
+                counts.skip("duplicate", raw.where)
+            else:
+                yield (src, tgt, raw.src_lang, raw.tgt_lang, raw.where)
+
+
+def _chunks(it, size: int):
+    chunk = []
+    for item in it:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _ordered_results(chunks, workers: int, init_args: tuple):
+    """Each chunk's results, in input order; at most 2 x workers chunks in flight (bounded memory)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield chunk, process_chunk(chunk)
+        return
+    # NOTE: fork shares the loaded dictionaries with the workers without pickling them.
+    ctx = mp.get_context("fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.apply_async(process_chunk, (chunk,))))
+            if len(pending) >= 2 * workers:
+                c, res = pending.popleft()
+                yield c, res.get()
+        while pending:
+            c, res = pending.popleft()
+            yield c, res.get()
+
+
+def _key(src_lang: str, tgt_lang: str, n: int) -> str:
+    return re.sub(r"[^\w-]", "_", f"{src_lang}-{tgt_lang}") + f"-{n:09d}"
+
+
+def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
+    """Run the whole preparation; returns the manifest (also written to ``cfg.out/manifest.json``).
+
+    Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
+    has an unknown format, or a dictionary cannot be read."""
+    from mlctl.hub import load_tokenizer, tokenizer_fingerprint
+
+    if not cfg.out:
+        raise InputError("no output folder (--out)")
+    if cfg.max_tokens < 4:
+        raise InputError(f"max_tokens must be >= 4, got {cfg.max_tokens}")
+    inputs = _resolve_inputs(cfg)
+    dicts = _load_dictionaries(cfg, _language_pairs(inputs))
+    tok = load_tokenizer(tokenizer)
+    if tok.pad_token_id is None:
+        raise InputError(f"tokenizer {tokenizer!r} has no pad token; the loader pads with it")
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out)
+    counts = Counts()
+    stats: dict = {"read": 0, "per_pair": {}}
+    writer = ShardWriter(out, cfg.samples_per_shard)
+    progress = _Progress()
+    kept = truncated = n_anchors = 0
+    t0 = time.perf_counter()
+    init_args = (tokenizer, dicts, cfg.max_tokens, cfg.truncate, cfg.keep_no_anchor)
+    try:
+        chunks = _chunks(_cleaned(inputs, cfg, counts, stats), CHUNK)
+        for chunk, results in _ordered_results(chunks, cfg.workers, init_args):
+            for pair, res in zip(chunk, results):
+                per = stats["per_pair"][f"{pair[2]}-{pair[3]}"]
+                if res[0] == "drop":
+                    counts.skip(res[1], pair[4])
+                    continue
+                _, meta, src_npy, tgt_npy, was_truncated = res
+                key = _key(pair[2], pair[3], kept)
+                meta["id"] = key
+                writer.write(key, json_bytes(meta), src_npy, tgt_npy)
+                kept += 1
+                truncated += was_truncated
+                n_anchors += len(meta["anchors"])
+                per["kept"] += 1
+                per["anchors"] += len(meta["anchors"])
+                per["with_anchor"] += bool(meta["anchors"])
+            progress.update(stats["read"], kept)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    seconds = time.perf_counter() - t0
+    progress.update(stats["read"], kept, final=True)
+
+    dropped = dict(sorted(counts.by_reason.items()))
+    mined = kept + dropped.get("no_anchor", 0)  # pairs that reached anchor mining
+    with_anchor = sum(p["with_anchor"] for p in stats["per_pair"].values())
+    manifest = {
+        "format_version": MANIFEST_VERSION,
+        "tokenizer": {"name": tokenizer, "hash": tokenizer_fingerprint(tok), "pad_id": tok.pad_token_id},
+        "max_tokens": cfg.max_tokens,
+        "truncate": cfg.truncate,
+        "max_length_ratio": cfg.max_length_ratio,
+        "keep_no_anchor": cfg.keep_no_anchor,
+        "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
+        "dictionaries": {f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()},
+        "counts": {"read": stats["read"], "kept": kept, "dropped": dropped,
+                   "dropped_total": sum(dropped.values()), "truncated": truncated},
+        "anchors_per_pair": round(n_anchors / kept, 4) if kept else 0.0,
+        "anchor_coverage": round(with_anchor / mined, 4) if mined else 0.0,
+        "language_pairs": {
+            lp: {"read": p["read"], "kept": p["kept"], "anchors_per_pair": round(p["anchors"] / p["kept"], 4)
+                 if p["kept"] else 0.0}
+            for lp, p in sorted(stats["per_pair"].items())
+        },
+        "num_samples": kept,
+        "shards": shards,
+        "seconds": round(seconds, 2),  # informational; everything else is deterministic
+    }
+    # The manifest is written last, under a temporary name: its presence means the shards are complete.
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json_bytes_pretty(manifest), encoding="utf-8")
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def json_bytes_pretty(obj) -> str:
+    import json
+
+    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML whose data.prepare section is a PrepareConfig "
+                        "(model.tokenizer or model.name_or_path gives the tokenizer); flags override it")
+    parser.add_argument("--input", action="append", default=[], metavar="PATH[:FORMAT[:SRC-TGT]]",
+                        help=f"input corpus (repeatable); FORMAT one of {', '.join(FORMATS)}, else from "
+                             "the extension; SRC-TGT overrides --src-lang/--tgt-lang for this input")
+    parser.add_argument("--src-lang", default=None)
+    parser.add_argument("--tgt-lang", default=None)
+    parser.add_argument("--dictionary", action="append", default=[], metavar="[[SRC-]TGT=]PATH",
+                        help="bilingual dictionary: TSV file or folder of word lists {lang}.txt (repeatable)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name, packaged alias or folder")
+    parser.add_argument("--out", default=None, help="output folder for shards and manifest.json")
+    parser.add_argument("--samples-per-shard", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None, help="longest side in tokens, specials included")
+    parser.add_argument("--truncate", action="store_true", default=None,
+                        help="truncate over-long pairs instead of dropping them")
+    parser.add_argument("--max-length-ratio", type=float, default=None,
+                        help="drop pairs whose character lengths differ more than this (0: off)")
+    parser.add_argument("--keep-no-anchor", action="store_true", default=None,
+                        help="keep pairs without any anchor (their span is the whole sentence)")
+    parser.add_argument("--workers", type=int, default=None, help="tokenize/mine in N processes")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
+    """The PrepareConfig and tokenizer name from --config and flags (flags win)."""
+    tokenizer = ""
+    if args.config:
+        from mlctl.config import load_config
+
+        full = load_config(args.config)
+        cfg = full.data.prepare
+        tokenizer = full.model.tokenizer or full.model.name_or_path
+    else:
+        cfg = PrepareConfig()
+    if args.src_lang is not None:
+        cfg.src_lang = args.src_lang
+    if args.tgt_lang is not None:
+        cfg.tgt_lang = args.tgt_lang
+    if args.input:
+        cfg.inputs = [parse_input_spec(s) for s in args.input]
+    if args.dictionary:
+        cfg.dictionaries = list(args.dictionary)
+    for name in ("out", "samples_per_shard", "max_tokens", "truncate", "max_length_ratio", "keep_no_anchor",
+                 "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(cfg, name, value)
+    tokenizer = args.tokenizer or tokenizer
+    if not tokenizer:
+        raise InputError("no tokenizer: give --tokenizer (or model.tokenizer in --config)")
+    return cfg, tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg, tokenizer = config_from_args(args)
+        m = prepare(cfg, tokenizer)
+    except InputError as e:
+        print(f"mlctl prepare: error: {e}", file=sys.stderr)
+        return 2
+    c = m["counts"]
+    print(f"{c['kept']:,} of {c['read']:,} pairs kept in {len(m['shards'])} shard(s) under {cfg.out}; "
+          f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
+          f"dropped {c['dropped']}")
+    return 0

@@ -1,0 +1,376 @@
+"""Readers for parallel corpora. Each yields :class:`RawPair` records with the file and line they came
+from; malformed input is counted by reason in a :class:`Counts` and skipped, never fatal.
+
+Formats: ``tsv`` (``src<TAB>tgt[<TAB>more]``), ``moses`` (``PREFIX.src`` + ``PREFIX.tgt``, line
+aligned), ``multiway`` (a folder with one line-aligned file per language; yields pivot-X pairs),
+``tmx``, ``po`` and ``mo`` (gettext catalogs). Any file may be gzip'd (``.gz``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("tsv", "moses", "multiway", "tmx", "po", "mo")
+EXTENSIONS = {".tsv": "tsv", ".tab": "tsv", ".txt": "tsv", ".tmx": "tmx", ".po": "po", ".mo": "mo"}
+LOG_FIRST = 3  # how many examples of each skip reason are logged
+
+
+class InputError(ValueError):
+    """Bad input that stops `mlctl prepare` before any output (missing file, unknown format...)."""
+
+
+@dataclass(frozen=True)
+class RawPair:
+    src: str
+    tgt: str
+    src_lang: str
+    tgt_lang: str
+    where: str  # "file:line" (or "file:entry N" for binary catalogs)
+
+
+class Counts:
+    """Skips by reason, logging the first few of each with their location."""
+
+    def __init__(self) -> None:
+        self.by_reason: Counter[str] = Counter()
+
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        self.by_reason[reason] += 1
+        if self.by_reason[reason] <= LOG_FIRST:
+            log.warning("skipped (%s) at %s%s", reason, where, f": {detail}" if detail else "")
+
+
+def open_text_bytes(path: Path):
+    """Binary handle, transparently gunzipping ``*.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def detect_format(path: Path) -> str:
+    """Format from the extension (``.gz`` ignored); a folder is ``multiway``."""
+    if path.is_dir():
+        return "multiway"
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    ext = Path(name).suffix.lower()
+    if ext in EXTENSIONS:
+        return EXTENSIONS[ext]
+    raise InputError(f"{path}: cannot tell the format from the extension {ext or '(none)'}; "
+                     f"append :FORMAT (one of {', '.join(FORMATS)})")
+
+
+def _decode_line(raw: bytes, where: str, counts: Counts) -> str | None:
+    if b"\x00" in raw:
+        counts.skip("nul_byte", where)
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        counts.skip("invalid_utf8", where, str(e))
+        return None
+
+
+def _lines(path: Path, counts: Counts) -> Iterator[tuple[int, str | None]]:
+    """(line number, text without newline or None when undecodable)."""
+    with open_text_bytes(path) as f:
+        for lineno, raw in enumerate(f, 1):
+            raw = raw.rstrip(b"\r\n")
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            yield lineno, _decode_line(raw, f"{path}:{lineno}", counts)
+
+
+def read_tsv(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    for lineno, line in _lines(path, counts):
+        if line is None:
+            continue
+        if not line.strip():
+            continue  # blank lines separate nothing in TSV; not worth a count
+        cols = line.split("\t")
+        if len(cols) < 2:
+            counts.skip("wrong_column_count", f"{path}:{lineno}", f"{len(cols)} column(s), need >= 2")
+            continue
+        yield RawPair(cols[0], cols[1], src_lang, tgt_lang, f"{path}:{lineno}")
+
+
+def _lang_file(prefix: Path, lang: str) -> Path:
+    for cand in (Path(f"{prefix}.{lang}"), Path(f"{prefix}.{lang}.gz")):
+        if cand.is_file():
+            return cand
+    raise InputError(f"moses input {prefix}: no file {prefix}.{lang} (or .gz)")
+
+
+def _aligned(files: dict[str, Path], counts: Counts) -> Iterator[tuple[int, dict[str, str | None]]]:
+    """Zip line-aligned files; lines past the end of the shortest are counted as unaligned."""
+    iters = {lang: _lines(p, counts) for lang, p in files.items()}
+    lineno = 0
+    while True:
+        row: dict[str, str | None] = {}
+        ended = []
+        for lang, it in iters.items():
+            nxt = next(it, None)
+            if nxt is None:
+                ended.append(lang)
+            else:
+                row[lang] = nxt[1]
+        lineno += 1
+        if len(ended) == len(iters):
+            return
+        if ended:
+            where = ", ".join(f"{files[lang]}:{lineno}" for lang in row)
+            counts.skip("unaligned_line", where, f"{', '.join(str(files[lang]) for lang in ended)} ended earlier")
+            for it in iters.values():  # count the rest of the longer files too
+                for _ in it:
+                    counts.skip("unaligned_line", where)
+            return
+        yield lineno, row
+
+
+def read_moses(prefix: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    files = {src_lang: _lang_file(prefix, src_lang), tgt_lang: _lang_file(prefix, tgt_lang)}
+    for lineno, row in _aligned(files, counts):
+        s, t = row[src_lang], row[tgt_lang]
+        if s is None or t is None:
+            continue
+        yield RawPair(s, t, src_lang, tgt_lang, f"{files[src_lang]}:{lineno}")
+
+
+def multiway_files(folder: Path) -> dict[str, Path]:
+    """Language -> file for a multiway folder: the last extension (``x.en``, ``en.txt`` -> en)."""
+    out: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        name = p.name[:-3] if p.name.endswith(".gz") else p.name
+        stem, _, ext = name.rpartition(".")
+        lang = stem if ext == "txt" else (ext or name)
+        if lang in out:
+            raise InputError(f"multiway folder {folder}: two files for language {lang!r}: {out[lang]} and {p}")
+        out[lang] = p
+    return out
+
+
+def read_multiway(folder: Path, pivot: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    """pivot-X pairs for every other language X in the folder (only X = tgt_lang when it is given)."""
+    files = multiway_files(folder)
+    if pivot not in files:
+        raise InputError(f"multiway folder {folder}: no file for the pivot language {pivot!r} "
+                         f"(found {', '.join(files) or 'none'})")
+    others = [lang for lang in files if lang != pivot and (not tgt_lang or lang == tgt_lang)]
+    if not others:
+        raise InputError(f"multiway folder {folder}: no file for {tgt_lang or 'any language but ' + pivot}")
+    for lineno, row in _aligned(files, counts):
+        s = row[pivot]
+        if s is None:
+            continue
+        for lang in others:
+            t = row[lang]
+            if t is not None:
+                yield RawPair(s, t, pivot, lang, f"{files[pivot]}:{lineno}")
+
+
+def _lang_matches(code: str, lang: str) -> bool:
+    code, lang = code.lower().replace("_", "-"), lang.lower().replace("_", "-")
+    return code == lang or code.startswith(lang + "-")
+
+
+def read_tmx(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    xml_lang = "{http://www.w3.org/XML/1998/namespace}lang"
+    n = 0
+    with open_text_bytes(path) as f:
+        try:
+            for _event, elem in ET.iterparse(f, events=("end",)):
+                if elem.tag != "tu":
+                    continue
+                n += 1
+                segs: dict[str, str] = {}
+                for tuv in elem.iter("tuv"):
+                    code = tuv.get(xml_lang) or tuv.get("lang") or ""
+                    seg = tuv.find("seg")
+                    if seg is not None:
+                        segs[code] = "".join(seg.itertext())
+                s = next((v for k, v in segs.items() if _lang_matches(k, src_lang)), None)
+                t = next((v for k, v in segs.items() if _lang_matches(k, tgt_lang)), None)
+                if s is None or t is None:
+                    counts.skip("missing_language", f"{path}:tu {n}", f"languages {sorted(segs)}")
+                else:
+                    yield RawPair(s, t, src_lang, tgt_lang, f"{path}:tu {n}")
+                elem.clear()
+        except ET.ParseError as e:
+            line = e.position[0] if e.position else "?"
+            counts.skip("malformed_xml", f"{path}:{line}", f"{e}; rest of the file not read")
+
+
+def _po_unquote(s: str, where: str) -> str:
+    s = s.strip()
+    if len(s) < 2 or s[0] != '"' or s[-1] != '"':
+        raise ValueError(f"{where}: expected a quoted string, got {s[:40]!r}")
+    body, out, i = s[1:-1], [], 0
+    escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+    while i < len(body):
+        c = body[i]
+        if c == "\\" and i + 1 < len(body):
+            out.append(escapes.get(body[i + 1], body[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _catalog_entry(msgid: str, msgstr: str, plural: bool, fuzzy: bool, where: str, counts: Counts) -> bool:
+    """Shared gettext rules: skip header, fuzzy, plural, empty and untranslated-identical entries."""
+    if msgid == "":
+        return False  # the header; not a translation, so not counted as a skip
+    if fuzzy:
+        counts.skip("po_fuzzy", where)
+    elif plural:
+        counts.skip("po_plural", where)
+    elif not msgstr:
+        counts.skip("po_untranslated", where)
+    elif msgstr == msgid:
+        counts.skip("po_identical", where)
+    else:
+        return True
+    return False
+
+
+def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    entry: dict[str, object] = {}
+    field_name = ""
+
+    def flush():
+        if "msgid" in entry:
+            where = f"{path}:{entry['line']}"
+            msgid, msgstr = str(entry["msgid"]), str(entry.get("msgstr", ""))
+            if _catalog_entry(msgid, msgstr, "msgid_plural" in entry, bool(entry.get("fuzzy")), where, counts):
+                return RawPair(msgid, msgstr, src_lang, tgt_lang, where)
+        return None
+
+    for lineno, line in _lines(path, counts):
+        if line is None:
+            entry["broken"] = True
+            continue
+        stripped = line.strip()
+        try:
+            if not stripped:
+                continue
+            if stripped.startswith("#~"):
+                continue  # obsolete entry
+            if stripped.startswith("#"):
+                if "msgid" in entry:  # comments start the next entry
+                    pair = None if entry.get("broken") else flush()
+                    if pair:
+                        yield pair
+                    entry, field_name = {}, ""
+                if stripped.startswith("#,") and "fuzzy" in stripped:
+                    entry["fuzzy"] = True
+                continue
+            key, _, rest = stripped.partition(" ")
+            if key in ("msgctxt", "msgid") and "msgid" in entry and ("msgstr" in entry or "msgstr[0]" in entry):
+                pair = None if entry.get("broken") else flush()
+                if pair:
+                    yield pair
+                fuzzy = False
+                entry, field_name = ({"fuzzy": fuzzy} if key == "msgid" else {}), ""
+            if stripped.startswith('"'):
+                if not field_name:
+                    raise ValueError(f"{path}:{lineno}: continuation string outside an entry")
+                entry[field_name] = str(entry[field_name]) + _po_unquote(stripped, f"{path}:{lineno}")
+            elif key in ("msgctxt", "msgid", "msgid_plural", "msgstr") or key.startswith("msgstr["):
+                if key == "msgid":
+                    entry["line"] = lineno
+                name = "msgstr" if key == "msgstr[0]" else key
+                entry[name] = _po_unquote(rest, f"{path}:{lineno}")
+                field_name = name
+            else:
+                raise ValueError(f"{path}:{lineno}: unknown keyword {key[:20]!r}")
+        except ValueError as e:
+            counts.skip("po_syntax", f"{path}:{lineno}", str(e))
+            entry["broken"] = True
+    if not entry.get("broken"):
+        pair = flush()
+        if pair:
+            yield pair
+
+
+def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    with open_text_bytes(path) as f:
+        data = f.read()
+    if len(data) < 28:
+        raise InputError(f"{path}: not a gettext .mo file (only {len(data)} bytes)")
+    magic = struct.unpack("<I", data[:4])[0]
+    if magic == 0x950412DE:
+        end = "<"
+    elif magic == 0xDE120495:
+        end = ">"
+    else:
+        raise InputError(f"{path}: not a gettext .mo file (bad magic {magic:#x})")
+    _rev, n, orig_off, trans_off = struct.unpack(end + "4I", data[4:20])
+
+    def string(table: int, i: int) -> bytes:
+        length, off = struct.unpack(end + "2I", data[table + 8 * i: table + 8 * i + 8])
+        if off + length > len(data):
+            raise ValueError("string table points past the end of the file")
+        return data[off: off + length]
+
+    for i in range(n):
+        where = f"{path}:entry {i + 1}"
+        try:
+            raw_id, raw_str = string(orig_off, i), string(trans_off, i)
+        except (struct.error, ValueError) as e:
+            counts.skip("mo_corrupt", where, str(e))
+            continue
+        plural = b"\x00" in raw_id
+        if b"\x04" in raw_id:  # msgctxt EOT msgid
+            raw_id = raw_id.split(b"\x04", 1)[1]
+        try:
+            msgid = raw_id.split(b"\x00")[0].decode("utf-8")
+            msgstr = raw_str.split(b"\x00")[0].decode("utf-8")
+        except UnicodeDecodeError as e:
+            counts.skip("invalid_utf8", where, str(e))
+            continue
+        if _catalog_entry(msgid, msgstr, plural, False, where, counts):
+            yield RawPair(msgid, msgstr, src_lang, tgt_lang, where)
+
+
+def read_input(path: Path, fmt: str, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    """Dispatch on ``fmt``; :func:`check_input` should have been called first."""
+    if fmt == "multiway":
+        return read_multiway(path, src_lang, tgt_lang, counts)
+    reader = {"tsv": read_tsv, "moses": read_moses, "tmx": read_tmx, "po": read_po, "mo": read_mo}[fmt]
+    return reader(path, src_lang, tgt_lang, counts)
+
+
+def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str) -> None:
+    """Raise :class:`InputError` naming the file when the input cannot be read at all."""
+    if fmt not in FORMATS:
+        raise InputError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if not src_lang or (not tgt_lang and fmt != "multiway"):
+        raise InputError(f"{path}: source and target languages are needed (give --src-lang/--tgt-lang "
+                         "or PATH:FORMAT:SRC-TGT)")
+    if fmt == "moses":
+        _lang_file(path, src_lang)
+        _lang_file(path, tgt_lang)
+        return
+    if fmt == "multiway":
+        if not path.is_dir():
+            raise InputError(f"multiway input {path} is not a folder")
+        files = multiway_files(path)
+        if src_lang not in files:
+            raise InputError(f"multiway folder {path}: no file for the pivot language {src_lang!r}")
+        return
+    if not path.is_file():
+        raise InputError(f"input file not found: {path}")
+    try:
+        with open_text_bytes(path) as f:
+            f.read(1)
+    except OSError as e:
+        raise InputError(f"input file {path} cannot be read: {e}") from None

@@ -1,0 +1,48 @@
+"""Turning decoded records into a training batch: one anchor drawn per pair per epoch, dynamic
+padding to the longest row of the batch, source rows first then target rows."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+def draw_anchor(anchors: list, seed: int, epoch: int, pair_id: str) -> int:
+    """Index of this epoch's anchor: a hash of (seed, epoch, pair id), so it does not depend on which
+    rank or worker reads the pair, nor on the order it is read in."""
+    if len(anchors) <= 1:
+        return 0
+    h = hashlib.blake2b(f"{seed}:{epoch}:{pair_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") % len(anchors)
+
+
+def collate(samples: list[dict], pad_id: int, seed: int, epoch: int) -> dict:
+    """Batch of B records -> the dict the engine consumes (see :class:`~mlctl.data.dataset.ShardLoader`)."""
+    b = len(samples)
+    rows = [s["src"] for s in samples] + [s["tgt"] for s in samples]
+    t = max(len(r) for r in rows)
+    ids = np.full((2 * b, t), pad_id, dtype=np.int64)
+    mask = np.zeros((2 * b, t), dtype=np.int64)
+    spans = np.zeros((2 * b, 2), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    for i, s in enumerate(samples):
+        anchors = s["meta"]["anchors"]
+        if anchors:
+            a = anchors[draw_anchor(anchors, seed, epoch, s["meta"]["id"])]
+            spans[i], spans[b + i] = a["src_span"], a["tgt_span"]
+        else:  # prepared with keep_no_anchor: the "word" is the whole side
+            spans[i] = (0, len(s["src"]) - 1)
+            spans[b + i] = (0, len(s["tgt"]) - 1)
+    return {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "spans": torch.from_numpy(spans),
+        "pair_ids": [s["meta"]["id"] for s in samples],
+        "langs": [f"{s['meta']['src_lang']}-{s['meta']['tgt_lang']}" for s in samples],
+        "epoch": epoch,
+        "num_tokens": int(mask.sum()),
+    }

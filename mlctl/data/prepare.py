@@ -28,7 +28,15 @@ from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.anchors import SpanMapper, mine_char_anchors
 from mlctl.data.clean import Deduper, length_ratio_ok, normalize
 from mlctl.data.dictionary import Dictionary, load_dictionary
-from mlctl.data.readers import FORMATS, Counts, InputError, check_input, detect_format, multiway_files, read_input
+from mlctl.data.readers import (
+    FORMATS,
+    Counts,
+    InputError,
+    check_input,
+    detect_format,
+    multiway_files,
+    read_input,
+)
 from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
 
 log = logging.getLogger(__name__)
@@ -147,7 +155,7 @@ def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
 
 def _language_pairs(inputs) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    for path, fmt, src, tgt in inputs:
+    for path, _fmt, src, tgt in inputs:
         tgts = [tgt] if tgt else [lang for lang in multiway_files(path) if lang != src]
         for t in tgts:
             if (src, t) not in pairs:
@@ -282,7 +290,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
     try:
         chunks = _chunks(_cleaned(inputs, cfg, counts, stats), CHUNK)
         for chunk, results in _ordered_results(chunks, cfg.workers, init_args):
-            for pair, res in zip(chunk, results):
+            for pair, res in zip(chunk, results, strict=True):
                 per = stats["per_pair"][f"{pair[2]}-{pair[3]}"]
                 if res[0] == "drop":
                     counts.skip(res[1], pair[4])

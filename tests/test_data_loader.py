@@ -1,0 +1,270 @@
+"""ShardLoader: batch contract, equal batches per rank, exactly-once epochs, exact resume with 0/1/2
+workers and 1/2 ranks, refusal of non-json/npy members, corrupt shards skipped, bucketing."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlctl.data.dataset import ShardLoader
+from mlctl.data.shards import ShardWriter, split_member
+
+B = 4
+
+
+def _records(shards_dir: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """All records of a shard folder in manifest order: (key, {ext: bytes})."""
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    out: list[tuple[str, dict[str, bytes]]] = []
+    for entry in manifest["shards"]:
+        with tarfile.open(shards_dir / entry["name"]) as tar:
+            for m in tar:
+                key, ext = split_member(m.name)
+                if not out or out[-1][0] != key:
+                    out.append((key, {}))
+                out[-1][1][ext] = tar.extractfile(m).read()
+    return out
+
+
+def reshard(src: Path, out: Path, sizes: list[int]) -> Path:
+    """Rewrite ``src``'s records into shards of the given (uneven) sizes, with a matching manifest."""
+    recs = _records(src)
+    assert sum(sizes) <= len(recs)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, i = [], 0
+    for n, size in enumerate(sizes):
+        w = ShardWriter(out, size)
+        for key, members in recs[i:i + size]:
+            w.write(key, members["json"], members["src.npy"], members["tgt.npy"])
+        written = w.close()
+        # ShardWriter numbers from 0; give each file its own index
+        (out / written[0]["name"]).rename(out / f"part-{n:03d}.tar")
+        shards.append({"name": f"part-{n:03d}.tar", "samples": size})
+        i += size
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["shards"] = shards
+    manifest["num_samples"] = sum(sizes)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_shards, tmp_path_factory) -> Path:
+    # 7 shards of very different sizes: no rank x worker count divides them
+    return reshard(tiny_shards, tmp_path_factory.mktemp("uneven"), [3, 120, 7, 61, 150, 1, 44])
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def _same(a: list[dict], b: list[dict]) -> None:
+    assert [x["pair_ids"] for x in a] == [x["pair_ids"] for x in b]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x["input_ids"], y["input_ids"]) and torch.equal(x["spans"], y["spans"])
+        assert x["epoch"] == y["epoch"]
+
+
+def test_batch_contract(tiny_shards, tiny_tokenizer):
+    loader = ShardLoader(tiny_shards, batch_size=B, shuffle_buffer=16)
+    batch = next(iter(loader))
+    ids, mask, spans = batch["input_ids"], batch["attention_mask"], batch["spans"]
+    assert ids.dtype == torch.long and ids.shape[0] == 2 * B and mask.shape == ids.shape
+    assert spans.shape == (2 * B, 2)
+    assert ids.shape[1] == int(mask.sum(1).max())  # padded to the longest row only
+    assert (ids[mask == 0] == tiny_tokenizer.pad_token_id).all()
+    assert batch["num_tokens"] == int(mask.sum())
+    assert len(batch["pair_ids"]) == len(batch["langs"]) == B
+    assert set(batch["langs"]) <= {"en-de", "en-fr", "en-es"}
+    records = {k: v for k, v in _records(tiny_shards)}
+    for i, pid in enumerate(batch["pair_ids"]):
+        meta = json.loads(records[pid]["json"])
+        spans_here = {(tuple(a["src_span"]), tuple(a["tgt_span"])) for a in meta["anchors"]}
+        assert (tuple(spans[i].tolist()), tuple(spans[B + i].tolist())) in spans_here
+        # the span really covers the anchor word's tokens
+        s0, s1 = spans[i].tolist()
+        anchor = next(a for a in meta["anchors"] if a["src_span"] == [s0, s1])
+        text = tiny_tokenizer.decode(ids[i, s0:s1 + 1]).replace(" ", "").replace("##", "")
+        assert text.lower() == anchor["src"].replace(" ", "").lower()
+        real = int(mask[i].sum())
+        assert 0 < s0 <= s1 < real - 1  # never a special token
+
+
+def test_tokenizer_hash_mismatch_names_both(tiny_shards):
+    manifest = json.loads((tiny_shards / "manifest.json").read_text())
+    with pytest.raises(ValueError) as e:
+        ShardLoader(tiny_shards, batch_size=B, expected_tokenizer_hash="0123456789abcdef")
+    msg = str(e.value)
+    assert "0123456789abcdef" in msg and manifest["tokenizer"]["hash"] in msg and manifest["tokenizer"]["name"] in msg
+    ShardLoader(tiny_shards, batch_size=B, expected_tokenizer_hash=manifest["tokenizer"]["hash"])
+
+
+@pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 1)])
+def test_exactly_once_and_equal_batches(uneven, world, workers):
+    loaders = [ShardLoader(uneven, batch_size=B, rank=r, world_size=world, num_workers=workers, seed=3,
+                           shuffle_buffer=10) for r in range(world)]
+    n = loaders[0].batches_per_epoch
+    assert all(lo.batches_per_epoch == n for lo in loaders) and n > 0
+    keys = [k for k, _ in _records(uneven)]
+    for epoch in (0, 1):
+        seen = []
+        for lo in loaders:
+            it = iter(lo) if epoch == 0 else lo._live
+            batches = _take(it, n)
+            assert {b["epoch"] for b in batches} == {epoch}
+            seen += [p for b in batches for p in b["pair_ids"]]
+        assert len(seen) == len(set(seen)), "a pair was yielded twice in one epoch"
+        # expected: the epoch's global order minus its dropped tail
+        order = loaders[0].epoch_pair_order(epoch)
+        starts, acc = {}, 0
+        for entry in json.loads((uneven / "manifest.json").read_text())["shards"]:
+            starts[entry["name"]] = acc
+            acc += entry["samples"]
+        global_keys = [keys[starts[name] + i] for name, i in order]
+        kept = len(global_keys) - loaders[0].dropped_per_epoch
+        assert 0 <= loaders[0].dropped_per_epoch < world * max(1, workers) * B
+        assert set(seen) == set(global_keys[:kept])
+    for lo in loaders:
+        lo.close()
+
+
+def test_new_partition_every_epoch(uneven):
+    lo = ShardLoader(uneven, batch_size=B, world_size=2, shuffle_buffer=10)
+    it = iter(lo)
+    e0 = [p for b in _take(it, lo.batches_per_epoch) for p in b["pair_ids"]]
+    e1 = [p for b in _take(it, lo.batches_per_epoch) for p in b["pair_ids"]]
+    assert set(e0) != set(e1)  # rank 0 sees a different half of the data
+    assert e0 != e1
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("world", [1, 2])
+def test_exact_resume(uneven, tmp_path, world, workers):
+    kwargs = dict(batch_size=B, world_size=world, num_workers=workers, seed=7, shuffle_buffer=12)
+    ref = [ShardLoader(uneven, rank=r, **kwargs) for r in range(world)]
+    n = ref[0].batches_per_epoch
+    k = n - 3  # stop a few batches before the epoch ends, resume across the boundary
+    m = 7
+    expected = []
+    for lo in ref:
+        it = iter(lo)
+        _take(it, k)
+        expected.append(_take(it, m))
+        lo.close()
+    for r in range(world):
+        first = ShardLoader(uneven, rank=r, **kwargs)
+        it = iter(first)
+        _take(it, k)
+        path = tmp_path / f"state{r}.json"
+        path.write_text(json.dumps(first.state_dict()))
+        first.close()
+        resumed = ShardLoader(uneven, rank=r, **kwargs)
+        resumed.load_state_dict(json.loads(path.read_text()))
+        got = _take(iter(resumed), m)
+        resumed.close()
+        _same(got, expected[r])
+    assert expected[0][-1]["epoch"] == 1  # the comparison did cross into the next epoch
+
+
+def test_resume_at_every_position_small(uneven):
+    """Every k within the first epoch and a half: state after k batches continues like the reference."""
+    kwargs = dict(batch_size=B, seed=1, shuffle_buffer=8)
+    ref_loader = ShardLoader(uneven, **kwargs)
+    n = ref_loader.batches_per_epoch
+    ref = _take(iter(ref_loader), n + n // 2 + 1)
+    for k in range(0, n + n // 2, 5):
+        lo = ShardLoader(uneven, **kwargs)
+        lo.load_state_dict({**lo.state_dict(), "epoch": k // n, "batch_in_epoch": k % n})
+        _same([next(iter(lo))], [ref[k]])
+
+
+def test_state_from_other_settings_is_refused(uneven):
+    lo = ShardLoader(uneven, batch_size=B, num_workers=0)
+    other = ShardLoader(uneven, batch_size=B, num_workers=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(lo.state_dict())
+
+
+def test_anchor_draw_changes_with_epoch_but_is_deterministic(tiny_shards):
+    a = ShardLoader(tiny_shards, batch_size=B, shuffle_buffer=16)
+    b = ShardLoader(tiny_shards, batch_size=B, shuffle_buffer=16)
+    n = a.batches_per_epoch
+    span = {}
+    for lo in (a, b):
+        it = iter(lo)
+        for epoch in range(3):
+            for batch in _take(it, n):
+                for i, pid in enumerate(batch["pair_ids"]):
+                    key = (id(lo), epoch, pid)
+                    span[key] = tuple(batch["spans"][i].tolist()) + tuple(batch["spans"][B + i].tolist())
+    assert all(span[(id(a), e, p)] == span[(id(b), e, p)] for (_lo, e, p) in span if _lo == id(a)
+               and (id(b), e, p) in span)
+    per_pair: dict[str, set] = {}
+    for (lo_id, _e, pid), s in span.items():
+        if lo_id == id(a):
+            per_pair.setdefault(pid, set()).add(s)
+    assert any(len(v) > 1 for v in per_pair.values()), "multi-anchor pairs never switched anchor"
+
+
+def test_pickle_member_is_refused(tiny_shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_shards, bad)
+    name = json.loads((bad / "manifest.json").read_text())["shards"][1]["name"]
+    with tarfile.open(bad / name, "a") as tar:
+        data = pickle.dumps({"x": 1})
+        info = tarfile.TarInfo("en-de-000000999.pyd")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(ValueError, match=r"en-de-000000999\.pyd"):
+        ShardLoader(bad, batch_size=B)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_skipped_and_counted(uneven, tmp_path, workers):
+    bad = tmp_path / "bad"
+    shutil.copytree(uneven, bad)
+    victim = bad / "part-004.tar"  # the biggest shard
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-member
+    garbage = bad / "part-001.tar"
+    garbage.write_bytes(b"\x13" * 2048 + garbage.read_bytes()[2048:])  # header block destroyed
+    los = [ShardLoader(bad, batch_size=B, rank=r, world_size=2, num_workers=workers, shuffle_buffer=8)
+           for r in range(2)]
+    assert los[0].skipped == {"corrupt_shard": 2}
+    n = los[0].batches_per_epoch
+    assert n == los[1].batches_per_epoch
+    good = sum(s for s in (3, 120, 7, 61, 150, 1, 44)) - 150 - 120
+    assert n == good // (2 * max(1, workers) * B) * max(1, workers)
+    seen = [p for lo in los for b in _take(iter(lo), n + 1) for p in b["pair_ids"]]  # epoch goes on
+    assert len(seen) == 2 * (n + 1) * B
+    for lo in los:
+        lo.close()
+
+
+def test_bucketing_reduces_padding_and_resumes(uneven):
+    plain = ShardLoader(uneven, batch_size=B, shuffle_buffer=32)
+    bucketed = ShardLoader(uneven, batch_size=B, shuffle_buffer=32, bucket_by_length=True, bucket_size=32)
+    n = plain.batches_per_epoch
+
+    def padding(lo):
+        return sum(b["input_ids"].numel() - b["num_tokens"] for b in _take(iter(lo), n))
+
+    assert padding(bucketed) < 0.8 * padding(plain)
+    ref = ShardLoader(uneven, batch_size=B, shuffle_buffer=32, bucket_by_length=True, bucket_size=32)
+    expected = _take(iter(ref), 20)[9:]
+    lo = ShardLoader(uneven, batch_size=B, shuffle_buffer=32, bucket_by_length=True, bucket_size=32)
+    lo.load_state_dict({**lo.state_dict(), "batch_in_epoch": 9})
+    _same(_take(iter(lo), 11), expected)
+
+
+def test_no_manifest_and_too_little_data(tmp_path, uneven):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        ShardLoader(tmp_path, batch_size=B)
+    with pytest.raises(ValueError, match="too few"):
+        ShardLoader(uneven, batch_size=200, world_size=2)

@@ -3,12 +3,16 @@
 For ``n`` pairs (x_i, y_i), the anchor x_i has the positive sim(x_i, y_i) and the negatives
 sim(x_i, y_j) and, unless switched off, sim(x_i, x_j), j != i (2n - 2 in all); y_i likewise.
 sim is cosine / temperature. The loss is the mean over the 2n anchors, computed with logsumexp in
-float32 whatever the input dtype.
+float32 for float32/bf16/fp16 inputs; float64 inputs stay float64 (needed for gradcheck and exact
+reference checks).
 
 The gathered form (``rank``, ``world_size`` > 1) computes the loss of this rank's rows against the
 rows of every rank (b x 2Nb logits). Its mean over ranks equals the single-process loss on the
-concatenated batch; with the gather's backward summing into the producing rank and the usual
-data-parallel gradient average, so does the gradient.
+concatenated batch. Gradients: the gather's backward all-reduces (sums) the incoming gradient and
+keeps this rank's slice, so after every rank calls ``loss_r.backward()`` the gradient on rank r's
+inputs is d(sum_r' L_r')/dx_r = N * d(mean_r' L_r')/dx_r. The usual data-parallel step (all-reduce
+the parameter gradients and divide by N, as DeepSpeed does) then yields exactly the single-process
+gradient of the mean loss on the concatenated batch.
 """
 
 from __future__ import annotations
@@ -42,11 +46,15 @@ def _loss_rows(
         sim_same[rows, idx] = neg_inf
     else:
         sim_same = torch.full_like(sim_same, neg_inf)
+    sim_other = sim_other.clone()
+    sim_other[rows, idx] = neg_inf
+    cz = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1) - pos
     if cross_zero:
-        sim_other = sim_other.clone()
-        sim_other[rows, idx] = neg_inf
-    denom = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1)
-    return denom - pos
+        return cz
+    # InfoNCE = log(e^p + S) - p = log(1 + e^(log S - p)) = softplus(CZ-NCE). Written this way it
+    # keeps its relative precision once the positive dominates: logsumexp(all) - p would cancel two
+    # numbers ~1/tau large and lose every digit of a loss near 1e-5 in float32.
+    return F.softplus(cz)
 
 
 def contrastive_loss(
@@ -68,13 +76,22 @@ def contrastive_loss(
         raise ValueError(f"x and y must both be [B, D], got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] * world_size < 2:
         raise ValueError("a contrastive loss needs at least 2 pairs in the global batch")
-    xn = F.normalize(x.float(), dim=-1)
-    yn = F.normalize(y.float(), dim=-1)
+    # Promote to at least float32: bf16 logits lose the small differences CZ-NCE lives on.
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xn = F.normalize(x.to(compute), dim=-1)
+    yn = F.normalize(y.to(compute), dim=-1)
     if world_size > 1:
         gx = all_gather_with_grad(xn, group)
         gy = all_gather_with_grad(yn, group)
     else:
         gx, gy = xn, yn
+    if gx.shape[0] != world_size * x.shape[0] or not 0 <= rank < world_size:
+        # Without an initialised process group the gather is the identity: fail loudly rather than
+        # compute a loss against the wrong rows.
+        raise ValueError(
+            f"rank {rank} / world_size {world_size} does not match the gathered batch "
+            f"({gx.shape[0]} rows from {x.shape[0]} local rows); is torch.distributed initialised?"
+        )
     offset = rank * x.shape[0]
     kw = dict(temperature=temperature, cross_zero=cross_zero, same_language_negatives=same_language_negatives)
     lx = _loss_rows(xn, gx, gy, offset, **kw)

@@ -42,7 +42,9 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        # A private copy: the all_reduce below is in place, and the incoming gradient may be a
+        # buffer autograd still shares with another consumer.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         # NOTE: gloo has no reduce_scatter; all_reduce + slice is the same sum on every backend.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = ctx.rank * ctx.rows

@@ -123,11 +123,13 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path, tiny_mod
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
 def test_zero_stages_and_precisions_train_and_resume(tmp_path, tiny_model_dir, tiny_shards, zero, precision):
     run = tmp_path / "run"
-    args = _base(tiny_model_dir, tiny_shards, **{"deepspeed.zero_stage": zero, "deepspeed.precision": precision,
-                                                 "train.max_steps": 2, "checkpoint.every_steps": 2})
-    out = _worker(run, None, *args)
+    def args(steps: int) -> list[str]:
+        return _base(tiny_model_dir, tiny_shards, **{"deepspeed.zero_stage": zero, "deepspeed.precision": precision,
+                                                     "train.max_steps": steps, "checkpoint.every_steps": 2})
+
+    out = _worker(run, None, *args(2))
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _worker(run, None, *args[:-2], "train.max_steps=3", "checkpoint.every_steps=2")
+    out = _worker(run, None, *args(3))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr
     final = json.loads(out.stdout.split("FINAL", 1)[1])

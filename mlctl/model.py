@@ -25,11 +25,16 @@ class EncoderOutput:
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``hidden`` [R, T, H] over positions where ``mask`` [R, T] is true (float32 sums)."""
-    m = mask.to(hidden.dtype).unsqueeze(-1)
-    total = (hidden * m).sum(dim=1)
+    """Mean of ``hidden`` [R, T, H] over positions where ``mask`` [R, T] is true.
+
+    Sums run in (at least) float32 and the result comes back in ``hidden``'s dtype: a bf16 sum over
+    128 tokens would otherwise carry ~1% error into every sentence vector. Rows with an empty mask
+    give zeros."""
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(compute).unsqueeze(-1)
+    total = (hidden.to(compute) * m).sum(dim=1)
     count = m.sum(dim=1).clamp_min(1.0)
-    return total / count
+    return (total / count).to(hidden.dtype)
 
 
 def span_mask(spans: torch.Tensor, length: int) -> torch.Tensor:
@@ -108,7 +113,10 @@ class MLCTLModel(nn.Module):
     def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # `cls` is BERT's prediction head (transform + tied decoder); other encoders expose
         # their head as the module holding the output embeddings.
-        head = getattr(self.mlm, "cls", None) or getattr(self.mlm, "lm_head", None)
+        # NOTE: explicit None checks; a head that defines __len__ (nn.Sequential) is falsy when empty.
+        head = getattr(self.mlm, "cls", None)
+        if head is None:
+            head = getattr(self.mlm, "lm_head", None)
         if head is None:
             raise TypeError(f"{type(self.mlm).__name__} has no MLM head (cls or lm_head)")
         return head(hidden)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,22 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-5`` as a float. PyYAML follows YAML 1.1, where a float
+    needs a dot (``1.0e-5``), so ``lr: 1e-5`` would otherwise arrive as the string '1e-5'."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -327,7 +344,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has no key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
         _set_dotted(tree, key, value)
@@ -343,7 +360,7 @@ def load_config(path: str | Path | list[str | Path] | None = None, overrides: li
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):

@@ -33,7 +33,9 @@ def available_verbs() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlctl", description=__doc__.split("\n")[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="mlctl", description="Align multilingual text encoders with ML-CTL (multi-level contrastive learning)."
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, helptext) in available_verbs().items():

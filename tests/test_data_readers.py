@@ -124,11 +124,10 @@ def _write_mo(path: Path, entries: list[tuple[bytes, bytes]]) -> None:
     orig_tab, trans_tab = 28, 28 + 8 * n
     data_off = 28 + 16 * n
     blob, orig, trans = b"", [], []
-    for i, (mid, mstr) in enumerate(entries):
+    for mid, _ in entries:
         orig.append((len(mid), data_off + len(blob)))
         blob += mid + b"\x00"
-        del i
-    for mid, mstr in entries:
+    for _, mstr in entries:
         trans.append((len(mstr), data_off + len(blob)))
         blob += mstr + b"\x00"
     head = struct.pack("<7I", 0x950412DE, 0, n, orig_tab, trans_tab, 0, 0)
@@ -178,10 +177,10 @@ def test_normalize_and_filters():
 
 def test_dictionaries_tsv_lists_and_errors(tmp_path, data_dir):
     d = load_dictionary(data_dir / "dict.en-de.tsv", "en", "de")
-    assert d.entries[("number",)] == {("zahl",), ("nummer",)}  # several translations per word
-    assert d.entries[("email", "address")] == {("e", "mail", "adresse")} and d.max_src_words == 2
+    assert d.entries["number"] == {"zahl", "nummer"}  # several translations per word
+    assert d.entries["email address"] == {"e mail adresse"} and d.max_src_words == 2
     lists = load_dictionary(data_dir / "usual-words", "en", "de")
-    assert lists.entries[("file",)] == {("datei",)} and len(lists) == 7
+    assert lists.entries["file"] == {"datei"} and len(lists) == 7
     bad = tmp_path / "bad.tsv"
     bad.write_bytes(b"ok\tgut\nbroken line\n")
     with pytest.raises(InputError, match=r"bad\.tsv:2"):

@@ -30,35 +30,64 @@ def words_of(text: str, lang: str = "") -> list[tuple[str, int, int]]:
     return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
 
 
-def _ngram_positions(words: list[str], max_n: int) -> dict[tuple[str, ...], int]:
-    """n-gram -> start index when it occurs exactly once, -1 when more often."""
-    pos: dict[tuple[str, ...], int] = {}
+def phrase_key(text: str) -> str:
+    """Dictionary key of a phrase: its lower-cased words joined by single spaces."""
+    return " ".join(_WORD.findall(text.lower()))
+
+
+def _lower_words(text: str) -> tuple[list[str], list[re.Match]]:
+    """Lower-cased words and their matches on the original text (for spans)."""
+    low = text.lower()
+    if len(low) == len(text):  # the usual case: spans of the lower-cased text are the original's
+        ms = list(_WORD.finditer(low))
+        return [m.group() for m in ms], ms
+    ms = list(_WORD.finditer(text))  # rare characters whose lower case changes length (e.g. U+0130)
+    return [m.group().lower() for m in ms], ms
+
+
+def _once(words: list[str], prefixes: set[str], phrases, max_n: int) -> dict[str, tuple[int, int]]:
+    """phrase -> (n words, start index) for the dictionary phrases (keys of ``phrases``) that occur
+    exactly once in ``words``. From each position the phrase is extended word by word only while it
+    is still a prefix of some longer dictionary phrase, so most positions cost one set lookup."""
     count = len(words)
-    for n in range(1, min(max_n, count) + 1):
-        for i in range(count - n + 1):
-            g = tuple(words[i:i + n])
-            pos[g] = -1 if g in pos else i
+    pos: dict[str, tuple[int, int]] = {}
+    dup = []
+    for i in range(count):
+        g, n = words[i], 1
+        while True:
+            if g in phrases:
+                if g in pos:
+                    dup.append(g)
+                else:
+                    pos[g] = (n, i)
+            if n == max_n or i + n >= count or g not in prefixes:
+                break
+            g = g + " " + words[i + n]
+            n += 1
+    for g in dup:
+        pos.pop(g, None)
     return pos
 
 
 def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int, int, int]]:
     """All anchors of a pair as character spans ``(src_start, src_end, tgt_start, tgt_end)``, in order
     of their position in the source (then target)."""
-    sw = words_of(src)
-    if not sw:
-        return []
-    s_pos = _ngram_positions([w.casefold() for w, _, _ in sw], d.max_src_words)
-    cands = [(g, i) for g, i in s_pos.items() if i >= 0 and g in d.entries]
+    sw, sm = _lower_words(src)
+    entries = d.entries
+    cands = _once(sw, d.src_prefixes, entries, d.max_src_words)
     if not cands:
         return []
-    tw = words_of(tgt)
-    t_pos = _ngram_positions([w.casefold() for w, _, _ in tw], d.max_tgt_words)
+    tw, tm = _lower_words(tgt)
+    t_once = _once(tw, d.tgt_prefixes, d.tgt_phrases, d.max_tgt_words)
     out = []
-    for g, i in cands:
-        for v in d.entries[g]:
-            j = t_pos.get(v, -1)
-            if j >= 0:
-                out.append((sw[i][1], sw[i + len(g) - 1][2], tw[j][1], tw[j + len(v) - 1][2]))
+    for g, (n, i) in cands.items():
+        trans = entries[g]
+        # iterate over the smaller side: common words can have dozens of translations
+        hits = [v for v in trans if v in t_once] if len(trans) <= len(t_once) else \
+            [v for v in t_once if v in trans]
+        for v in hits:
+            k, j = t_once[v]
+            out.append((sm[i].start(), sm[i + n - 1].end(), tm[j].start(), tm[j + k - 1].end()))
     out.sort()
     return out
 

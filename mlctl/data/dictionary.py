@@ -1,5 +1,5 @@
 """Bilingual dictionaries: TSV word pairs, or the paper's format (one word list per language, line i
-of each list are translations of each other). Entries are stored as tuples of case-folded words, so
+of each list are translations of each other). Entries are stored as lower-cased phrases, so
 anchor mining looks phrases up in a dict instead of looping over the dictionary."""
 
 from __future__ import annotations
@@ -8,29 +8,38 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlctl.data.anchors import words_of
+from mlctl.data.anchors import phrase_key
 from mlctl.data.readers import InputError, open_text_bytes
 
 
 @dataclass
 class Dictionary:
-    """src phrase (tuple of folded words) -> target phrases; plus the longest phrase on each side."""
+    """src phrase -> target phrases (keys from :func:`phrase_key`: lower-cased words joined by one space);
+    plus the longest phrase, in words, on each side."""
 
     src_lang: str
     tgt_lang: str
-    entries: dict[tuple[str, ...], set[tuple[str, ...]]] = field(default_factory=lambda: defaultdict(set))
+    entries: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     sources: list[str] = field(default_factory=list)
     max_src_words: int = 0
     max_tgt_words: int = 0
+    # every proper word prefix of a multi-word phrase ("email" for "email address"): mining extends a
+    # phrase only while it is one of these
+    src_prefixes: set[str] = field(default_factory=set)
+    tgt_prefixes: set[str] = field(default_factory=set)
+    tgt_phrases: set[str] = field(default_factory=set)
 
     def add(self, src: str, tgt: str) -> bool:
-        s = tuple(w.casefold() for w, _, _ in words_of(src, self.src_lang))
-        t = tuple(w.casefold() for w, _, _ in words_of(tgt, self.tgt_lang))
+        s, t = phrase_key(src), phrase_key(tgt)
         if not s or not t:
             return False
         self.entries[s].add(t)
-        self.max_src_words = max(self.max_src_words, len(s))
-        self.max_tgt_words = max(self.max_tgt_words, len(t))
+        self.tgt_phrases.add(t)
+        for key, prefixes in ((s, self.src_prefixes), (t, self.tgt_prefixes)):
+            words = key.split(" ")
+            prefixes.update(" ".join(words[:k]) for k in range(1, len(words)))
+        self.max_src_words = max(self.max_src_words, s.count(" ") + 1)
+        self.max_tgt_words = max(self.max_tgt_words, t.count(" ") + 1)
         return True
 
     def __len__(self) -> int:

@@ -22,10 +22,20 @@ class ShardRefused(ValueError):
     """A shard holds a member that is not json/npy (pickles are never decoded)."""
 
 
+_NPY_HEADERS: dict[int, bytes] = {}
+
+
 def npy_bytes(ids) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(ids, dtype=np.int32), allow_pickle=False)
-    return buf.getvalue()
+    """``np.save`` of a 1-D int32 array, byte for byte; the header is cached per length because
+    np.save's own header formatting costs more than the data here."""
+    arr = np.asarray(ids, dtype="<i4")
+    n = len(arr)
+    header = _NPY_HEADERS.get(n)
+    if header is None:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        header = _NPY_HEADERS[n] = buf.getvalue()[: -4 * n or None]
+    return header + arr.tobytes()
 
 
 def json_bytes(obj) -> bytes:

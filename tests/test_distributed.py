@@ -74,15 +74,18 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 loss.backward()
                 res[f"{name}/{same_lang}"] = (loss.detach(), x.grad.clone(), y.grad.clone())
 
-            # A small model producing x and y: the data-parallel parameter gradient.
-            model = _small_model()
-            loss = fn(model(data["a"][rows]), model(data["b"][rows]), TEMP, rank=rank, world_size=world_size)
-            loss.backward()
-            grads = []
-            for p in model.parameters():
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                grads.append(p.grad / world_size)
-            res[f"{name}/model"] = (loss.detach(), grads)
+            # A small model producing x and y: the data-parallel parameter gradient, in float64
+            # and in float32 (the training dtype of the loss).
+            for dtype in (torch.float64, torch.float32):
+                model = _small_model(dtype)
+                a, b = data["a"][rows].to(dtype), data["b"][rows].to(dtype)
+                loss = fn(model(a), model(b), TEMP, rank=rank, world_size=world_size)
+                loss.backward()
+                grads = []
+                for p in model.parameters():
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                    grads.append(p.grad / world_size)
+                res[f"{name}/model/{dtype}"] = (loss.detach(), grads)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -142,16 +145,18 @@ def test_gathered_loss_and_input_grads_equal_single_process(spawned, name, same_
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_data_parallel_param_grads_equal_single_process(spawned, name):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_data_parallel_param_grads_equal_single_process(spawned, name, dtype):
     ws, results = spawned
     data = _global_data(ws)
-    model = _small_model()
-    single = LOSSES[name](model(data["a"]), model(data["b"]), TEMP)
+    model = _small_model(dtype)
+    single = LOSSES[name](model(data["a"].to(dtype)), model(data["b"].to(dtype)), TEMP)
     single.backward()
-    losses = torch.stack([res[f"{name}/model"][0] for res in results])
-    assert _rel(losses.mean(), single.detach()) < 1e-9
+    key = f"{name}/model/{dtype}"
+    losses = torch.stack([res[key][0] for res in results])
+    assert _rel(losses.mean(), single.detach()) < (1e-9 if dtype == torch.float64 else 1e-5)
     for res in results:
-        for got, p in zip(res[f"{name}/model"][1], model.parameters(), strict=True):
+        for got, p in zip(res[key][1], model.parameters(), strict=True):
             _assert_equal_and_discriminating(got, p.grad, ws)
 
 

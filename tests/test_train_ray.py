@@ -51,6 +51,16 @@ def pair_log(run_dir: Path) -> dict[int, list[dict]]:
     return out
 
 
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of the surviving timeline (the last record of a redone step)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("event") == "train":
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
 def meta(run_dir: Path) -> dict:
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
     return json.loads((run_dir / "checkpoints" / step / "meta.json").read_text())
@@ -152,11 +162,14 @@ def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(tmp_pat
         clean_by_step = {rec["step"]: rec["pair_ids"] for rec in clean_log[rank]}
         assert {s: seen[-1] for s, seen in by_step.items()} == clean_by_step
 
-    # Same final weights as the uninterrupted run, bitwise (CPU, fixed seeds, same world size).
+    # Same losses step by step and the same final weights as the uninterrupted run, bitwise (CPU,
+    # fixed seeds, same world size).
+    clean_losses, losses = step_losses(clean_run["run_dir"]), step_losses(run_dir)
+    assert losses == clean_losses, f"kill at {kill_step}: per-step losses differ {clean_losses} vs {losses}"
     a, b = final_weights(clean_run["run_dir"]), final_weights(run_dir)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"weights differ after kill+resume: {different[:5]}"
+    assert not different, f"kill at {kill_step}: weights differ after kill+resume: {different[:5]}"
 
 
 def _train_cmd(model_dir, shards, storage, name, *extra):

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 # CJK ideographs, kana, Hangul syllables... are single-character words; other letters/digits form runs.
 _CJK = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
-_WORD = re.compile(f"[{_CJK}]|(?:(?![{_CJK}])\\w)+")
+_WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")  # a negated class: ~5x faster than a lookahead
 MAX_CJK_PHRASE = 8  # longest phrase looked up when a dictionary has CJK entries
 
 

@@ -15,6 +15,7 @@ de=PATH`` or ``--dictionary en-de=PATH``); a bare ``--dictionary PATH`` is for `
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -242,18 +243,24 @@ def _ordered_results(chunks, workers: int, init_args: tuple):
         for chunk in chunks:
             yield chunk, process_chunk(chunk)
         return
-    # NOTE: fork shares the loaded dictionaries with the workers without pickling them.
+    # NOTE: fork shares the loaded dictionaries with the workers without pickling them. gc.freeze()
+    # keeps the children's garbage collector from walking (and so copying, page by page) the
+    # parent's hundreds of thousands of dictionary objects; without it 2 workers were slower than 1.
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(process_chunk, (chunk,))))
-            if len(pending) >= 2 * workers:
+    gc.freeze()
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append((chunk, pool.apply_async(process_chunk, (chunk,))))
+                if len(pending) >= 2 * workers:
+                    c, res = pending.popleft()
+                    yield c, res.get()
+            while pending:
                 c, res = pending.popleft()
                 yield c, res.get()
-        while pending:
-            c, res = pending.popleft()
-            yield c, res.get()
+    finally:
+        gc.unfreeze()
 
 
 def _key(src_lang: str, tgt_lang: str, n: int) -> str:
@@ -294,6 +301,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
                 per = stats["per_pair"][f"{pair[2]}-{pair[3]}"]
                 if res[0] == "drop":
                     counts.skip(res[1], pair[4])
+                    per[res[1]] += 1
                     continue
                 _, meta, src_npy, tgt_npy, was_truncated = res
                 key = _key(pair[2], pair[3], kept)
@@ -330,8 +338,9 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
         "anchors_per_pair": round(n_anchors / kept, 4) if kept else 0.0,
         "anchor_coverage": round(with_anchor / mined, 4) if mined else 0.0,
         "language_pairs": {
-            lp: {"read": p["read"], "kept": p["kept"], "anchors_per_pair": round(p["anchors"] / p["kept"], 4)
-                 if p["kept"] else 0.0}
+            lp: {"read": p["read"], "kept": p["kept"],
+                 "anchors_per_pair": round(p["anchors"] / p["kept"], 4) if p["kept"] else 0.0,
+                 "anchor_coverage": round(p["with_anchor"] / max(1, p["kept"] + p["no_anchor"]), 4)}
             for lp, p in sorted(stats["per_pair"].items())
         },
         "num_samples": kept,

@@ -259,12 +259,19 @@ class Trainer:
         return final
 
     def find_resume_point(self) -> Path | None:
-        path = self.reporter.restored_from()
-        if path is not None:
-            return path
-        if not self.cfg.checkpoint.resume:
+        """The newest complete checkpoint to resume from, or None for a fresh start.
+
+        Under Ray a restarted worker gets the checkpoint Ray registered last; Ray registers reports
+        asynchronously, so a kill right after a save can leave its registry one checkpoint behind.
+        The run folder's ``latest`` pointer is written last by the save itself, so the newer of the
+        two wins."""
+        restored = self.reporter.restored_from()
+        if restored is None and not self.cfg.checkpoint.resume:
             return None
-        return self.ckpt.latest()
+        candidates = [p for p in (restored, self.ckpt.latest()) if p is not None]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: CheckpointMeta.load(p / "meta.json").step)
 
     def load_checkpoint(self, path: Path) -> None:
         meta = CheckpointMeta.load(path / "meta.json")

@@ -99,6 +99,16 @@ class PrepareConfig:
     keep_no_anchor: bool = False
     workers: int = 1
 
+    def __post_init__(self) -> None:
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"data.prepare.samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_tokens < 4:
+            raise ConfigError(f"data.prepare.max_tokens must be >= 4, got {self.max_tokens}")
+        if self.workers < 1:
+            raise ConfigError(f"data.prepare.workers must be >= 1, got {self.workers}")
+        if self.max_length_ratio < 0:
+            raise ConfigError(f"data.prepare.max_length_ratio must be >= 0 (0: off), got {self.max_length_ratio}")
+
 
 @dataclass
 class DataConfig:

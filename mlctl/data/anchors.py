@@ -35,14 +35,27 @@ def phrase_key(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def _lower_words(text: str) -> tuple[list[str], list[re.Match]]:
-    """Lower-cased words and their matches on the original text (for spans)."""
+def _lower_words(text: str) -> tuple[list[str], str | None]:
+    """Lower-cased words, and the lower-cased text when its character positions are the original's
+    (else None: a few characters, e.g. U+0130, change length when lower-cased)."""
     low = text.lower()
-    if len(low) == len(text):  # the usual case: spans of the lower-cased text are the original's
-        ms = list(_WORD.finditer(low))
-        return [m.group() for m in ms], ms
-    ms = list(_WORD.finditer(text))  # rare characters whose lower case changes length (e.g. U+0130)
-    return [m.group().lower() for m in ms], ms
+    if len(low) == len(text):
+        return _WORD.findall(low), low
+    return [w.lower() for w in _WORD.findall(text)], None
+
+
+def _word_spans(text: str, low: str | None, words: list[str]) -> list[tuple[int, int]]:
+    """Character span of every word. Only computed for pairs that have an anchor: ``findall`` plus
+    this is cheaper than match objects for every sentence. ``str.find`` from the end of the previous
+    word lands on the regex's own match, since only non-word characters lie between matches."""
+    if low is None:
+        return [m.span() for m in _WORD.finditer(text)]
+    spans, pos = [], 0
+    for w in words:
+        pos = low.find(w, pos)
+        spans.append((pos, pos + len(w)))
+        pos += len(w)
+    return spans
 
 
 def _once(words: list[str], prefixes: set[str], phrases, max_n: int) -> dict[str, tuple[int, int]]:
@@ -72,14 +85,14 @@ def _once(words: list[str], prefixes: set[str], phrases, max_n: int) -> dict[str
 def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int, int, int]]:
     """All anchors of a pair as character spans ``(src_start, src_end, tgt_start, tgt_end)``, in order
     of their position in the source (then target)."""
-    sw, sm = _lower_words(src)
+    sw, s_low = _lower_words(src)
     entries = d.entries
     cands = _once(sw, d.src_prefixes, entries, d.max_src_words)
     if not cands:
         return []
-    tw, tm = _lower_words(tgt)
+    tw, t_low = _lower_words(tgt)
     t_once = _once(tw, d.tgt_prefixes, d.tgt_phrases, d.max_tgt_words)
-    out = []
+    found = []
     for g, (n, i) in cands.items():
         trans = entries[g]
         # iterate over the smaller side: common words can have dozens of translations
@@ -87,7 +100,11 @@ def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int,
             [v for v in t_once if v in trans]
         for v in hits:
             k, j = t_once[v]
-            out.append((sm[i].start(), sm[i + n - 1].end(), tm[j].start(), tm[j + k - 1].end()))
+            found.append((i, n, j, k))
+    if not found:
+        return []
+    ss, ts = _word_spans(src, s_low, sw), _word_spans(tgt, t_low, tw)
+    out = [(ss[i][0], ss[i + n - 1][1], ts[j][0], ts[j + k - 1][1]) for i, n, j, k in found]
     out.sort()
     return out
 

@@ -110,24 +110,30 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
     enc = backend.encode_batch([p[0] for p in chunk] + [p[1] for p in chunk])
     n = len(chunk)
     out: list[tuple] = []
+    truncate, keep_empty = _W["truncate"], _W["keep_no_anchor"]
     for k, (src, tgt, sl, tl, where) in enumerate(chunk):
         es, et = enc[k], enc[n + k]
-        ids_s, ids_t, off_s, off_t = es.ids, et.ids, es.offsets, et.offsets
-        truncated = False
-        if len(ids_s) > max_tok or len(ids_t) > max_tok:
-            if not _W["truncate"]:
-                out.append(("drop", "too_long"))
-                continue
-            # keep the closing special token so the sequence still looks like the model expects
-            if len(ids_s) > max_tok:
-                ids_s, off_s = ids_s[:max_tok - 1] + ids_s[-1:], off_s[:max_tok - 1] + [(0, 0)]
-            if len(ids_t) > max_tok:
-                ids_t, off_t = ids_t[:max_tok - 1] + ids_t[-1:], off_t[:max_tok - 1] + [(0, 0)]
-            truncated = True
+        # NOTE: len(encoding) is free; .ids/.offsets build Python lists, so they are only fetched for
+        # pairs that survive the length filter and have an anchor (the ceiling never pays for them).
+        long_s, long_t = len(es) > max_tok, len(et) > max_tok
+        if (long_s or long_t) and not truncate:
+            out.append(("drop", "too_long"))
+            continue
         d = dicts.get((sl, tl))
         chars = mine_char_anchors(src, tgt, d) if d is not None else []
+        if not chars and not keep_empty:
+            out.append(("drop", "no_anchor"))
+            continue
+        ids_s, ids_t = es.ids, et.ids
+        off_s, off_t = (es.offsets, et.offsets) if chars else ([], [])
+        truncated = long_s or long_t
+        # truncation keeps the closing special token so the sequence still looks like the model expects
+        if long_s:
+            ids_s, off_s = ids_s[:max_tok - 1] + ids_s[-1:], off_s[:max_tok - 1] + [(0, 0)]
+        if long_t:
+            ids_t, off_t = ids_t[:max_tok - 1] + ids_t[-1:], off_t[:max_tok - 1] + [(0, 0)]
         anchors = _token_anchors(chars, src, tgt, SpanMapper(off_s), SpanMapper(off_t)) if chars else []
-        if not anchors and not _W["keep_no_anchor"]:
+        if not anchors and not keep_empty:  # every anchor fell past a truncation
             out.append(("drop", "no_anchor"))
             continue
         meta = {"src_lang": sl, "tgt_lang": tl, "src": src, "tgt": tgt, "anchors": anchors, "source": where}

@@ -49,12 +49,17 @@ def train_rate(shards: Path, batch: int, steps: int, model: str) -> float:
 
     def step() -> None:
         b = next(it)
-        mids, labels = mask_tokens(b["input_ids"], b["attention_mask"], special, tok.mask_token_id,
-                                   net.config.vocab_size, 0.15)
-        out = net(b["input_ids"], b["attention_mask"], spans=b["spans"], mlm_input_ids=mids, mlm_labels=labels)
+        mids, labels = mask_tokens(
+            b["input_ids"], b["attention_mask"], special, tok.mask_token_id, net.config.vocab_size, 0.15
+        )
+        out = net(
+            b["input_ids"], b["attention_mask"], spans=b["spans"], mlm_input_ids=mids, mlm_labels=labels
+        )
         x, y = out.fused[:batch], out.fused[batch:]
-        loss = contrastive_loss(x, y, 0.07, cross_zero=True, same_language_negatives=True, rank=0,
-                                world_size=1) + 0.1 * out.mlm_loss
+        loss = (
+            contrastive_loss(x, y, 0.07, cross_zero=True, same_language_negatives=True, rank=0, world_size=1)
+            + 0.1 * out.mlm_loss
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -82,7 +87,9 @@ def main() -> None:
     print(f"cores: {os.cpu_count()}, shards: {shards}, batch {args.batch}")
     print(f"loader, 1 worker (in-process)      : {one:10,.0f} samples/s")
     print(f"loader, 2 worker processes (total) : {two:10,.0f} samples/s  ({two / 2:,.0f} per worker)")
-    print(f"training worker consumes (1 thread): {consume:10,.1f} samples/s  (MiniLM step, batch {args.batch})")
+    print(
+        f"training worker consumes (1 thread): {consume:10,.1f} samples/s  (MiniLM step, batch {args.batch})"
+    )
     print(f"ratio loader worker / training worker: {one / consume:,.0f}x  (target >= 20x)")
 
 

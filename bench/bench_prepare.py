@@ -57,7 +57,7 @@ def reference_miner(pairs, entries: list[tuple[str, str]], tok) -> tuple[int, in
 def _find(hay: list[int], needle: list[int]) -> int:
     n = len(needle)
     for i in range(len(hay) - n + 1):
-        if hay[i:i + n] == needle:
+        if hay[i : i + n] == needle:
             return i
     return -1
 
@@ -82,7 +82,9 @@ def main() -> None:
     pairs = load_sample(Path(args.corpus), args.pairs)
     t0 = time.perf_counter()
     d = load_dictionary(args.dictionary, "en", "de")
-    print(f"dictionary: {len(d):,} entries indexed in {time.perf_counter() - t0:.1f}s; sample {len(pairs):,} pairs")
+    print(
+        f"dictionary: {len(d):,} entries indexed in {time.perf_counter() - t0:.1f}s; sample {len(pairs):,} pairs"
+    )
     tok = load_tokenizer(args.tokenizer)
 
     # (b) the ceiling: the batched fast tokenizer alone, same chunking as prepare; and mlctl's worker
@@ -93,8 +95,10 @@ def main() -> None:
     backend.no_truncation()
     backend.no_padding()
     prep._init_worker(args.tokenizer, {("en", "de"): d}, 128, False, True)
-    chunks = [[(s, t, "en", "de", "bench") for s, t in pairs[i:i + prep.CHUNK]]
-              for i in range(0, len(pairs), prep.CHUNK)]
+    chunks = [
+        [(s, t, "en", "de", "bench") for s, t in pairs[i : i + prep.CHUNK]]
+        for i in range(0, len(pairs), prep.CHUNK)
+    ]
     ceilings, ourses = [], []
     for _ in range(args.rounds):
         t0 = time.perf_counter()
@@ -123,8 +127,11 @@ def main() -> None:
     ref = len(ref_sample) / (time.perf_counter() - t0)
 
     # our anchors/pair on the reference's sub-sample too, for a like-for-like count
-    ours_small = sum(len(r[1]["anchors"]) for r in prep.process_chunk(
-        [(s, t, "en", "de", "bench") for s, t in ref_sample]) if r[0] == "keep")
+    ours_small = sum(
+        len(r[1]["anchors"])
+        for r in prep.process_chunk([(s, t, "en", "de", "bench") for s, t in ref_sample])
+        if r[0] == "keep"
+    )
 
     # end to end: `prepare` on the sample written as a TSV (read, clean, dedup, mine, write shards)
     e2e = {}
@@ -132,9 +139,12 @@ def main() -> None:
         src = Path(tmp) / "sample.tsv"
         src.write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
         for workers in (1, 2):
-            cfg = PrepareConfig(inputs=[PrepareInput(str(src), "tsv", "en", "de")],
-                                dictionaries=[f"de={args.dictionary}"], out=str(Path(tmp) / f"o{workers}"),
-                                workers=workers)
+            cfg = PrepareConfig(
+                inputs=[PrepareInput(str(src), "tsv", "en", "de")],
+                dictionaries=[f"de={args.dictionary}"],
+                out=str(Path(tmp) / f"o{workers}"),
+                workers=workers,
+            )
             t0 = time.perf_counter()
             m = prep.prepare(cfg, args.tokenizer)
             # the dictionary load is part of prepare; report it apart from the streaming rate
@@ -142,16 +152,24 @@ def main() -> None:
 
     print(f"cores: {os.cpu_count()}")
     print(f"ceiling   (batched tokenizer only)     : {ceiling:10,.0f} pairs/s")
-    print(f"mlctl     (tokenize + mine + records)  : {ours:10,.0f} pairs/s   {n_anchor / len(pairs):.2f} anchors/pair")
-    print(f"reference (method.md miner, {len(ref_sample)} pairs) : {ref:10,.1f} pairs/s   "
-          f"{ref_anchors / len(ref_sample):.2f} anchors/pair (mlctl on the same {len(ref_sample)}: "
-          f"{ours_small / len(ref_sample):.2f})")
+    print(
+        f"mlctl     (tokenize + mine + records)  : {ours:10,.0f} pairs/s   {n_anchor / len(pairs):.2f} anchors/pair"
+    )
+    print(
+        f"reference (method.md miner, {len(ref_sample)} pairs) : {ref:10,.1f} pairs/s   "
+        f"{ref_anchors / len(ref_sample):.2f} anchors/pair (mlctl on the same {len(ref_sample)}: "
+        f"{ours_small / len(ref_sample):.2f})"
+    )
     print(f"ratio mlctl / reference : {ours / ref:,.0f}x   (target >= 100x)")
-    print(f"ratio mlctl / ceiling   : {ours / ceiling:.0%}    (target >= 50%; per round: "
-          f"{', '.join(f'{o / c:.0%}' for o, c in zip(ourses, ceilings, strict=True))})")
+    print(
+        f"ratio mlctl / ceiling   : {ours / ceiling:.0%}    (target >= 50%; per round: "
+        f"{', '.join(f'{o / c:.0%}' for o, c in zip(ourses, ceilings, strict=True))})"
+    )
     for w, (total, secs, stream) in e2e.items():
-        print(f"prepare end to end, --workers {w}: {total:,.0f} pairs/s incl. dictionary load; "
-              f"{stream:,.0f} pairs/s streaming ({secs:.1f}s)")
+        print(
+            f"prepare end to end, --workers {w}: {total:,.0f} pairs/s incl. dictionary load; "
+            f"{stream:,.0f} pairs/s streaming ({secs:.1f}s)"
+        )
 
 
 if __name__ == "__main__":

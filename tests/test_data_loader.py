@@ -41,7 +41,7 @@ def reshard(src: Path, out: Path, sizes: list[int]) -> Path:
     shards, i = [], 0
     for n, size in enumerate(sizes):
         w = ShardWriter(out, size)
-        for key, members in recs[i:i + size]:
+        for key, members in recs[i : i + size]:
             w.write(key, members["json"], members["src.npy"], members["tgt.npy"])
         written = w.close()
         # ShardWriter numbers from 0; give each file its own index
@@ -91,7 +91,7 @@ def test_batch_contract(tiny_shards, tiny_tokenizer):
         # the span really covers the anchor word's tokens
         s0, s1 = spans[i].tolist()
         anchor = next(a for a in meta["anchors"] if a["src_span"] == [s0, s1])
-        text = tiny_tokenizer.decode(ids[i, s0:s1 + 1]).replace(" ", "").replace("##", "")
+        text = tiny_tokenizer.decode(ids[i, s0 : s1 + 1]).replace(" ", "").replace("##", "")
         assert text.lower() == anchor["src"].replace(" ", "").lower()
         real = int(mask[i].sum())
         assert 0 < s0 <= s1 < real - 1  # never a special token
@@ -102,14 +102,22 @@ def test_tokenizer_hash_mismatch_names_both(tiny_shards):
     with pytest.raises(ValueError) as e:
         ShardLoader(tiny_shards, batch_size=B, expected_tokenizer_hash="0123456789abcdef")
     msg = str(e.value)
-    assert "0123456789abcdef" in msg and manifest["tokenizer"]["hash"] in msg and manifest["tokenizer"]["name"] in msg
+    assert (
+        "0123456789abcdef" in msg
+        and manifest["tokenizer"]["hash"] in msg
+        and manifest["tokenizer"]["name"] in msg
+    )
     ShardLoader(tiny_shards, batch_size=B, expected_tokenizer_hash=manifest["tokenizer"]["hash"])
 
 
 @pytest.mark.parametrize("world,workers", [(1, 0), (2, 0), (2, 2), (3, 1)])
 def test_exactly_once_and_equal_batches(uneven, world, workers):
-    loaders = [ShardLoader(uneven, batch_size=B, rank=r, world_size=world, num_workers=workers, seed=3,
-                           shuffle_buffer=10) for r in range(world)]
+    loaders = [
+        ShardLoader(
+            uneven, batch_size=B, rank=r, world_size=world, num_workers=workers, seed=3, shuffle_buffer=10
+        )
+        for r in range(world)
+    ]
     n = loaders[0].batches_per_epoch
     assert all(lo.batches_per_epoch == n for lo in loaders) and n > 0
     keys = [k for k, _ in _records(uneven)]
@@ -204,8 +212,11 @@ def test_anchor_draw_changes_with_epoch_but_is_deterministic(tiny_shards):
                 for i, pid in enumerate(batch["pair_ids"]):
                     key = (id(lo), epoch, pid)
                     span[key] = tuple(batch["spans"][i].tolist()) + tuple(batch["spans"][B + i].tolist())
-    assert all(span[(id(a), e, p)] == span[(id(b), e, p)] for (_lo, e, p) in span if _lo == id(a)
-               and (id(b), e, p) in span)
+    assert all(
+        span[(id(a), e, p)] == span[(id(b), e, p)]
+        for (_lo, e, p) in span
+        if _lo == id(a) and (id(b), e, p) in span
+    )
     per_pair: dict[str, set] = {}
     for (lo_id, _e, pid), s in span.items():
         if lo_id == id(a):
@@ -234,8 +245,10 @@ def test_corrupt_shard_is_skipped_and_counted(uneven, tmp_path, workers):
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-member
     garbage = bad / "part-001.tar"
     garbage.write_bytes(b"\x13" * 2048 + garbage.read_bytes()[2048:])  # header block destroyed
-    los = [ShardLoader(bad, batch_size=B, rank=r, world_size=2, num_workers=workers, shuffle_buffer=8)
-           for r in range(2)]
+    los = [
+        ShardLoader(bad, batch_size=B, rank=r, world_size=2, num_workers=workers, shuffle_buffer=8)
+        for r in range(2)
+    ]
     assert los[0].skipped == {"corrupt_shard": 2}
     n = los[0].batches_per_epoch
     assert n == los[1].batches_per_epoch

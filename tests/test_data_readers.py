@@ -47,32 +47,45 @@ def test_moses_pair_files_and_unaligned_tail(tmp_path):
 def test_multiway_folder_yields_pivot_pairs_for_every_language(tmp_path):
     d = tmp_path / "un"
     d.mkdir()
-    for lang, lines in {"en": ["Hello", "Peace"], "fr": ["Bonjour", "Paix"], "es": ["Hola", "Paz"],
-                        "zh": ["你好", "和平"]}.items():
+    for lang, lines in {
+        "en": ["Hello", "Peace"],
+        "fr": ["Bonjour", "Paix"],
+        "es": ["Hola", "Paz"],
+        "zh": ["你好", "和平"],
+    }.items():
         (d / f"UNv1.0.6way.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert detect_format(d) == "multiway"
     pairs, _ = _read(d, "multiway", "en", "")
     got = {(r.tgt_lang, r.src, r.tgt) for r in pairs}
-    assert got == {("es", "Hello", "Hola"), ("fr", "Hello", "Bonjour"), ("zh", "Hello", "你好"),
-                   ("es", "Peace", "Paz"), ("fr", "Peace", "Paix"), ("zh", "Peace", "和平")}
+    assert got == {
+        ("es", "Hello", "Hola"),
+        ("fr", "Hello", "Bonjour"),
+        ("zh", "Hello", "你好"),
+        ("es", "Peace", "Paz"),
+        ("fr", "Peace", "Paix"),
+        ("zh", "Peace", "和平"),
+    }
     only_fr, _ = _read(d, "multiway", "en", "fr")
     assert {r.tgt_lang for r in only_fr} == {"fr"}
 
 
 def test_tmx(tmp_path):
     p = tmp_path / "m.tmx"
-    p.write_text("""<?xml version="1.0" encoding="UTF-8"?>
+    p.write_text(
+        """<?xml version="1.0" encoding="UTF-8"?>
 <tmx version="1.4"><header srclang="en"/><body>
 <tu><tuv xml:lang="en-US"><seg>Open the <b>file</b></seg></tuv><tuv xml:lang="de-DE"><seg>Datei öffnen</seg></tuv></tu>
 <tu><tuv xml:lang="en"><seg>Only English</seg></tuv></tu>
 <tu><tuv lang="EN"><seg>Save</seg></tuv><tuv lang="de"><seg>Speichern</seg></tuv></tu>
-</body></tmx>""", encoding="utf-8")
+</body></tmx>""",
+        encoding="utf-8",
+    )
     pairs, skips = _read(p, "tmx")
     assert [(r.src, r.tgt) for r in pairs] == [("Open the file", "Datei öffnen"), ("Save", "Speichern")]
     assert skips == {"missing_language": 1}
 
 
-PO = r'''# header comment
+PO = r"""# header comment
 msgid ""
 msgstr ""
 "Content-Type: text/plain; charset=UTF-8\n"
@@ -105,14 +118,17 @@ msgstr "Speichern "
 
 #~ msgid "Old"
 #~ msgstr "Alt"
-'''
+"""
 
 
 def test_po_entries_and_skips(tmp_path):
     p = tmp_path / "django.po"
     p.write_text(PO, encoding="utf-8")
     pairs, skips = _read(p, "po")
-    assert [(r.src, r.tgt) for r in pairs] == [("Open file", "Datei öffnen"), ("Save as\t...", 'Speichern unter\t"..."')]
+    assert [(r.src, r.tgt) for r in pairs] == [
+        ("Open file", "Datei öffnen"),
+        ("Save as\t...", 'Speichern unter\t"..."'),
+    ]
     assert pairs[0].where == f"{p}:7"
     assert skips == {"po_fuzzy": 1, "po_plural": 1, "po_untranslated": 1, "po_identical": 1}
 
@@ -137,9 +153,17 @@ def _write_mo(path: Path, entries: list[tuple[bytes, bytes]]) -> None:
 
 def test_mo_entries_and_skips(tmp_path):
     p = tmp_path / "x.mo"
-    _write_mo(p, [(b"", b"Content-Type: text/plain; charset=UTF-8\n"), (b"Open file", "Datei öffnen".encode()),
-                  (b"one\x00many", b"eins\x00viele"), (b"menu\x04Save", b"Speichern"), (b"Same", b"Same"),
-                  (b"Bad", b"\xff\xfe")])
+    _write_mo(
+        p,
+        [
+            (b"", b"Content-Type: text/plain; charset=UTF-8\n"),
+            (b"Open file", "Datei öffnen".encode()),
+            (b"one\x00many", b"eins\x00viele"),
+            (b"menu\x04Save", b"Speichern"),
+            (b"Same", b"Same"),
+            (b"Bad", b"\xff\xfe"),
+        ],
+    )
     pairs, skips = _read(p, "mo")
     assert sorted((r.src, r.tgt) for r in pairs) == [("Open file", "Datei öffnen"), ("Save", "Speichern")]
     assert skips == {"po_plural": 1, "po_identical": 1, "invalid_utf8": 1}
@@ -172,7 +196,11 @@ def test_normalize_and_filters():
     assert length_ratio_ok("OK", "Aceptar", 3.0)  # short strings are exempt
     assert not length_ratio_ok("a" * 30, "b" * 9, 3.0) and length_ratio_ok("a" * 30, "b" * 10, 3.0)
     d = Deduper()
-    assert d.is_new("en", "de", "a", "b") and not d.is_new("en", "de", "a", "b") and d.is_new("en", "fr", "a", "b")
+    assert (
+        d.is_new("en", "de", "a", "b")
+        and not d.is_new("en", "de", "a", "b")
+        and d.is_new("en", "fr", "a", "b")
+    )
 
 
 def test_dictionaries_tsv_lists_and_errors(tmp_path, data_dir):
@@ -210,17 +238,32 @@ def test_anchor_rules():
     assert _anchors("page by page", "Seite", [("page", "Seite")]) == []
     assert _anchors("the page", "Seite um Seite", [("page", "Seite")]) == []
     # every anchor kept, multi-word entries on both sides
-    got = _anchors("Enter your email address and name", "E-Mail-Adresse und Name eingeben",
-                   [("email address", "E-Mail-Adresse"), ("name", "Name"), ("enter", "eingeben"), ("and", "und"),
-                    ("address", "Adresse")])
-    assert got == [("Enter", "eingeben"), ("email address", "E-Mail-Adresse"), ("address", "Adresse"),
-                   ("and", "und"), ("name", "Name")]
+    got = _anchors(
+        "Enter your email address and name",
+        "E-Mail-Adresse und Name eingeben",
+        [
+            ("email address", "E-Mail-Adresse"),
+            ("name", "Name"),
+            ("enter", "eingeben"),
+            ("and", "und"),
+            ("address", "Adresse"),
+        ],
+    )
+    assert got == [
+        ("Enter", "eingeben"),
+        ("email address", "E-Mail-Adresse"),
+        ("address", "Adresse"),
+        ("and", "und"),
+        ("name", "Name"),
+    ]
 
 
 def test_cjk_matches_on_character_boundaries():
     assert [w for w, _, _ in words_of("打开文件 file")] == ["打", "开", "文", "件", "file"]
     assert _anchors("Open the file", "打开文件", [("file", "文件"), ("open", "打开")], "zh") == [
-        ("Open", "打开"), ("file", "文件")]
+        ("Open", "打开"),
+        ("file", "文件"),
+    ]
     assert _anchors("file", "文件夹和文件", [("file", "文件")], "zh") == []  # twice: not an anchor
 
 
@@ -229,6 +272,6 @@ def test_span_mapper_uses_offsets(tiny_tokenizer):
     enc = tiny_tokenizer(text, return_offsets_mapping=True)
     m = SpanMapper(enc["offset_mapping"])
     s, e = m.span(text.index("integer"), text.index("integer") + len("integer"))
-    pieces = tiny_tokenizer.convert_ids_to_tokens(enc["input_ids"][s:e + 1])
+    pieces = tiny_tokenizer.convert_ids_to_tokens(enc["input_ids"][s : e + 1])
     assert "".join(p.removeprefix("##") for p in pieces) == "integer"
     assert m.span(len(text) + 5, len(text) + 9) is None

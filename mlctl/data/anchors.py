@@ -96,8 +96,11 @@ def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int,
     for g, (n, i) in cands.items():
         trans = entries[g]
         # iterate over the smaller side: common words can have dozens of translations
-        hits = [v for v in trans if v in t_once] if len(trans) <= len(t_once) else \
-            [v for v in t_once if v in trans]
+        hits = (
+            [v for v in trans if v in t_once]
+            if len(trans) <= len(t_once)
+            else [v for v in t_once if v in trans]
+        )
         for v in hits:
             k, j = t_once[v]
             found.append((i, n, j, k))

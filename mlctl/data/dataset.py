@@ -53,8 +53,18 @@ def _round_up(x: int, m: int) -> int:
 class _Plan:
     """Everything a consumer needs to rebuild any block; small and picklable for worker processes."""
 
-    def __init__(self, root: Path, shards: list[tuple[str, int]], batch_size: int, consumers: int, seed: int,
-                 shuffle_buffer: int, bucket_by_length: bool, bucket_size: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        shards: list[tuple[str, int]],
+        batch_size: int,
+        consumers: int,
+        seed: int,
+        shuffle_buffer: int,
+        bucket_by_length: bool,
+        bucket_size: int,
+        pad_id: int,
+    ) -> None:
         self.root, self.shards, self.b, self.consumers, self.seed = root, shards, batch_size, consumers, seed
         self.pad_id = pad_id
         self.total = sum(n for _, n in shards)
@@ -101,7 +111,9 @@ class _Reader:
             except (tarfile.TarError, OSError, ValueError) as e:
                 # the header scan passed, so the damage is in the data: count it, keep the epoch going
                 self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
-                log.warning("shard %s became unreadable mid-epoch (%s); its remaining samples are replaced", path, e)
+                log.warning(
+                    "shard %s became unreadable mid-epoch (%s); its remaining samples are replaced", path, e
+                )
                 return
             self.si += 1
             self.offset = 0
@@ -133,7 +145,9 @@ def _decode(sample: dict, path: Path) -> dict | None:
     return {"meta": meta, "src": src, "tgt": tgt}
 
 
-def _block_batches(plan: _Plan, epoch: int, consumer: int, block: int, records: list[dict]) -> list[list[dict]]:
+def _block_batches(
+    plan: _Plan, epoch: int, consumer: int, block: int, records: list[dict]
+) -> list[list[dict]]:
     """The batches of one block: permuted (then bucketed) deterministically."""
     want = min(plan.block, plan.nb * plan.b - block * plan.block)
     if len(records) < want:  # corrupt data replaced by repeats so every rank keeps the same step count
@@ -145,10 +159,10 @@ def _block_batches(plan: _Plan, epoch: int, consumer: int, block: int, records: 
     if plan.bucket:
         batches = []
         for s in range(0, len(recs), plan.bucket):
-            bucket = sorted(recs[s:s + plan.bucket], key=lambda r: max(len(r["src"]), len(r["tgt"])))
-            batches.extend(bucket[i:i + plan.b] for i in range(0, len(bucket), plan.b))
+            bucket = sorted(recs[s : s + plan.bucket], key=lambda r: max(len(r["src"]), len(r["tgt"])))
+            batches.extend(bucket[i : i + plan.b] for i in range(0, len(bucket), plan.b))
         return [batches[i] for i in rng.permutation(len(batches))]
-    return [recs[i:i + plan.b] for i in range(0, len(recs), plan.b)]
+    return [recs[i : i + plan.b] for i in range(0, len(recs), plan.b)]
 
 
 def consumer_batches(plan: _Plan, consumer: int, epoch: int, start_batch: int, skipped: dict):
@@ -189,40 +203,67 @@ class _RankStream(IterableDataset):
         return consumer_batches(self.plan, self.rank * self.workers + w, epoch, start, {})
 
 
-
 class ShardLoader:
     """Endless, exactly resumable batch iterator over a prepared shard folder (see module docstring).
 
     ``iter(loader)`` yields dicts with ``input_ids``/``attention_mask`` ``[2B, T]`` (source rows then
     target rows), ``spans`` ``[2B, 2]``, ``pair_ids``, ``langs``, ``epoch``, ``num_tokens``."""
 
-    def __init__(self, shards_dir: str | Path, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, seed: int = 0, shuffle_buffer: int = 1000, bucket_by_length: bool = False,
-                 bucket_size: int = 0, expected_tokenizer_hash: str | None = None) -> None:
+    def __init__(
+        self,
+        shards_dir: str | Path,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        bucket_by_length: bool = False,
+        bucket_size: int = 0,
+        expected_tokenizer_hash: str | None = None,
+    ) -> None:
         self.root = Path(shards_dir)
         mpath = self.root / "manifest.json"
         if not mpath.is_file():
-            raise FileNotFoundError(f"no manifest.json in {self.root}: run `mlctl prepare` first "
-                                    "(or it was interrupted before finishing)")
+            raise FileNotFoundError(
+                f"no manifest.json in {self.root}: run `mlctl prepare` first "
+                "(or it was interrupted before finishing)"
+            )
         self.manifest: dict = json.loads(mpath.read_text(encoding="utf-8"))
         tok = self.manifest.get("tokenizer", {})
         if expected_tokenizer_hash is not None and tok.get("hash") != expected_tokenizer_hash:
-            raise ValueError(f"shards in {self.root} were tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), "
-                             f"but the model's tokenizer has hash {expected_tokenizer_hash}: re-run `mlctl prepare` "
-                             "with the model's tokenizer")
+            raise ValueError(
+                f"shards in {self.root} were tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), "
+                f"but the model's tokenizer has hash {expected_tokenizer_hash}: re-run `mlctl prepare` "
+                "with the model's tokenizer"
+            )
         if batch_size < 1 or not 0 <= rank < world_size or num_workers < 0:
-            raise ValueError(f"bad loader settings: batch_size={batch_size}, rank={rank}, "
-                             f"world_size={world_size}, num_workers={num_workers}")
+            raise ValueError(
+                f"bad loader settings: batch_size={batch_size}, rank={rank}, "
+                f"world_size={world_size}, num_workers={num_workers}"
+            )
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed = num_workers, seed
         self.skipped: dict[str, int] = {}
         valid = self._check_shards()
         consumers = world_size * max(1, num_workers)
-        self.plan = _Plan(self.root, valid, batch_size, consumers, seed, shuffle_buffer, bucket_by_length,
-                          bucket_size, int(tok.get("pad_id", 0)))
+        self.plan = _Plan(
+            self.root,
+            valid,
+            batch_size,
+            consumers,
+            seed,
+            shuffle_buffer,
+            bucket_by_length,
+            bucket_size,
+            int(tok.get("pad_id", 0)),
+        )
         if self.plan.nb == 0:
-            raise ValueError(f"{self.plan.total} samples in {self.root} are too few for {world_size} rank(s) x "
-                             f"{max(1, num_workers)} worker(s) x batch {batch_size}")
+            raise ValueError(
+                f"{self.plan.total} samples in {self.root} are too few for {world_size} rank(s) x "
+                f"{max(1, num_workers)} worker(s) x batch {batch_size}"
+            )
         self.batches_per_epoch = self.plan.nb * max(1, num_workers)
         self.epoch, self.batch_in_epoch = 0, 0
         self._live = None
@@ -256,17 +297,27 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """JSON-serialisable position right after the last batch the iterator yielded."""
-        return {"version": STATE_VERSION, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "rank": self.rank, "world_size": self.world_size, "num_workers": self.num_workers,
-                "batch_size": self.batch_size, "seed": self.seed, "samples": self.plan.total,
-                "skipped": dict(self.skipped)}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self.num_workers,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "samples": self.plan.total,
+            "skipped": dict(self.skipped),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("world_size", "num_workers", "batch_size", "seed", "samples", "rank"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"loader state was saved with {key}={state.get(key)}, this loader has "
-                                 f"{key}={mine[key]}: the partition would differ, so it cannot resume exactly")
+                raise ValueError(
+                    f"loader state was saved with {key}={state.get(key)}, this loader has "
+                    f"{key}={mine[key]}: the partition would differ, so it cannot resume exactly"
+                )
         self.close()
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         for reason, n in state.get("skipped", {}).items():
@@ -285,8 +336,9 @@ class ShardLoader:
         if self.num_workers == 0:
             source = iter(ds)
         else:
-            dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4,
-                            persistent_workers=False)
+            dl = DataLoader(
+                ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=4, persistent_workers=False
+            )
             source = iter(dl)
         # read-time skips per logical consumer (cumulative there), merged into self.skipped
         base = dict(self.skipped)
@@ -295,7 +347,9 @@ class ShardLoader:
             for batch in source:
                 per_consumer[self.batch_in_epoch % max(1, self.num_workers)] = batch.pop("_skipped")
                 for reason in {r for d in per_consumer.values() for r in d}:
-                    self.skipped[reason] = base.get(reason, 0) + sum(d.get(reason, 0) for d in per_consumer.values())
+                    self.skipped[reason] = base.get(reason, 0) + sum(
+                        d.get(reason, 0) for d in per_consumer.values()
+                    )
                 self.batch_in_epoch += 1
                 if self.batch_in_epoch == self.batches_per_epoch:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0

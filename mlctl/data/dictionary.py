@@ -71,7 +71,9 @@ def _strip_quotes(s: str) -> str:
     return s[1:-1].strip() if len(s) >= 2 and s[0] == s[-1] == '"' else s
 
 
-def load_tsv_dictionary(path: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+def load_tsv_dictionary(
+    path: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None
+) -> Dictionary:
     """``src<TAB>tgt`` lines; several lines per source word give several translations. Blank lines and
     ``#`` comments are ignored; a line without a tab is an error naming the line."""
     d = into or Dictionary(src_lang, tgt_lang)
@@ -81,30 +83,39 @@ def load_tsv_dictionary(path: Path, src_lang: str, tgt_lang: str, into: Dictiona
             continue
         cols = line.split("\t")
         if len(cols) < 2:
-            raise InputError(f"dictionary {path}:{lineno}: expected 'word<TAB>translation', got {line[:60]!r}")
+            raise InputError(
+                f"dictionary {path}:{lineno}: expected 'word<TAB>translation', got {line[:60]!r}"
+            )
         d.add(_strip_quotes(cols[0]), _strip_quotes(cols[1]))
     return d
 
 
-def load_list_dictionary(folder: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+def load_list_dictionary(
+    folder: Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None
+) -> Dictionary:
     """The paper's format: ``folder/{src}.txt`` and ``folder/{tgt}.txt``, line-aligned word lists."""
     d = into or Dictionary(src_lang, tgt_lang)
     files = [folder / f"{lang}.txt" for lang in (src_lang, tgt_lang)]
     for f in files:
         if not f.is_file():
-            raise InputError(f"dictionary folder {folder}: no word list {f.name} for language pair "
-                             f"{src_lang}-{tgt_lang}")
+            raise InputError(
+                f"dictionary folder {folder}: no word list {f.name} for language pair {src_lang}-{tgt_lang}"
+            )
     src, tgt = _read_lines(files[0]), _read_lines(files[1])
     if len(src) != len(tgt):
-        raise InputError(f"dictionary word lists differ in length: {files[0]} has {len(src)} lines, "
-                         f"{files[1]} has {len(tgt)}")
+        raise InputError(
+            f"dictionary word lists differ in length: {files[0]} has {len(src)} lines, "
+            f"{files[1]} has {len(tgt)}"
+        )
     d.sources.append(str(folder))
     for s, t in zip(src, tgt, strict=True):
         d.add(s.strip(), t.strip())
     return d
 
 
-def load_dictionary(path: str | Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None) -> Dictionary:
+def load_dictionary(
+    path: str | Path, src_lang: str, tgt_lang: str, into: Dictionary | None = None
+) -> Dictionary:
     """A folder is a pair of word lists, anything else a TSV (gzip'd or not)."""
     p = Path(path)
     if p.is_dir():

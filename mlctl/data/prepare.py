@@ -90,8 +90,9 @@ def _init_worker(tokenizer: str, dicts: dict, max_tokens: int, truncate: bool, k
     backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # private copy: we change its settings
     backend.no_truncation()
     backend.no_padding()
-    _W.update(backend=backend, dicts=dicts, max_tokens=max_tokens, truncate=truncate,
-              keep_no_anchor=keep_no_anchor)
+    _W.update(
+        backend=backend, dicts=dicts, max_tokens=max_tokens, truncate=truncate, keep_no_anchor=keep_no_anchor
+    )
 
 
 def _token_anchors(chars, text_s, text_t, ms: SpanMapper, mt: SpanMapper) -> list[dict]:
@@ -129,9 +130,9 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
         truncated = long_s or long_t
         # truncation keeps the closing special token so the sequence still looks like the model expects
         if long_s:
-            ids_s, off_s = ids_s[:max_tok - 1] + ids_s[-1:], off_s[:max_tok - 1] + [(0, 0)]
+            ids_s, off_s = ids_s[: max_tok - 1] + ids_s[-1:], off_s[: max_tok - 1] + [(0, 0)]
         if long_t:
-            ids_t, off_t = ids_t[:max_tok - 1] + ids_t[-1:], off_t[:max_tok - 1] + [(0, 0)]
+            ids_t, off_t = ids_t[: max_tok - 1] + ids_t[-1:], off_t[: max_tok - 1] + [(0, 0)]
         anchors = _token_anchors(chars, src, tgt, SpanMapper(off_s), SpanMapper(off_t)) if chars else []
         if not anchors and not keep_empty:  # every anchor fell past a truncation
             out.append(("drop", "no_anchor"))
@@ -178,8 +179,10 @@ def _load_dictionaries(cfg: PrepareConfig, pairs) -> dict[tuple[str, str], Dicti
         dicts[(src, tgt)] = load_dictionary(path, src, tgt, into=d)
     missing = [f"{s}-{t}" for s, t in pairs if (s, t) not in dicts]
     if missing and not cfg.keep_no_anchor:
-        raise InputError(f"no dictionary for language pair(s) {', '.join(missing)}: every pair would be "
-                         "dropped for lack of anchors (give --dictionary TGT=PATH, or --keep-no-anchor)")
+        raise InputError(
+            f"no dictionary for language pair(s) {', '.join(missing)}: every pair would be "
+            "dropped for lack of anchors (give --dictionary TGT=PATH, or --keep-no-anchor)"
+        )
     return dicts
 
 
@@ -338,15 +341,25 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
         "max_length_ratio": cfg.max_length_ratio,
         "keep_no_anchor": cfg.keep_no_anchor,
         "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
-        "dictionaries": {f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()},
-        "counts": {"read": stats["read"], "kept": kept, "dropped": dropped,
-                   "dropped_total": sum(dropped.values()), "truncated": truncated},
+        "dictionaries": {
+            f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()
+        },
+        "counts": {
+            "read": stats["read"],
+            "kept": kept,
+            "dropped": dropped,
+            "dropped_total": sum(dropped.values()),
+            "truncated": truncated,
+        },
         "anchors_per_pair": round(n_anchors / kept, 4) if kept else 0.0,
         "anchor_coverage": round(with_anchor / mined, 4) if mined else 0.0,
         "language_pairs": {
-            lp: {"read": p["read"], "kept": p["kept"],
-                 "anchors_per_pair": round(p["anchors"] / p["kept"], 4) if p["kept"] else 0.0,
-                 "anchor_coverage": round(p["with_anchor"] / max(1, p["kept"] + p["no_anchor"]), 4)}
+            lp: {
+                "read": p["read"],
+                "kept": p["kept"],
+                "anchors_per_pair": round(p["anchors"] / p["kept"], 4) if p["kept"] else 0.0,
+                "anchor_coverage": round(p["with_anchor"] / max(1, p["kept"] + p["no_anchor"]), 4),
+            }
             for lp, p in sorted(stats["per_pair"].items())
         },
         "num_samples": kept,
@@ -371,25 +384,52 @@ def json_bytes_pretty(obj) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML whose data.prepare section is a PrepareConfig "
-                        "(model.tokenizer or model.name_or_path gives the tokenizer); flags override it")
-    parser.add_argument("--input", action="append", default=[], metavar="PATH[:FORMAT[:SRC-TGT]]",
-                        help=f"input corpus (repeatable); FORMAT one of {', '.join(FORMATS)}, else from "
-                             "the extension; SRC-TGT overrides --src-lang/--tgt-lang for this input")
+    parser.add_argument(
+        "--config",
+        help="YAML whose data.prepare section is a PrepareConfig "
+        "(model.tokenizer or model.name_or_path gives the tokenizer); flags override it",
+    )
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="PATH[:FORMAT[:SRC-TGT]]",
+        help=f"input corpus (repeatable); FORMAT one of {', '.join(FORMATS)}, else from "
+        "the extension; SRC-TGT overrides --src-lang/--tgt-lang for this input",
+    )
     parser.add_argument("--src-lang", default=None)
     parser.add_argument("--tgt-lang", default=None)
-    parser.add_argument("--dictionary", action="append", default=[], metavar="[[SRC-]TGT=]PATH",
-                        help="bilingual dictionary: TSV file or folder of word lists {lang}.txt (repeatable)")
+    parser.add_argument(
+        "--dictionary",
+        action="append",
+        default=[],
+        metavar="[[SRC-]TGT=]PATH",
+        help="bilingual dictionary: TSV file or folder of word lists {lang}.txt (repeatable)",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer name, packaged alias or folder")
     parser.add_argument("--out", default=None, help="output folder for shards and manifest.json")
     parser.add_argument("--samples-per-shard", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None, help="longest side in tokens, specials included")
-    parser.add_argument("--truncate", action="store_true", default=None,
-                        help="truncate over-long pairs instead of dropping them")
-    parser.add_argument("--max-length-ratio", type=float, default=None,
-                        help="drop pairs whose character lengths differ more than this (0: off)")
-    parser.add_argument("--keep-no-anchor", action="store_true", default=None,
-                        help="keep pairs without any anchor (their span is the whole sentence)")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="longest side in tokens, specials included"
+    )
+    parser.add_argument(
+        "--truncate",
+        action="store_true",
+        default=None,
+        help="truncate over-long pairs instead of dropping them",
+    )
+    parser.add_argument(
+        "--max-length-ratio",
+        type=float,
+        default=None,
+        help="drop pairs whose character lengths differ more than this (0: off)",
+    )
+    parser.add_argument(
+        "--keep-no-anchor",
+        action="store_true",
+        default=None,
+        help="keep pairs without any anchor (their span is the whole sentence)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="tokenize/mine in N processes")
 
 
@@ -412,8 +452,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         cfg.inputs = [parse_input_spec(s) for s in args.input]
     if args.dictionary:
         cfg.dictionaries = list(args.dictionary)
-    for name in ("out", "samples_per_shard", "max_tokens", "truncate", "max_length_ratio", "keep_no_anchor",
-                 "workers"):
+    for name in (
+        "out",
+        "samples_per_shard",
+        "max_tokens",
+        "truncate",
+        "max_length_ratio",
+        "keep_no_anchor",
+        "workers",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(cfg, name, value)
@@ -432,7 +479,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2
     c = m["counts"]
-    print(f"{c['kept']:,} of {c['read']:,} pairs kept in {len(m['shards'])} shard(s) under {cfg.out}; "
-          f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
-          f"dropped {c['dropped']}")
+    print(
+        f"{c['kept']:,} of {c['read']:,} pairs kept in {len(m['shards'])} shard(s) under {cfg.out}; "
+        f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
+        f"dropped {c['dropped']}"
+    )
     return 0

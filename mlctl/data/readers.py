@@ -62,8 +62,10 @@ def detect_format(path: Path) -> str:
     ext = Path(name).suffix.lower()
     if ext in EXTENSIONS:
         return EXTENSIONS[ext]
-    raise InputError(f"{path}: cannot tell the format from the extension {ext or '(none)'}; "
-                     f"append :FORMAT (one of {', '.join(FORMATS)})")
+    raise InputError(
+        f"{path}: cannot tell the format from the extension {ext or '(none)'}; "
+        f"append :FORMAT (one of {', '.join(FORMATS)})"
+    )
 
 
 def _decode_line(raw: bytes, where: str, counts: Counts) -> str | None:
@@ -125,7 +127,9 @@ def _aligned(files: dict[str, Path], counts: Counts) -> Iterator[tuple[int, dict
             return
         if ended:
             where = ", ".join(f"{files[lang]}:{lineno}" for lang in row)
-            counts.skip("unaligned_line", where, f"{', '.join(str(files[lang]) for lang in ended)} ended earlier")
+            counts.skip(
+                "unaligned_line", where, f"{', '.join(str(files[lang]) for lang in ended)} ended earlier"
+            )
             for it in iters.values():  # count the rest of the longer files too
                 for _ in it:
                     counts.skip("unaligned_line", where)
@@ -152,7 +156,9 @@ def multiway_files(folder: Path) -> dict[str, Path]:
         stem, _, ext = name.rpartition(".")
         lang = stem if ext == "txt" else (ext or name)
         if lang in out:
-            raise InputError(f"multiway folder {folder}: two files for language {lang!r}: {out[lang]} and {p}")
+            raise InputError(
+                f"multiway folder {folder}: two files for language {lang!r}: {out[lang]} and {p}"
+            )
         out[lang] = p
     return out
 
@@ -161,8 +167,10 @@ def read_multiway(folder: Path, pivot: str, tgt_lang: str, counts: Counts) -> It
     """pivot-X pairs for every other language X in the folder (only X = tgt_lang when it is given)."""
     files = multiway_files(folder)
     if pivot not in files:
-        raise InputError(f"multiway folder {folder}: no file for the pivot language {pivot!r} "
-                         f"(found {', '.join(files) or 'none'})")
+        raise InputError(
+            f"multiway folder {folder}: no file for the pivot language {pivot!r} "
+            f"(found {', '.join(files) or 'none'})"
+        )
     others = [lang for lang in files if lang != pivot and (not tgt_lang or lang == tgt_lang)]
     if not others:
         raise InputError(f"multiway folder {folder}: no file for {tgt_lang or 'any language but ' + pivot}")
@@ -213,7 +221,17 @@ def _po_unquote(s: str, where: str) -> str:
     if len(s) < 2 or s[0] != '"' or s[-1] != '"':
         raise ValueError(f"{where}: expected a quoted string, got {s[:40]!r}")
     body, out, i = s[1:-1], [], 0
-    escapes = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b", "f": "\f", "v": "\v"}
+    escapes = {
+        "n": "\n",
+        "t": "\t",
+        "r": "\r",
+        '"': '"',
+        "\\": "\\",
+        "a": "\a",
+        "b": "\b",
+        "f": "\f",
+        "v": "\v",
+    }
     while i < len(body):
         c = body[i]
         if c == "\\" and i + 1 < len(body):
@@ -250,7 +268,9 @@ def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
         if "msgid" in entry:
             where = f"{path}:{entry['line']}"
             msgid, msgstr = str(entry["msgid"]), str(entry.get("msgstr", ""))
-            if _catalog_entry(msgid, msgstr, "msgid_plural" in entry, bool(entry.get("fuzzy")), where, counts):
+            if _catalog_entry(
+                msgid, msgstr, "msgid_plural" in entry, bool(entry.get("fuzzy")), where, counts
+            ):
                 return RawPair(msgid, msgstr, src_lang, tgt_lang, where)
         return None
 
@@ -274,7 +294,11 @@ def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
                     entry["fuzzy"] = True
                 continue
             key, _, rest = stripped.partition(" ")
-            if key in ("msgctxt", "msgid") and "msgid" in entry and ("msgstr" in entry or "msgstr[0]" in entry):
+            if (
+                key in ("msgctxt", "msgid")
+                and "msgid" in entry
+                and ("msgstr" in entry or "msgstr[0]" in entry)
+            ):
                 pair = None if entry.get("broken") else flush()
                 if pair:
                     yield pair
@@ -316,10 +340,10 @@ def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
     _rev, n, orig_off, trans_off = struct.unpack(end + "4I", data[4:20])
 
     def string(table: int, i: int) -> bytes:
-        length, off = struct.unpack(end + "2I", data[table + 8 * i: table + 8 * i + 8])
+        length, off = struct.unpack(end + "2I", data[table + 8 * i : table + 8 * i + 8])
         if off + length > len(data):
             raise ValueError("string table points past the end of the file")
-        return data[off: off + length]
+        return data[off : off + length]
 
     for i in range(n):
         where = f"{path}:entry {i + 1}"
@@ -354,8 +378,10 @@ def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str) -> None:
     if fmt not in FORMATS:
         raise InputError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not src_lang or (not tgt_lang and fmt != "multiway"):
-        raise InputError(f"{path}: source and target languages are needed (give --src-lang/--tgt-lang "
-                         "or PATH:FORMAT:SRC-TGT)")
+        raise InputError(
+            f"{path}: source and target languages are needed (give --src-lang/--tgt-lang "
+            "or PATH:FORMAT:SRC-TGT)"
+        )
     if fmt == "moses":
         _lang_file(path, src_lang)
         _lang_file(path, tgt_lang)

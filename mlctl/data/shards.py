@@ -61,8 +61,14 @@ def ustar_header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) > 100:
         raise ValueError(f"tar member name too long (> 100 bytes): {name!r}")
-    head = (raw.ljust(100, b"\0") + b"0000644\0" + b"0000000\0" + b"0000000\0"
-            + b"%011o\0" % size + b"00000000000\0")
+    head = (
+        raw.ljust(100, b"\0")
+        + b"0000644\0"
+        + b"0000000\0"
+        + b"0000000\0"
+        + b"%011o\0" % size
+        + b"00000000000\0"
+    )
     tail = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 32 + b"\0" * 32 + b"0000000\0" * 2 + b"\0" * 155
     header = head + b" " * 8 + tail
     checksum = sum(header)
@@ -145,8 +151,10 @@ def scan_shard(path: Path) -> int:
                 continue
             key, ext = split_member(m.name)
             if ext not in MEMBER_EXTS:
-                raise ShardRefused(f"shard {path} holds member {m.name!r}: only {', '.join(MEMBER_EXTS)} "
-                                   "members are read (never pickles); refusing this shard")
+                raise ShardRefused(
+                    f"shard {path} holds member {m.name!r}: only {', '.join(MEMBER_EXTS)} "
+                    "members are read (never pickles); refusing this shard"
+                )
             if m.offset_data + m.size > size:
                 raise tarfile.ReadError(f"member {m.name} runs past the end of the file (truncated)")
             counts.setdefault(key, set()).add(ext)

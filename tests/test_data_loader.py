@@ -281,3 +281,44 @@ def test_no_manifest_and_too_little_data(tmp_path, uneven):
         ShardLoader(tmp_path, batch_size=B)
     with pytest.raises(ValueError, match="too few"):
         ShardLoader(uneven, batch_size=200, world_size=2)
+
+
+def test_workers_shut_down_when_closed(uneven):
+    import multiprocessing
+
+    before = set(multiprocessing.active_children())
+    lo = ShardLoader(uneven, batch_size=B, num_workers=2, shuffle_buffer=8)
+    it = iter(lo)
+    _take(it, 3)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    lo.close()
+    assert set(multiprocessing.active_children()) - before == set()
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_resume_in_a_new_process(uneven, tmp_path):
+    """The state goes through a JSON file into a fresh interpreter, as after a crash."""
+    import subprocess
+    import sys
+
+    kwargs = dict(batch_size=B, world_size=2, rank=1, num_workers=2, seed=5, shuffle_buffer=12)
+    ref = ShardLoader(uneven, **kwargs)
+    it = iter(ref)
+    _take(it, 11)
+    (tmp_path / "state.json").write_text(json.dumps(ref.state_dict()))
+    expected = [b["pair_ids"] for b in _take(it, 5)]
+    ref.close()
+    code = (
+        "import json, sys\n"
+        "from mlctl.data.dataset import ShardLoader\n"
+        f"lo = ShardLoader({str(uneven)!r}, **{kwargs!r})\n"
+        f"lo.load_state_dict(json.load(open({str(tmp_path / 'state.json')!r})))\n"
+        "it = iter(lo)\n"
+        "print(json.dumps([next(it)['pair_ids'] for _ in range(5)]))\n"
+        "lo.close()\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected

@@ -9,6 +9,7 @@ re-run-with-the-same-name restoration hand the workers the latest complete check
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -78,6 +79,15 @@ class RayReporter:
             raise FileNotFoundError(f"Ray restored a checkpoint pointing at {path}, which is not there; "
                                     "is the run's storage path shared by all nodes?")
         return path
+
+
+def quiet_ray_logs() -> None:
+    """Runs in every Ray worker process at start-up (runtime_env ``worker_process_setup_hook``).
+
+    Ray Train's placement-group cleaner polls the state API, which needs the dashboard; without it
+    (an embedded Ray on a machine without ``ray[default]``) it warns every second. Only that logger is
+    raised to ERROR."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -186,6 +196,27 @@ class RunWatcher(threading.Thread):
         self.join(timeout=10)
 
 
+def preflight(cfg: Config) -> Config:
+    """Driver-side checks that would otherwise fail on every worker (and be retried by Ray), and
+    paths made absolute: Ray workers do not run in the driver's working directory."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
+
+    cfg.model.name_or_path = absolute(cfg.model.name_or_path)
+    cfg.model.tokenizer = absolute(cfg.model.tokenizer)
+    if not cfg.data.shards:
+        raise FileNotFoundError("data.shards is empty: point it at a folder written by `mlctl prepare`")
+    shards = Path(cfg.data.shards).expanduser().resolve()
+    if not (shards / "manifest.json").is_file():
+        raise FileNotFoundError(f"no manifest.json in {shards}: run `mlctl prepare` first")
+    cfg.data.shards = str(shards)
+    missing = [p for p in cfg.eval.pairs if not Path(p).expanduser().is_file()]
+    if missing:
+        raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
+    cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
+    return cfg
+
+
 def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | None = None) -> Path:
     """Run (or resume) training under Ray; returns the run folder. Raises RuntimeError with the
     failure count and the last good checkpoint when the run fails for good."""
@@ -197,8 +228,9 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    name = run_name(cfg)
+    name = run_name(cfg)  # from the config as given, before paths are made absolute
     run_dir = run_dir_of(cfg)
+    cfg = preflight(copy.deepcopy(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
@@ -207,16 +239,17 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.ray.cpus_per_worker))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent),
                                                     os.environ.get("PYTHONPATH", "")] if p)
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": "launcher.ray_train.quiet_ray_logs"}
     started_here = False
     if not ray.is_initialized():
         if cfg.ray.address:
-            ray.init(address=cfg.ray.address, runtime_env={"env_vars": env}, log_to_driver=True)
+            ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         else:
             need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
             # NOTE: the embedded Ray stays on loopback; nothing of a local run listens elsewhere.
             ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
                      _node_ip_address="127.0.0.1",
-                     runtime_env={"env_vars": env}, log_to_driver=True)
+                     runtime_env=runtime_env, log_to_driver=True)
         started_here = True
     print(f"[mlctl] run {name}: {run_dir}", flush=True)
     trainer = TorchTrainer(

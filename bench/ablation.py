@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", action="append", default=None, help="base YAML config(s)")
     p.add_argument("--pairs", action="append", required=True, help="dev TSV files (en<TAB>xx)")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS)
+    )
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "ablation.json"))
     p.add_argument("--dry-run", action="store_true", help="resolve the configs, train nothing")
@@ -49,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     configs = {}
     for name in names:  # resolve every config first, so a typo fails before hours of training
-        configs[name] = load_config(args.config, [*args.overrides, *VARIANTS[name], f"ray.name=ablation-{name}"])
+        configs[name] = load_config(
+            args.config, [*args.overrides, *VARIANTS[name], f"ray.name=ablation-{name}"]
+        )
     if args.dry_run:
         for name, cfg in configs.items():
             print(f"{name}: {VARIANTS[name] or '(base)'} -> run {cfg.ray.name}, {cfg.train.max_steps} steps")
@@ -70,11 +74,15 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_files(model, tokenizer, args.pairs, max_pairs=args.max_pairs, progress=False)
         results[name] = {"run_dir": str(run_dir), "overrides": VARIANTS[name], **report}
         print(f"== {name}\n{format_table(report)}", flush=True)
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")  # after each run: partial results survive
+        Path(args.out).write_text(
+            json.dumps(results, indent=2) + "\n"
+        )  # after each run: partial results survive
     print(f"{'variant':<15}{'xx->en':>9}{'en->xx':>9}{'mine F1':>9}")
     for name, r in results.items():
         m = r["mean"]
-        print(f"{name:<15}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}{m.get('mining.f1', float('nan')):>9.3f}")
+        print(
+            f"{name:<15}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}{m.get('mining.f1', float('nan')):>9.3f}"
+        )
     return 0
 
 

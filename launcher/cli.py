@@ -9,9 +9,15 @@ from mlctl.config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", action="append", help="YAML config; repeat to layer presets "
-                   "(defaults < YAML files in order < overrides)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.temperature=0.05")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        help="YAML config; repeat to layer presets (defaults < YAML files in order < overrides)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.temperature=0.05"
+    )
     p.add_argument("--address", help="join this Ray cluster (default: start an embedded local Ray)")
     p.add_argument("--num-workers", type=int, help="training workers (ranks)")
     p.add_argument("--gpus-per-worker", type=float)
@@ -22,9 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve(args: argparse.Namespace):
     overrides = list(args.overrides or [])
-    for flag, key in (("address", "ray.address"), ("num_workers", "ray.num_workers"),
-                      ("gpus_per_worker", "ray.gpus_per_worker"), ("cpus_per_worker", "ray.cpus_per_worker"),
-                      ("storage", "ray.storage_path"), ("name", "ray.name")):
+    for flag, key in (
+        ("address", "ray.address"),
+        ("num_workers", "ray.num_workers"),
+        ("gpus_per_worker", "ray.gpus_per_worker"),
+        ("cpus_per_worker", "ray.cpus_per_worker"),
+        ("storage", "ray.storage_path"),
+        ("name", "ray.name"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")

@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 
 POINTER = "mlctl_checkpoint.json"
 # Variables every worker needs, whatever the cluster's defaults.
-WORKER_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
-              "OMP_NUM_THREADS", "MLCTL_FAULT")
+WORKER_ENV = (
+    "DS_ACCELERATOR",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+    "MLCTL_FAULT",
+)
 
 
 def run_name(cfg: Config) -> str:
@@ -59,10 +65,13 @@ class RayReporter:
 
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / f"rank{self.rank:05d}.{POINTER}").write_text(
-                json.dumps({"path": str(path), "step": step, "rank": self.rank}))
-            ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"ray_step_{step:08d}")
+                json.dumps({"path": str(path), "step": step, "rank": self.rank})
+            )
+            ray.train.report(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=f"ray_step_{step:08d}",
+            )
 
     def restored_from(self) -> Path | None:
         import ray.train
@@ -76,8 +85,10 @@ class RayReporter:
                 return None
             path = Path(json.loads(pointers[0].read_text())["path"])
         if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"Ray restored a checkpoint pointing at {path}, which is not there; "
-                                    "is the run's storage path shared by all nodes?")
+            raise FileNotFoundError(
+                f"Ray restored a checkpoint pointing at {path}, which is not there; "
+                "is the run's storage path shared by all nodes?"
+            )
         return path
 
 
@@ -87,7 +98,9 @@ def quiet_ray_logs() -> None:
     Ray Train's placement-group cleaner polls the state API, which needs the dashboard; without it
     (an embedded Ray on a machine without ``ray[default]``) it warns every second. Only that logger is
     raised to ERROR."""
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
+        logging.ERROR
+    )
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -97,16 +110,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from mlctl.engine import Trainer
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
     spec = loop_config.get("fault") or json.loads(os.environ.get("MLCTL_FAULT") or "null")
     fault = _fault_hook(spec, ctx.get_world_rank())
-    trainer = Trainer(cfg, loop_config["run_dir"], rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                      local_rank=ctx.get_local_rank(), node=node, run_name=loop_config["run_name"],
-                      reporter=RayReporter(ctx.get_world_rank()), fault_hook=fault)
+    trainer = Trainer(
+        cfg,
+        loop_config["run_dir"],
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        node=node,
+        run_name=loop_config["run_name"],
+        reporter=RayReporter(ctx.get_world_rank()),
+        fault_hook=fault,
+    )
     trainer.setup()
     trainer.fit()
 
@@ -124,8 +146,12 @@ def _fault_hook(spec: dict[str, Any] | None, rank: int):
         if "step" not in spec:
             return
         marker = Path(spec["marker"])
-        if (event == spec.get("event", "step") and rank == spec.get("rank", 0) and step == spec["step"]
-                and (spec.get("always") or not marker.exists())):
+        if (
+            event == spec.get("event", "step")
+            and rank == spec.get("rank", 0)
+            and step == spec["step"]
+            and (spec.get("always") or not marker.exists())
+        ):
             with open(marker, "a") as f:
                 f.write(f"{step}\n")
             os.kill(os.getpid(), 9)
@@ -169,8 +195,15 @@ class RunWatcher(threading.Thread):
                 changed = True
                 print(f"[mlctl] rank {info['rank']} on {info['node']}: metrics at {info['url']}", flush=True)
         if changed:
-            endpoints = [{"target": f"{i['host']}:{i['port']}", "run": self.run_dir.name, "rank": i["rank"],
-                          "node": i["node"]} for i in self.seen.values()]
+            endpoints = [
+                {
+                    "target": f"{i['host']}:{i['port']}",
+                    "run": self.run_dir.name,
+                    "rank": i["rank"],
+                    "node": i["node"],
+                }
+                for i in self.seen.values()
+            ]
             publish_service_discovery(self.run_dir, endpoints)
 
     def poll_metrics(self, progress) -> None:
@@ -188,8 +221,12 @@ class RunWatcher(threading.Thread):
             except json.JSONDecodeError:
                 continue
             if "loss" in rec and "step" in rec:
-                progress.update(step=rec["step"], loss=rec["loss"],
-                                pairs_per_s=rec.get("samples_per_second", float("nan")), at=rec.get("time"))
+                progress.update(
+                    step=rec["step"],
+                    loss=rec["loss"],
+                    pairs_per_s=rec.get("samples_per_second", float("nan")),
+                    at=rec.get("time"),
+                )
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -199,6 +236,7 @@ class RunWatcher(threading.Thread):
 def preflight(cfg: Config) -> Config:
     """Driver-side checks that would otherwise fail on every worker (and be retried by Ray), and
     paths made absolute: Ray workers do not run in the driver's working directory."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve()) if path and Path(path).expanduser().exists() else path
 
@@ -237,8 +275,9 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
     env.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.gpus_per_worker > 0 else "cpu")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.ray.cpus_per_worker))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(Path(__file__).resolve().parent.parent),
-                                                    os.environ.get("PYTHONPATH", "")] if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")] if p
+    )
     runtime_env = {"env_vars": env, "worker_process_setup_hook": "launcher.ray_train.quiet_ray_logs"}
     started_here = False
     if not ray.is_initialized():
@@ -247,22 +286,35 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         else:
             need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
             # NOTE: the embedded Ray stays on loopback; nothing of a local run listens elsewhere.
-            ray.init(num_cpus=num_cpus or max(need, os.cpu_count() or 1), include_dashboard=False,
-                     _node_ip_address="127.0.0.1",
-                     runtime_env=runtime_env, log_to_driver=True)
+            ray.init(
+                num_cpus=num_cpus or max(need, os.cpu_count() or 1),
+                include_dashboard=False,
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
         started_here = True
     print(f"[mlctl] run {name}: {run_dir}", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir), "run_name": name, "fault": fault},
+        train_loop_config={
+            "config": cfg.to_dict(),
+            "run_dir": str(run_dir),
+            "run_name": name,
+            "fault": fault,
+        },
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.gpus_per_worker > 0,
-            resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
-                                  **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker > 0 else {})},
+            num_workers=cfg.ray.num_workers,
+            use_gpu=cfg.ray.gpus_per_worker > 0,
+            resources_per_worker={
+                "CPU": cfg.ray.cpus_per_worker,
+                **({"GPU": cfg.ray.gpus_per_worker} if cfg.ray.gpus_per_worker > 0 else {}),
+            },
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.ray.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(
-            name=name, storage_path=str(run_dir.parent),
+            name=name,
+            storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),

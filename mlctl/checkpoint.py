@@ -115,14 +115,17 @@ class CheckpointDir:
         return path
 
 
-def check_compatible(meta: CheckpointMeta, *, model: str, tokenizer_hash: str, world_size: int,
-                     zero_stage: int, where: Path) -> None:
+def check_compatible(
+    meta: CheckpointMeta, *, model: str, tokenizer_hash: str, world_size: int, zero_stage: int, where: Path
+) -> None:
     """Refuse a checkpoint of another model, tokenizer or (ZeRO >= 1) world size, saying what differs."""
     problems = []
     if meta.model != model:
         problems.append(f"model: checkpoint has {meta.model!r}, config has {model!r}")
     if meta.tokenizer_hash != tokenizer_hash:
-        problems.append(f"tokenizer vocabulary hash: checkpoint {meta.tokenizer_hash}, config {tokenizer_hash}")
+        problems.append(
+            f"tokenizer vocabulary hash: checkpoint {meta.tokenizer_hash}, config {tokenizer_hash}"
+        )
     if meta.zero_stage != zero_stage:
         problems.append(f"ZeRO stage: checkpoint {meta.zero_stage}, config {zero_stage}")
     if max(meta.zero_stage, zero_stage) >= 1 and meta.world_size != world_size:

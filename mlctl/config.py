@@ -107,7 +107,9 @@ class PrepareConfig:
         if self.workers < 1:
             raise ConfigError(f"data.prepare.workers must be >= 1, got {self.workers}")
         if self.max_length_ratio < 0:
-            raise ConfigError(f"data.prepare.max_length_ratio must be >= 0 (0: off), got {self.max_length_ratio}")
+            raise ConfigError(
+                f"data.prepare.max_length_ratio must be >= 0 (0: off), got {self.max_length_ratio}"
+            )
 
 
 @dataclass
@@ -124,7 +126,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.batch_size < 2:
-            raise ConfigError(f"data.batch_size must be >= 2 (contrastive needs negatives), got {self.batch_size}")
+            raise ConfigError(
+                f"data.batch_size must be >= 2 (contrastive needs negatives), got {self.batch_size}"
+            )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
@@ -314,7 +318,9 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}")
+            raise ConfigError(
+                f"unknown config key {path!r}; valid keys{' of ' + where if where else ''}: {', '.join(names)}"
+            )
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         return cls(**kwargs)
@@ -361,7 +367,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def load_config(path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(
+    path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
     """Defaults < YAML file(s) at ``path`` (later files win) < dotted ``overrides``."""
     tree: dict[str, Any] = {}
     paths = path if isinstance(path, list) else ([path] if path else [])

@@ -41,7 +41,9 @@ def django_catalogs(lang: str) -> list[Path]:
 def read_mo(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
         catalog = gettext.GNUTranslations(f)._catalog  # msgid -> msgstr, plural keys are tuples
-    return {k: v for k, v in catalog.items() if isinstance(k, str) and k and isinstance(v, str) and v and k != v}
+    return {
+        k: v for k, v in catalog.items() if isinstance(k, str) and k and isinstance(v, str) and v and k != v
+    }
 
 
 def build_demo_inputs(work: Path) -> tuple[list[tuple[Path, str]], dict[str, Path], dict[str, Path]]:
@@ -70,12 +72,24 @@ def build_demo_inputs(work: Path) -> tuple[list[tuple[Path, str]], dict[str, Pat
         dev_pairs = {}
         for f in dev_files:
             for en, xx in read_mo(f).items():
-                if en not in seen_en and 3 <= len(en.split()) <= 40 and "\t" not in en + xx and "\n" not in en + xx:
+                if (
+                    en not in seen_en
+                    and 3 <= len(en.split()) <= 40
+                    and "\t" not in en + xx
+                    and "\n" not in en + xx
+                ):
                     dev_pairs[en] = xx
         devs[lang] = work / f"dev.en-{lang}.tsv"
-        devs[lang].write_text("".join(f"{en}\t{xx}\n" for en, xx in sorted(dev_pairs.items())), encoding="utf-8")
-        log.info("%s: %d training catalogs, %d dictionary words, %d dev pairs", lang, len(train_files),
-                 len(words), len(dev_pairs))
+        devs[lang].write_text(
+            "".join(f"{en}\t{xx}\n" for en, xx in sorted(dev_pairs.items())), encoding="utf-8"
+        )
+        log.info(
+            "%s: %d training catalogs, %d dictionary words, %d dev pairs",
+            lang,
+            len(train_files),
+            len(words),
+            len(dev_pairs),
+        )
     return train, dicts, devs
 
 
@@ -91,16 +105,22 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     p.samples_per_shard = 256
     manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
     counts = manifest.get("counts", {})
-    log.info("shards: %s kept of %s read; dropped %s", counts.get("kept"), counts.get("read"),
-             counts.get("dropped"))
+    log.info(
+        "shards: %s kept of %s read; dropped %s",
+        counts.get("kept"),
+        counts.get("read"),
+        counts.get("dropped"),
+    )
     return out
 
 
 def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
     from mlctl.evaluate import load_pairs, retrieval_accuracy_on_pairs
 
-    return {lang: retrieval_accuracy_on_pairs(model, tokenizer, load_pairs(path))["xx2en"]
-            for lang, path in devs.items()}
+    return {
+        lang: retrieval_accuracy_on_pairs(model, tokenizer, load_pairs(path))["xx2en"]
+        for lang, path in devs.items()
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,8 +138,9 @@ def run(args: argparse.Namespace) -> int:
     cfg.eval.pairs = [str(p) for p in devs.values()]
 
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    before = dev_accuracy(MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers).eval(),
-                          tokenizer, devs)
+    before = dev_accuracy(
+        MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers).eval(), tokenizer, devs
+    )
     print(f"[demo] dev retrieval accuracy before training (xx->en): {_fmt(before)}", flush=True)
 
     t_train = time.time()
@@ -130,8 +151,10 @@ def run(args: argparse.Namespace) -> int:
     after = dev_accuracy(model.eval(), tokenizer, devs)
     pairs = cfg.train.max_steps * cfg.data.batch_size * cfg.ray.num_workers * cfg.train.grad_accum
     print(f"[demo] dev retrieval accuracy after training  (xx->en): {_fmt(after)}")
-    print(f"[demo] trained {cfg.train.max_steps} steps ({pairs} pairs) in {train_seconds:.0f}s "
-          f"including Ray and DeepSpeed start-up; whole demo {time.time() - t0:.0f}s")
+    print(
+        f"[demo] trained {cfg.train.max_steps} steps ({pairs} pairs) in {train_seconds:.0f}s "
+        f"including Ray and DeepSpeed start-up; whole demo {time.time() - t0:.0f}s"
+    )
     print(f"[demo] run folder: {run_dir} (mlctl report {run_dir}; mlctl export {run_dir} OUT)")
     return 0
 

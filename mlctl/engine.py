@@ -49,8 +49,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "gradient_clipping": cfg.train.grad_clip,
         # NOTE: DeepSpeed's default buckets are 5e8 elements (2 GB of fp32 each); a few tens of
         # millions keep the same overlap for encoders of this size at a tenth of the memory.
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage, "reduce_bucket_size": 50_000_000,
-                              "allgather_bucket_size": 50_000_000},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+        },
         "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
         "fp16": {"enabled": cfg.deepspeed.precision == "fp16", "initial_scale_power": 12},
         "zero_allow_untested_optimizer": True,
@@ -179,7 +182,9 @@ class Trainer:
         cfg = self.cfg
         if not dist.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.device = torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
         tok_name = cfg.model.tokenizer or cfg.model.name_or_path
         self.tokenizer = load_tokenizer(tok_name)
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
@@ -190,18 +195,27 @@ class Trainer:
         self.vocab_size = model.config.vocab_size
 
         self.loader = ShardLoader(
-            cfg.data.shards, batch_size=cfg.data.batch_size, rank=self.rank, world_size=self.world_size,
-            num_workers=cfg.data.num_workers, seed=cfg.data.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            bucket_by_length=cfg.data.bucket_by_length, bucket_size=cfg.data.bucket_size,
+            cfg.data.shards,
+            batch_size=cfg.data.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=cfg.data.num_workers,
+            seed=cfg.data.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            bucket_by_length=cfg.data.bucket_by_length,
+            bucket_size=cfg.data.bucket_size,
             expected_tokenizer_hash=self.tokenizer_hash,
         )
         self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
 
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                      betas=tuple(cfg.train.betas))
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
+        )
         schedule = lr_lambda(cfg)
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.world_size),
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, self.world_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
         self.model: MLCTLModel = self.engine.module
@@ -212,15 +226,26 @@ class Trainer:
             from mlctl.metrics import MetricsExporter
         except ImportError:  # monitoring not installed in this build
             return
-        self.metrics = MetricsExporter(self.cfg.metrics, run=self.run_name, rank=self.rank, node=self.node,
-                                       local_rank=self.local_rank, run_dir=self.run_dir)
+        self.metrics = MetricsExporter(
+            self.cfg.metrics,
+            run=self.run_name,
+            rank=self.rank,
+            node=self.node,
+            local_rank=self.local_rank,
+            run_dir=self.run_dir,
+        )
         port = self.metrics.start()
         if port is not None:
             ep_dir = self.run_dir / "endpoints"
             ep_dir.mkdir(parents=True, exist_ok=True)
             host = self.cfg.metrics.bind if self.cfg.metrics.bind not in ("0.0.0.0", "::", "") else _node_ip()
-            info = {"rank": self.rank, "node": self.node, "host": host, "port": port,
-                    "url": f"http://{host}:{port}/metrics"}
+            info = {
+                "rank": self.rank,
+                "node": self.node,
+                "host": host,
+                "port": port,
+                "url": f"http://{host}:{port}/metrics",
+            }
             tmp = ep_dir / f".rank{self.rank:05d}.json"
             tmp.write_text(json.dumps(info))
             os.replace(tmp, ep_dir / f"rank{self.rank:05d}.json")
@@ -243,10 +268,15 @@ class Trainer:
         if self.rank == 0:
             self.cfg.save(tmp / "config.yaml")
             meta = CheckpointMeta(
-                step=step, samples_seen=self.state.samples_seen, tokens_seen=self.state.tokens_seen,
-                restarts=self.state.restarts, model=self.cfg.model.name_or_path,
-                tokenizer_hash=self.tokenizer_hash, world_size=self.world_size,
-                zero_stage=self.cfg.deepspeed.zero_stage, manifest_hash=self.manifest_hash,
+                step=step,
+                samples_seen=self.state.samples_seen,
+                tokens_seen=self.state.tokens_seen,
+                restarts=self.state.restarts,
+                model=self.cfg.model.name_or_path,
+                tokenizer_hash=self.tokenizer_hash,
+                world_size=self.world_size,
+                zero_stage=self.cfg.deepspeed.zero_stage,
+                manifest_hash=self.manifest_hash,
                 config_fingerprint=self.cfg.fingerprint(),
             )
             self.ckpt.publish(step, meta)
@@ -278,13 +308,24 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         meta = CheckpointMeta.load(path / "meta.json")
-        check_compatible(meta, model=self.cfg.model.name_or_path, tokenizer_hash=self.tokenizer_hash,
-                         world_size=self.world_size, zero_stage=self.cfg.deepspeed.zero_stage, where=path)
+        check_compatible(
+            meta,
+            model=self.cfg.model.name_or_path,
+            tokenizer_hash=self.tokenizer_hash,
+            world_size=self.world_size,
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            where=path,
+        )
         if meta.manifest_hash and meta.manifest_hash != self.manifest_hash:
-            log.warning("%s was trained on other shards (manifest %s, now %s); the data position starts over",
-                        path, meta.manifest_hash, self.manifest_hash)
-        load_path, _ = self.engine.load_checkpoint(str(path / "engine"), tag="state",
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            log.warning(
+                "%s was trained on other shards (manifest %s, now %s); the data position starts over",
+                path,
+                meta.manifest_hash,
+                self.manifest_hash,
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(path / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no engine state under {path / 'engine'}")
         data_state = path / f"data_state_rank{self.rank:05d}.json"
@@ -293,8 +334,12 @@ class Trainer:
         rng = path / f"rng_rank{self.rank:05d}.pt"
         if rng.is_file():
             set_rng_state(torch.load(rng, weights_only=False))
-        self.state = TrainState(step=meta.step, samples_seen=meta.samples_seen, tokens_seen=meta.tokens_seen,
-                                restarts=meta.restarts + 1)
+        self.state = TrainState(
+            step=meta.step,
+            samples_seen=meta.samples_seen,
+            tokens_seen=meta.tokens_seen,
+            restarts=meta.restarts + 1,
+        )
         if self.rank == 0:
             log.info("resumed from %s at step %d (restart %d)", path, meta.step, self.state.restarts)
 
@@ -308,23 +353,39 @@ class Trainer:
         gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
         mlm_ids = mlm_labels = None
         if cfg.loss.mlm_weight > 0:
-            mlm_ids, mlm_labels = mask_tokens(batch["input_ids"], batch["attention_mask"], self.special_ids,
-                                              self.tokenizer.mask_token_id, self.vocab_size,
-                                              cfg.loss.mlm_probability, generator=gen)
+            mlm_ids, mlm_labels = mask_tokens(
+                batch["input_ids"],
+                batch["attention_mask"],
+                self.special_ids,
+                self.tokenizer.mask_token_id,
+                self.vocab_size,
+                cfg.loss.mlm_probability,
+                generator=gen,
+            )
             mlm_ids, mlm_labels = mlm_ids.to(self.device), mlm_labels.to(self.device)
         out = self.engine(ids, mask, spans=spans, mlm_input_ids=mlm_ids, mlm_labels=mlm_labels)
         emb = out.fused if cfg.model.word_level else out.sentence
         b = ids.shape[0] // 2
         x, y = emb[:b], emb[b:]
-        cl = contrastive_loss(x, y, cfg.loss.temperature, cross_zero=cfg.loss.kind == "cz_nce",
-                              same_language_negatives=cfg.loss.same_language_negatives,
-                              rank=self.rank, world_size=self.world_size)
+        cl = contrastive_loss(
+            x,
+            y,
+            cfg.loss.temperature,
+            cross_zero=cfg.loss.kind == "cz_nce",
+            same_language_negatives=cfg.loss.same_language_negatives,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros((), device=cl.device)
         loss = cl + cfg.loss.mlm_weight * mlm.float()
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": loss.detach(), "cl": cl.detach(), "mlm": mlm.detach().float(),
-                "acc": _local_inbatch_accuracy(x.detach(), y.detach(), self.rank, self.world_size)}
+        return {
+            "loss": loss.detach(),
+            "cl": cl.detach(),
+            "mlm": mlm.detach().float(),
+            "acc": _local_inbatch_accuracy(x.detach(), y.detach(), self.rank, self.world_size),
+        }
 
     def train_step(self, it) -> dict[str, float]:
         """One optimizer step (grad_accum micro-batches). Returns rank-averaged figures."""
@@ -346,7 +407,9 @@ class Trainer:
         self.fault_hook("step", self.state.step)
         # One collective for all logged figures; the save-now flag rides along (rank 0's clock rules).
         due = float(self.rank == 0 and self._time_save_due())
-        packed = torch.cat([sums / self.cfg.train.grad_accum, torch.tensor([float(samples), float(tokens), due])])
+        packed = torch.cat(
+            [sums / self.cfg.train.grad_accum, torch.tensor([float(samples), float(tokens), due])]
+        )
         dist.all_reduce(packed)
         packed[:4] /= self.world_size
         self.state.step += 1
@@ -355,11 +418,20 @@ class Trainer:
         step_seconds = time.perf_counter() - t0
         if self.cfg.train.log_pair_ids:
             self._log_pair_ids(pair_ids)
-        out = {"step": self.state.step, "loss": float(packed[0]), "contrastive_loss": float(packed[1]),
-               "mlm_loss": float(packed[2]), "inbatch_accuracy": float(packed[3]),
-               "samples": int(packed[4]), "tokens": int(packed[5]), "step_seconds": step_seconds,
-               "data_wait_seconds": wait, "lr": float(self.engine.get_lr()[0]),
-               "grad_norm": _grad_norm(self.engine), "save_due": bool(packed[6] > 0)}
+        out = {
+            "step": self.state.step,
+            "loss": float(packed[0]),
+            "contrastive_loss": float(packed[1]),
+            "mlm_loss": float(packed[2]),
+            "inbatch_accuracy": float(packed[3]),
+            "samples": int(packed[4]),
+            "tokens": int(packed[5]),
+            "step_seconds": step_seconds,
+            "data_wait_seconds": wait,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": _grad_norm(self.engine),
+            "save_due": bool(packed[6] > 0),
+        }
         return out
 
     def _time_save_due(self) -> bool:
@@ -370,7 +442,10 @@ class Trainer:
         d = self.run_dir / "pair_ids"
         d.mkdir(parents=True, exist_ok=True)
         with open(d / f"rank{self.rank:05d}.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.state.step, "restarts": self.state.restarts, "pair_ids": pair_ids}) + "\n")
+            f.write(
+                json.dumps({"step": self.state.step, "restarts": self.state.restarts, "pair_ids": pair_ids})
+                + "\n"
+            )
 
     # ---- the loop ----------------------------------------------------------------------------
 
@@ -380,8 +455,9 @@ class Trainer:
         if resume is not None:
             self.load_checkpoint(resume)
         if self.metrics is not None:
-            self.metrics.restore_totals(self.state.step, self.state.samples_seen, self.state.tokens_seen,
-                                        self.state.restarts)
+            self.metrics.restore_totals(
+                self.state.step, self.state.samples_seen, self.state.tokens_seen, self.state.restarts
+            )
         self.engine.train()
         it = iter(self.loader)
         global_batch = cfg.data.batch_size * self.world_size
@@ -402,10 +478,17 @@ class Trainer:
                 if self.rank == 0 and (self.state.step % cfg.train.log_every == 0 or last):
                     elapsed = time.perf_counter() - t_start
                     done = self.state.step - start_step
-                    log.info("step %d/%d loss %.4f (cl %.4f mlm %.4f) acc %.3f lr %.2e %.1f pairs/s",
-                             self.state.step, cfg.train.max_steps, m["loss"], m["contrastive_loss"],
-                             m["mlm_loss"], m["inbatch_accuracy"], m["lr"],
-                             done * global_batch * cfg.train.grad_accum / max(elapsed, 1e-9))
+                    log.info(
+                        "step %d/%d loss %.4f (cl %.4f mlm %.4f) acc %.3f lr %.2e %.1f pairs/s",
+                        self.state.step,
+                        cfg.train.max_steps,
+                        m["loss"],
+                        m["contrastive_loss"],
+                        m["mlm_loss"],
+                        m["inbatch_accuracy"],
+                        m["lr"],
+                        done * global_batch * cfg.train.grad_accum / max(elapsed, 1e-9),
+                    )
         finally:
             close = getattr(self.loader, "close", None)
             if close:
@@ -419,12 +502,22 @@ class Trainer:
             return
         from mlctl.metrics import StepMetrics
 
-        self.metrics.log_step(StepMetrics(
-            step=m["step"], loss=m["loss"], contrastive_loss=m["contrastive_loss"], mlm_loss=m["mlm_loss"],
-            samples=m["samples"], tokens=m["tokens"], step_seconds=m["step_seconds"],
-            data_wait_seconds=m["data_wait_seconds"], lr=m["lr"], grad_norm=m["grad_norm"],
-            global_batch_size=global_batch * self.cfg.train.grad_accum, inbatch_accuracy=m["inbatch_accuracy"],
-        ))
+        self.metrics.log_step(
+            StepMetrics(
+                step=m["step"],
+                loss=m["loss"],
+                contrastive_loss=m["contrastive_loss"],
+                mlm_loss=m["mlm_loss"],
+                samples=m["samples"],
+                tokens=m["tokens"],
+                step_seconds=m["step_seconds"],
+                data_wait_seconds=m["data_wait_seconds"],
+                lr=m["lr"],
+                grad_norm=m["grad_norm"],
+                global_batch_size=global_batch * self.cfg.train.grad_accum,
+                inbatch_accuracy=m["inbatch_accuracy"],
+            )
+        )
         skipped = getattr(self.loader, "skipped", {}) or {}
         for reason, count in skipped.items():
             seen = self._skips_logged.get(reason, 0)
@@ -442,13 +535,17 @@ class Trainer:
         for path in self.cfg.eval.pairs:
             lang = _lang_of(path)
             pairs = load_pairs(path, max_pairs=self.cfg.eval.max_pairs)
-            r = retrieval_accuracy_on_pairs(self.model, self.tokenizer, pairs, batch_size=self.cfg.eval.batch_size)
+            r = retrieval_accuracy_on_pairs(
+                self.model, self.tokenizer, pairs, batch_size=self.cfg.eval.batch_size
+            )
             results[lang] = r["xx2en"]
         self.engine.train()
         if self.metrics is not None and results:
             self.metrics.log_eval(self.state.step, results)
         if self.rank == 0:
-            log.info("eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items()))
+            log.info(
+                "eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items())
+            )
         return results
 
 

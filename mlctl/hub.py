@@ -46,7 +46,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     payload = json.dumps(
-        {"vocab": vocab, "normalizer": backend.get("normalizer"), "pre_tokenizer": backend.get("pre_tokenizer")},
+        {
+            "vocab": vocab,
+            "normalizer": backend.get("normalizer"),
+            "pre_tokenizer": backend.get("pre_tokenizer"),
+        },
         sort_keys=True,
         ensure_ascii=False,
     )

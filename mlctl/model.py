@@ -43,7 +43,9 @@ def span_mask(spans: torch.Tensor, length: int) -> torch.Tensor:
     return (pos >= spans[:, :1]) & (pos <= spans[:, 1:2])
 
 
-def pool_layers(hidden_states: tuple[torch.Tensor, ...], layers: list[int], mask: torch.Tensor) -> torch.Tensor:
+def pool_layers(
+    hidden_states: tuple[torch.Tensor, ...], layers: list[int], mask: torch.Tensor
+) -> torch.Tensor:
     """Average over ``layers`` of the masked mean of each layer's hidden states."""
     pooled = [masked_mean(hidden_states[i], mask) for i in layers]
     return torch.stack(pooled, dim=0).mean(dim=0)
@@ -95,8 +97,12 @@ class MLCTLModel(nn.Module):
         if missing:
             # all-MiniLM-L6-v2 and other sentence encoders ship without an MLM head: its transform
             # and bias start fresh; the decoder is still tied to the pretrained embeddings.
-            log.warning("%s: %d MLM-head weights not in the checkpoint, initialised fresh: %s",
-                        name_or_path, len(missing), ", ".join(sorted(missing)[:6]))
+            log.warning(
+                "%s: %d MLM-head weights not in the checkpoint, initialised fresh: %s",
+                name_or_path,
+                len(missing),
+                ", ".join(sorted(missing)[:6]),
+            )
         return cls(mlm, pool_layers or [1, -1])
 
     @property
@@ -169,7 +175,9 @@ class MLCTLModel(nn.Module):
         return 0.5 * (losses[0] + losses[1])
 
     @torch.no_grad()
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int] | None = None) -> torch.Tensor:
+    def encode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int] | None = None
+    ) -> torch.Tensor:
         """Sentence vectors for inference (no anchor word, no MLP)."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         use = self._normalise_layers(layers) if layers else self.pool_layers

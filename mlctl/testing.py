@@ -17,7 +17,9 @@ def fixture_texts(data_dir: Path = FIXTURES) -> list[str]:
     return texts
 
 
-def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000, lowercase: bool = False):
+def train_wordpiece(
+    texts: Iterable[str], out_dir: str | Path, vocab_size: int = 2000, lowercase: bool = False
+):
     """Train a BERT WordPiece tokenizer and save it as a HF fast tokenizer folder."""
     from tokenizers import BertWordPieceTokenizer
     from transformers import PreTrainedTokenizerFast
@@ -25,28 +27,54 @@ def train_wordpiece(texts: Iterable[str], out_dir: str | Path, vocab_size: int =
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     wp = BertWordPieceTokenizer(lowercase=lowercase, strip_accents=False if not lowercase else None)
-    wp.train_from_iterator(list(texts), vocab_size=vocab_size, min_frequency=1,
-                           special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    wp.train_from_iterator(
+        list(texts),
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    )
     from tokenizers.processors import BertProcessing
 
-    wp._tokenizer.post_processor = BertProcessing(("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]")))
-    tok = PreTrainedTokenizerFast(tokenizer_object=wp._tokenizer, unk_token="[UNK]", pad_token="[PAD]",
-                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    wp._tokenizer.post_processor = BertProcessing(
+        ("[SEP]", wp.token_to_id("[SEP]")), ("[CLS]", wp.token_to_id("[CLS]"))
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=wp._tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     tok.save_pretrained(str(out))
     return tok
 
 
-def build_tiny_bert(out_dir: str | Path, tokenizer, hidden: int = 32, layers: int = 2, heads: int = 2,
-                    intermediate: int = 64, max_positions: int = 256, seed: int = 0) -> Path:
+def build_tiny_bert(
+    out_dir: str | Path,
+    tokenizer,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    intermediate: int = 64,
+    max_positions: int = 256,
+    seed: int = 0,
+) -> Path:
     """A randomly initialised BertForMaskedLM (decoder tied to the embeddings) saved with its tokenizer."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=heads, intermediate_size=intermediate,
-                     max_position_embeddings=max_positions, pad_token_id=tokenizer.pad_token_id,
-                     tie_word_embeddings=True)
+    cfg = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
     model = BertForMaskedLM(cfg)
     out = Path(out_dir)
     model.save_pretrained(str(out))

@@ -49,7 +49,9 @@ def prepare_fixture_shards(out: Path, tokenizer: str, samples_per_shard: int = 5
     cfg = PrepareConfig(
         inputs=[PrepareInput(str(DATA / f"pairs.en-{lang}.tsv"), "tsv", "en", lang) for lang in langs],
         dictionaries=[f"{lang}={DATA / f'dict.en-{lang}.tsv'}" for lang in langs],
-        out=str(out), samples_per_shard=samples_per_shard, **overrides,
+        out=str(out),
+        samples_per_shard=samples_per_shard,
+        **overrides,
     )
     prepare(cfg, tokenizer)
     return out

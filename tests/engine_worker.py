@@ -20,8 +20,9 @@ def free_port() -> int:
 
 def main() -> None:
     run_dir, fault_json, *overrides = sys.argv[1:]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     import logging
 
     from mlctl.config import load_config

@@ -27,11 +27,23 @@ def free_port() -> int:
 def ray_cluster(tmp_path):
     """A standalone Ray head (its own processes, not the test's), stopped afterwards."""
     port = free_port()
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONPATH": str(ROOT),
+    }
     temp = tmp_path / "ray"
-    start = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={temp}"]
+    start = [
+        str(RAY),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=3",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+        f"--temp-dir={temp}",
+    ]
     out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         pytest.fail("ray start failed:\n" + out.stdout[-2000:] + out.stderr[-2000:])
@@ -43,10 +55,28 @@ def ray_cluster(tmp_path):
 
 def test_train_joins_an_existing_cluster(tmp_path, ray_cluster, tiny_model_dir, tiny_shards):
     address, env = ray_cluster
-    cmd = [sys.executable, "-m", "mlctl.cli", "train", "--address", address, "--num-workers", "2",
-           "--cpus-per-worker", "1", "--storage", str(tmp_path), "--name", "joined",
-           f"model.name_or_path={tiny_model_dir}", f"data.shards={tiny_shards}", "data.batch_size=4",
-           "train.max_steps=6", "checkpoint.every_steps=3", "metrics.port=19600"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlctl.cli",
+        "train",
+        "--address",
+        address,
+        "--num-workers",
+        "2",
+        "--cpus-per-worker",
+        "1",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "joined",
+        f"model.name_or_path={tiny_model_dir}",
+        f"data.shards={tiny_shards}",
+        "data.batch_size=4",
+        "train.max_steps=6",
+        "checkpoint.every_steps=3",
+        "metrics.port=19600",
+    ]
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]

@@ -37,19 +37,38 @@ def test_defaults_yaml_overrides_precedence(tmp_path):
 
 
 def test_override_values_are_typed_yaml():
-    tree = parse_overrides(["loss.temperature=5e-2", "metrics.enabled=false", "eval.pairs=[a.tsv, b.tsv]",
-                            "model.tokenizer=", "ray.name=run=1"])
-    assert tree == {"loss": {"temperature": 0.05}, "metrics": {"enabled": False},
-                    "eval": {"pairs": ["a.tsv", "b.tsv"]}, "model": {"tokenizer": ""}, "ray": {"name": "run=1"}}
+    tree = parse_overrides(
+        [
+            "loss.temperature=5e-2",
+            "metrics.enabled=false",
+            "eval.pairs=[a.tsv, b.tsv]",
+            "model.tokenizer=",
+            "ray.name=run=1",
+        ]
+    )
+    assert tree == {
+        "loss": {"temperature": 0.05},
+        "metrics": {"enabled": False},
+        "eval": {"pairs": ["a.tsv", "b.tsv"]},
+        "model": {"tokenizer": ""},
+        "ray": {"name": "run=1"},
+    }
     cfg = load_config(overrides=["loss.temperature=5e-2", "train.lr=3"])
     assert cfg.loss.temperature == 0.05
     assert cfg.train.lr == 3.0 and isinstance(cfg.train.lr, float)  # an int is a fine float
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(overrides=["train.lr=3e-5", "model.pool_layers=[2,-1]", "deepspeed.precision=bf16",
-                                 "deepspeed.extra={gradient_clipping: 0.5}", "data.prepare.inputs=[{path: a.tsv}]",
-                                 "checkpoint.every_minutes=2.5"])
+    cfg = load_config(
+        overrides=[
+            "train.lr=3e-5",
+            "model.pool_layers=[2,-1]",
+            "deepspeed.precision=bf16",
+            "deepspeed.extra={gradient_clipping: 0.5}",
+            "data.prepare.inputs=[{path: a.tsv}]",
+            "checkpoint.every_minutes=2.5",
+        ]
+    )
     out = tmp_path / "resolved.yaml"
     cfg.save(out)
     again = load_config(out)
@@ -67,8 +86,11 @@ def test_resolved_config_round_trips(tmp_path):
         ({"trian": {"lr": 1.0}}, "trian", ["model", "loss", "train", "ray"]),
         ({"train": {"learning_rate": 1.0}}, "train.learning_rate", ["max_steps", "lr", "warmup_steps"]),
         ({"data": {"prepare": {"ouput": "x"}}}, "data.prepare.ouput", ["inputs", "out", "workers"]),
-        ({"data": {"prepare": {"inputs": [{"path": "a", "fmt": "tsv"}]}}}, "data.prepare.inputs[0].fmt",
-         ["path", "format"]),
+        (
+            {"data": {"prepare": {"inputs": [{"path": "a", "fmt": "tsv"}]}}},
+            "data.prepare.inputs[0].fmt",
+            ["path", "format"],
+        ),
     ],
 )
 def test_unknown_key_names_key_and_valid_keys(tree, key, valid):

@@ -18,9 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_deepspeed_config_follows_the_typed_config():
-    cfg = load_config(None, ["deepspeed.zero_stage=2", "deepspeed.precision=bf16", "data.batch_size=8",
-                             "train.grad_accum=3", "train.grad_clip=0.5",
-                             "deepspeed.extra={zero_optimization: {overlap_comm: true}}"])
+    cfg = load_config(
+        None,
+        [
+            "deepspeed.zero_stage=2",
+            "deepspeed.precision=bf16",
+            "data.batch_size=8",
+            "train.grad_accum=3",
+            "train.grad_clip=0.5",
+            "deepspeed.extra={zero_optimization: {overlap_comm: true}}",
+        ],
+    )
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 8 * 3 * 4
     assert ds["gradient_accumulation_steps"] == 3
@@ -42,8 +50,18 @@ def test_lr_schedules(schedule):
 
 
 def _meta(**kw) -> CheckpointMeta:
-    base = dict(step=4, samples_seen=32, tokens_seen=100, restarts=0, model="m", tokenizer_hash="aaa",
-                world_size=2, zero_stage=1, manifest_hash="h", config_fingerprint="c")
+    base = dict(
+        step=4,
+        samples_seen=32,
+        tokens_seen=100,
+        restarts=0,
+        model="m",
+        tokenizer_hash="aaa",
+        world_size=2,
+        zero_stage=1,
+        manifest_hash="h",
+        config_fingerprint="c",
+    )
     base.update(kw)
     return CheckpointMeta(**base)
 
@@ -79,13 +97,31 @@ def test_checkpoint_dir_publishes_atomically_and_keeps_last_k(tmp_path):
 
 
 def _worker(run_dir: Path, fault: dict | None, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tests" / "engine_worker.py"), str(run_dir),
-                           json.dumps(fault), *overrides], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "engine_worker.py"),
+            str(run_dir),
+            json.dumps(fault),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
 
 
 def _base(model_dir, shards, **extra) -> list[str]:
-    d = {"model.name_or_path": str(model_dir), "data.shards": str(shards), "data.batch_size": 4,
-         "train.max_steps": 8, "checkpoint.every_steps": 4, "metrics.enabled": False, "train.lr": 1e-3}
+    d = {
+        "model.name_or_path": str(model_dir),
+        "data.shards": str(shards),
+        "data.batch_size": 4,
+        "train.max_steps": 8,
+        "checkpoint.every_steps": 4,
+        "metrics.enabled": False,
+        "train.lr": 1e-3,
+    }
     d.update(extra)
     return [f"{k}={v}" for k, v in d.items()]
 
@@ -106,8 +142,9 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
-def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path, tiny_model_dir, tiny_tokenizer,
-                                                              tiny_shards):
+def test_resume_from_a_checkpoint_of_another_model_is_refused(
+    tmp_path, tiny_model_dir, tiny_tokenizer, tiny_shards
+):
     from mlctl.testing import build_tiny_bert
 
     run = tmp_path / "run"
@@ -123,9 +160,18 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(tmp_path, tiny_mod
 @pytest.mark.parametrize("zero,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16")])
 def test_zero_stages_and_precisions_train_and_resume(tmp_path, tiny_model_dir, tiny_shards, zero, precision):
     run = tmp_path / "run"
+
     def args(steps: int) -> list[str]:
-        return _base(tiny_model_dir, tiny_shards, **{"deepspeed.zero_stage": zero, "deepspeed.precision": precision,
-                                                     "train.max_steps": steps, "checkpoint.every_steps": 2})
+        return _base(
+            tiny_model_dir,
+            tiny_shards,
+            **{
+                "deepspeed.zero_stage": zero,
+                "deepspeed.precision": precision,
+                "train.max_steps": steps,
+                "checkpoint.every_steps": 2,
+            },
+        )
 
     out = _worker(run, None, *args(2))
     assert out.returncode == 0, out.stderr[-3000:]

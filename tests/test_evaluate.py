@@ -156,9 +156,24 @@ def test_mlctl_eval_table_and_json_report(tiny_model_dir, data_dir, tmp_path, ca
     few = tmp_path / "few.en-es.tsv"
     few.write_text("".join(data_dir.joinpath("pairs.en-es.tsv").read_text().splitlines(True)[:5]))
     out = tmp_path / "report.json"
-    rc = main(["eval", "--model", str(tiny_model_dir), "--pairs", str(data_dir / "pairs.en-de.tsv"),
-               "--pairs", str(few), "--layers", "-1", "--max-pairs", "80", "--out", str(out),
-               "--no-progress"])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_dir),
+            "--pairs",
+            str(data_dir / "pairs.en-de.tsv"),
+            "--pairs",
+            str(few),
+            "--layers",
+            "-1",
+            "--max-pairs",
+            "80",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     shown = capsys.readouterr().out
     report = json.loads(out.read_text())

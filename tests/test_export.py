@@ -17,9 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-TEXTS = ["The file could not be saved.", "Die Datei konnte nicht gespeichert werden.",
-         "Enter a valid email address.", "Geben Sie eine gültige E-Mail-Adresse ein.",
-         "This field is required.", "Dieses Feld ist zwingend erforderlich."]
+TEXTS = [
+    "The file could not be saved.",
+    "Die Datei konnte nicht gespeichert werden.",
+    "Enter a valid email address.",
+    "Geben Sie eine gültige E-Mail-Adresse ein.",
+    "This field is required.",
+    "Dieses Feld ist zwingend erforderlich.",
+]
 LAYERS = [1, -1]
 REL = 1e-5
 
@@ -37,7 +42,9 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
     import deepspeed
 
     from mlctl.config import Config
@@ -49,16 +56,30 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     tok = load_tokenizer(model_dir)
     model = MLCTLModel.from_pretrained(model_dir, LAYERS)
-    config = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage},
-              "zero_allow_untested_optimizer": True, "gradient_clipping": 1.0}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-                                           config=config)
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 1.0,
+    }
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=config
+    )
     enc = tok(TEXTS[:4], padding=True, return_tensors="pt")  # rows: x0 x1 y0 y1
     spans = torch.tensor([[1, 1]] * 4)
     special = torch.tensor(tok.all_special_ids)
-    mlm_ids, labels = mask_tokens(enc["input_ids"], enc["attention_mask"], special, tok.mask_token_id,
-                                  len(tok), probability=0.3, generator=torch.Generator().manual_seed(0))
-    out = engine(enc["input_ids"], enc["attention_mask"], spans=spans, mlm_input_ids=mlm_ids, mlm_labels=labels)
+    mlm_ids, labels = mask_tokens(
+        enc["input_ids"],
+        enc["attention_mask"],
+        special,
+        tok.mask_token_id,
+        len(tok),
+        probability=0.3,
+        generator=torch.Generator().manual_seed(0),
+    )
+    out = engine(
+        enc["input_ids"], enc["attention_mask"], spans=spans, mlm_input_ids=mlm_ids, mlm_labels=labels
+    )
     engine.backward(out.fused.pow(2).mean() + out.mlm_loss)
     engine.step()
 
@@ -81,8 +102,13 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
 def _make_run(tmp_path_factory, model_dir: Path, stage: int) -> Path:
     run_dir = tmp_path_factory.mktemp(f"run_zero{stage}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, __file__, str(run_dir), str(model_dir), str(stage)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(run_dir), str(model_dir), str(stage)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
 
@@ -143,8 +169,23 @@ def test_export_round_trip_autmodel_sentence_transformers_and_eval(runs, stage, 
     pairs = data_dir / "pairs.en-de.tsv"
     report_run, report_exp = tmp_path / "run.json", tmp_path / "exp.json"
     for model_arg, report in ((runs[stage], report_run), (out, report_exp)):
-        assert main(["eval", "--model", str(model_arg), "--pairs", str(pairs), "--max-pairs", "50",
-                     "--out", str(report), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "--model",
+                    str(model_arg),
+                    "--pairs",
+                    str(pairs),
+                    "--max-pairs",
+                    "50",
+                    "--out",
+                    str(report),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     a, b = (json.loads(p.read_text())["files"][str(pairs)] for p in (report_run, report_exp))
     assert a["retrieval"] == b["retrieval"] and a["mining"]["f1"] == b["mining"]["f1"]
     assert main(["export", str(runs[stage]), str(out)]) == 2  # refuses to overwrite

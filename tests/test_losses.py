@@ -124,7 +124,9 @@ def test_gradient_scale_matches_reference_finite_difference():
             xp, xm = x.detach().numpy().copy(), x.detach().numpy().copy()
             xp[i, j] += h
             xm[i, j] -= h
-            num[i, j] = (reference_loss(xp, y.numpy(), 0.1, True) - reference_loss(xm, y.numpy(), 0.1, True)) / (2 * h)
+            num[i, j] = (
+                reference_loss(xp, y.numpy(), 0.1, True) - reference_loss(xm, y.numpy(), 0.1, True)
+            ) / (2 * h)
     np.testing.assert_allclose(x.grad.numpy(), num, rtol=1e-6, atol=1e-9)
 
 

@@ -98,7 +98,9 @@ def test_padding_does_not_change_vectors(model, tiny_tokenizer):
 
 
 def test_forward_pools_the_right_layers_and_span(model, tiny_tokenizer):
-    enc = tiny_tokenizer(["Add another user", "Delete the selected items now"], padding=True, return_tensors="pt")
+    enc = tiny_tokenizer(
+        ["Add another user", "Delete the selected items now"], padding=True, return_tensors="pt"
+    )
     spans = torch.tensor([[1, 2], [3, 3]])
     with torch.no_grad():
         out = model(enc["input_ids"], enc["attention_mask"], spans=spans)
@@ -106,8 +108,12 @@ def test_forward_pools_the_right_layers_and_span(model, tiny_tokenizer):
     assert model.pool_layers == [1, 2]  # [1, -1] on a 2-layer encoder
     mask = enc["attention_mask"].bool()
     sentence = torch.stack([(hs[1][r][mask[r]].mean(0) + hs[2][r][mask[r]].mean(0)) / 2 for r in range(2)])
-    word = torch.stack([(hs[1][r, s:e + 1].mean(0) + hs[2][r, s:e + 1].mean(0)) / 2 for r, (s, e) in
-                        enumerate(spans.tolist())])
+    word = torch.stack(
+        [
+            (hs[1][r, s : e + 1].mean(0) + hs[2][r, s : e + 1].mean(0)) / 2
+            for r, (s, e) in enumerate(spans.tolist())
+        ]
+    )
     assert _rel(out.sentence, sentence) < 1e-5
     assert _rel(out.fused, model.fusion(sentence, word)) < 1e-5
     assert out.fused.shape == (2, 2 * model.hidden_size)
@@ -139,16 +145,32 @@ def test_pool_layers_out_of_range(model):
 
 def test_forward_mlm_loss_is_finite_and_reaches_the_encoder(tiny_model_dir, tiny_tokenizer):
     model = MLCTLModel.from_pretrained(str(tiny_model_dir)).train()
-    texts = ["Add another user", "Delete the selected items now", "Ajouter un autre utilisateur",
-             "Supprimer les objets sélectionnés"]
+    texts = [
+        "Add another user",
+        "Delete the selected items now",
+        "Ajouter un autre utilisateur",
+        "Supprimer les objets sélectionnés",
+    ]
     enc = tiny_tokenizer(texts, padding=True, return_tensors="pt")
     special = torch.tensor(tiny_tokenizer.all_special_ids)
     gen = torch.Generator().manual_seed(0)
-    masked, labels = mask_tokens(enc["input_ids"], enc["attention_mask"], special, tiny_tokenizer.mask_token_id,
-                                 len(tiny_tokenizer), probability=0.5, generator=gen)
+    masked, labels = mask_tokens(
+        enc["input_ids"],
+        enc["attention_mask"],
+        special,
+        tiny_tokenizer.mask_token_id,
+        len(tiny_tokenizer),
+        probability=0.5,
+        generator=gen,
+    )
     assert (labels != -100).any()
-    out = model(enc["input_ids"], enc["attention_mask"], spans=torch.tensor([[1, 1]] * 4),
-                mlm_input_ids=masked, mlm_labels=labels)
+    out = model(
+        enc["input_ids"],
+        enc["attention_mask"],
+        spans=torch.tensor([[1, 1]] * 4),
+        mlm_input_ids=masked,
+        mlm_labels=labels,
+    )
     assert out.mlm_loss is not None and torch.isfinite(out.mlm_loss)
     # Random init over a ~2000-token vocabulary: cross-entropy near log(V).
     assert 0.5 * torch.log(torch.tensor(len(tiny_tokenizer.get_vocab()))) < out.mlm_loss < 20

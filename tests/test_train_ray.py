@@ -26,11 +26,22 @@ EVERY = 4
 
 def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str]:
     base = {
-        "model.name_or_path": str(model_dir), "data.shards": str(shards), "data.batch_size": 4,
-        "data.shuffle_buffer": 16, "train.max_steps": MAX_STEPS, "train.lr": 1e-3, "train.warmup_steps": 2,
-        "train.log_every": 4, "train.log_pair_ids": True, "checkpoint.every_steps": EVERY,
-        "checkpoint.keep_last": 5, "ray.storage_path": str(storage), "ray.num_workers": 2,
-        "ray.max_failures": 2, "metrics.port": 19400, "deepspeed.zero_stage": 1,
+        "model.name_or_path": str(model_dir),
+        "data.shards": str(shards),
+        "data.batch_size": 4,
+        "data.shuffle_buffer": 16,
+        "train.max_steps": MAX_STEPS,
+        "train.lr": 1e-3,
+        "train.warmup_steps": 2,
+        "train.log_every": 4,
+        "train.log_pair_ids": True,
+        "checkpoint.every_steps": EVERY,
+        "checkpoint.keep_last": 5,
+        "ray.storage_path": str(storage),
+        "ray.num_workers": 2,
+        "ray.max_failures": 2,
+        "metrics.port": 19400,
+        "deepspeed.zero_stage": 1,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -38,8 +49,11 @@ def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    states = torch.load(run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
-                        map_location="cpu", weights_only=False)
+    states = torch.load(
+        run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
     return states["module"]
 
 
@@ -111,11 +125,22 @@ def test_uninterrupted_run_exports_metrics(clean_run):
     assert len(scrapes) == 2, "could not scrape both workers twice during the run"
     first, second = scrapes
     assert len(first) == 2
-    expected = {"mlctl_train_loss", "mlctl_train_contrastive_loss", "mlctl_train_mlm_loss",
-                "mlctl_train_steps_total", "mlctl_train_samples_total", "mlctl_train_tokens_total",
-                "mlctl_train_samples_per_second", "mlctl_train_step_seconds", "mlctl_data_wait_seconds",
-                "mlctl_train_lr", "mlctl_train_grad_norm", "mlctl_train_global_batch_size",
-                "mlctl_train_inbatch_accuracy", "mlctl_restarts_total"}
+    expected = {
+        "mlctl_train_loss",
+        "mlctl_train_contrastive_loss",
+        "mlctl_train_mlm_loss",
+        "mlctl_train_steps_total",
+        "mlctl_train_samples_total",
+        "mlctl_train_tokens_total",
+        "mlctl_train_samples_per_second",
+        "mlctl_train_step_seconds",
+        "mlctl_data_wait_seconds",
+        "mlctl_train_lr",
+        "mlctl_train_grad_norm",
+        "mlctl_train_global_batch_size",
+        "mlctl_train_inbatch_accuracy",
+        "mlctl_restarts_total",
+    }
     for url, families in first.items():
         assert expected <= set(families), f"{url} lacks {expected - set(families)}"
         steps1 = sum(v for _, v in families["mlctl_train_steps_total"])
@@ -133,8 +158,9 @@ def test_uninterrupted_run_exports_metrics(clean_run):
     assert len(sd) == 2 and all(e["labels"]["run"] == "clean" for e in sd)
 
 
-def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(tmp_path, clean_run, tiny_model_dir,
-                                                                          tiny_shards):
+def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(
+    tmp_path, clean_run, tiny_model_dir, tiny_shards
+):
     from launcher.ray_train import launch
 
     kill_step = random.Random().randint(EVERY + 1, MAX_STEPS - 1)  # after the first checkpoint
@@ -173,15 +199,22 @@ def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(tmp_pat
 
 
 def _train_cmd(model_dir, shards, storage, name, *extra):
-    return [sys.executable, "-m", "mlctl.cli", "train",
-            *overrides(model_dir, shards, storage, **{"ray.name": name, "train.max_steps": 16}), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "mlctl.cli",
+        "train",
+        *overrides(model_dir, shards, storage, **{"ray.name": name, "train.max_steps": 16}),
+        *extra,
+    ]
 
 
 def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLCTL_FAULT": json.dumps({"sleep": 0.5})}
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     latest = tmp_path / "driver" / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and not latest.exists():
@@ -220,8 +253,10 @@ def _ray_processes() -> list[str]:
 def test_more_failures_than_allowed_reports_count_and_checkpoint(tmp_path, tiny_model_dir, tiny_shards):
     from launcher.ray_train import launch
 
-    cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, tmp_path,
-                                      **{"ray.name": "doomed", "ray.max_failures": 1}))
+    cfg = load_config(
+        None,
+        overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "doomed", "ray.max_failures": 1}),
+    )
     with pytest.raises(RuntimeError) as info:
         launch(cfg, fault={"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
     msg = str(info.value)

@@ -271,23 +271,33 @@ def _dist_worker(rank: int, world: int, port: int, shards: str, model: str, batc
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    queue.put((rank, steps * batch / (time.perf_counter() - t0)))
+    rate = steps * batch / (time.perf_counter() - t0)
     import torch.distributed as dist
 
+    # The communication alone: one all-reduce of a gradient-sized fp32 buffer (what data parallelism
+    # moves per step), to tell gloo's cost from the two processes competing for the cores.
+    flat = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
+    comm = []
+    for _ in range(3):
+        dist.barrier()
+        tc = time.perf_counter()
+        dist.all_reduce(flat)
+        comm.append(time.perf_counter() - tc)
+    queue.put((rank, rate, min(comm) if world > 1 else 0.0))
     dist.destroy_process_group()
 
 
 def per_worker_rate(world: int, shards: Path, model: str, batch: int, warmup: int, steps: int, tmp: Path,
-                    zero_stage: int, bucket: bool) -> list[float]:
-    """Pairs/s of each of ``world`` spawned gloo workers (1 thread each)."""
+                    zero_stage: int, bucket: bool) -> list[tuple[int, float, float]]:
+    """(rank, pairs/s, seconds of one gradient-sized all-reduce) of each of ``world`` spawned gloo
+    workers (1 thread each)."""
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
     run_dir = tempfile.mkdtemp(dir=tmp, prefix=f"ws{world}_")
     mp.spawn(_dist_worker, nprocs=world, join=True,
              args=(world, free_port(), str(shards), model, batch, warmup, steps, run_dir, zero_stage, bucket, queue))
-    got = sorted(queue.get() for _ in range(world))
-    return [r for _, r in got]
+    return sorted(queue.get() for _ in range(world))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,12 +378,15 @@ def main() -> None:
         if "dist" not in args.skip:
             one = per_worker_rate(1, shards, args.model, args.batch, args.warmup, args.dist_steps, tmp, args.zero_stage, args.bucket)
             two = per_worker_rate(2, shards, args.model, args.batch, args.warmup, args.dist_steps, tmp, args.zero_stage, args.bucket)
-            per2 = statistics.mean(two)
+            per1, per2 = one[0][1], statistics.mean(r for _, r, _ in two)
+            comm = max(c for _, _, c in two)
             print(f"\nmlctl step, gloo, 1 thread per worker, {args.dist_steps} steps after {args.warmup} warm-up:")
-            print(f"  world size 1: {one[0]:.1f} pairs/s per worker")
-            print(f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for r in two)}), "
+            print(f"  world size 1: {per1:.1f} pairs/s per worker")
+            print(f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for _, r, _ in two)}), "
                   f"{2 * per2:.1f} in total")
-            print(f"  per-worker overhead of 2 workers: {100 * (1 - per2 / one[0]):.1f}%")
+            print(f"  per-worker overhead of 2 workers: {100 * (1 - per2 / per1):.1f}%")
+            print(f"  one gradient-sized all-reduce (gloo, fp32): {1000 * comm:.0f} ms = "
+                  f"{100 * comm / (args.batch / per2):.1f}% of a world-size-2 step")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

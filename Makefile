@@ -43,7 +43,10 @@ lint: setup
 	$(BIN)/mypy mlctl launcher --ignore-missing-imports
 
 bench: setup
-	$(BIN)/python bench/run_all.py
+	$(BIN)/python bench/bench_prepare.py
+	$(BIN)/python bench/bench_loader.py
+	$(BIN)/python bench/bench_metrics.py
+	$(BIN)/python bench/train_throughput.py
 
 clean:
 	rm -rf $(VENV) runs demo_data .pytest_cache

@@ -1,90 +1,111 @@
-"""Ablation of ML-CTL's parts (skeleton): train one run per variant, evaluate each on dev pairs.
+"""The paper's ablation: info-snt vs CZ-snt vs ML-CTL, same data, steps and seeds.
 
-    python bench/ablation.py --config configs/paper.yaml --pairs DEV.tsv.gz [--pairs ...] \
-        [--variants full,sentence_only,...] [--out bench/ablation.json] [--dry-run] [key=value ...]
+    python bench/ablation.py -c configs/proof.yaml --pairs ../shared/data/dev/de.tsv.gz \
+        --pairs ../shared/data/dev/fr.tsv.gz --pairs ../shared/data/dev/es.tsv.gz \
+        [--seeds 0,1,2] [--arms info-snt,cz-snt,ml-ctl] [--out bench/ablation.json] [key=value ...]
 
-Each variant is the base config plus a few dotted overrides (the rows below); its run is named
-``ablation-<variant>`` so a re-run resumes instead of starting over. ``--dry-run`` resolves and
-validates every variant's config and prints what would run, without training.
-
-NOTE: written ahead of the real-data ablation; the training runs themselves have not been made here.
+Each arm is the base config(s) plus ``configs/ablation/<arm>.yaml``; every arm gets exactly the
+same overrides, steps, data and seeds (nothing is tuned per arm). Each (arm, seed) is a normal
+``mlctl train`` run named ``ablation-<arm>-s<seed>``, so an interrupted ablation resumes. After
+training, the run's encoder (sentence vectors, the model's pooling) is evaluated on the dev pairs:
+Tatoeba-style retrieval accuracy (xx->en) and BUCC-style mining F1, and the table prints the mean
+and standard deviation over seeds, like the paper's last table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# variant -> overrides on top of the base config
-VARIANTS: dict[str, list[str]] = {
-    "full": [],  # CZ-NCE, word level (fusion MLP), MLM, layers [1, -1]
-    "sentence_only": ["model.word_level=false"],
-    "info_nce": ["loss.kind=info_nce"],
-    "no_mlm": ["loss.mlm_weight=0"],
-    "last_layer": ["model.pool_layers=[-1]"],
-}
+ARMS = ("info-snt", "cz-snt", "ml-ctl")
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     from mlctl.config import load_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", action="append", default=None, help="base YAML config(s)")
+    p.add_argument("-c", "--config", action="append", required=True, help="base YAML config(s)")
     p.add_argument("--pairs", action="append", required=True, help="dev TSV files (en<TAB>xx)")
-    p.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS)
-    )
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--max-pairs", type=int, default=None)
     p.add_argument("--out", default=str(ROOT / "bench" / "ablation.json"))
-    p.add_argument("--dry-run", action="store_true", help="resolve the configs, train nothing")
-    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
+    p.add_argument("--dry-run", action="store_true", help="resolve and validate every config, train nothing")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
     args = p.parse_args(argv)
 
-    names = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in names if v not in VARIANTS]
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
     if unknown:
-        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        p.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",") if s]
     configs = {}
-    for name in names:  # resolve every config first, so a typo fails before hours of training
-        configs[name] = load_config(
-            args.config, [*args.overrides, *VARIANTS[name], f"ray.name=ablation-{name}"]
-        )
+    for arm in arms:  # resolve every config first, so a typo fails before hours of training
+        for seed in seeds:
+            configs[(arm, seed)] = load_config(
+                [*args.config, str(ROOT / "configs" / "ablation" / f"{arm}.yaml")],
+                [
+                    *args.overrides,
+                    f"train.seed={seed}",
+                    f"data.seed={seed}",
+                    f"ray.name=ablation-{arm}-s{seed}",
+                    "eval.every_steps=0",
+                ],
+            )
     if args.dry_run:
-        for name, cfg in configs.items():
-            print(f"{name}: {VARIANTS[name] or '(base)'} -> run {cfg.ray.name}, {cfg.train.max_steps} steps")
+        for (arm, seed), cfg in configs.items():
+            print(
+                f"{arm} seed {seed}: loss={cfg.loss.kind} word_level={cfg.model.word_level} "
+                f"steps={cfg.train.max_steps} run={cfg.ray.name}"
+            )
         return 0
-
     missing = [f for f in args.pairs if not Path(f).is_file()]
     if missing:
         p.error(f"pairs files not found: {', '.join(missing)}")
 
     from launcher.ray_train import launch
-    from mlctl.evaluate import evaluate_files, format_table
+    from mlctl.evaluate import evaluate_files
     from mlctl.export import load_run_model
 
-    results = {}
-    for name, cfg in configs.items():
+    out = Path(args.out)
+    results: dict[str, dict] = json.loads(out.read_text()) if out.is_file() else {}
+    for (arm, seed), cfg in configs.items():
+        key = f"{arm}/s{seed}"
+        if key in results:
+            continue  # done in an earlier invocation
         run_dir = launch(cfg)
         model, tokenizer, _ = load_run_model(run_dir)
-        report = evaluate_files(model, tokenizer, args.pairs, max_pairs=args.max_pairs, progress=False)
-        results[name] = {"run_dir": str(run_dir), "overrides": VARIANTS[name], **report}
-        print(f"== {name}\n{format_table(report)}", flush=True)
-        Path(args.out).write_text(
-            json.dumps(results, indent=2) + "\n"
-        )  # after each run: partial results survive
-    print(f"{'variant':<15}{'xx->en':>9}{'en->xx':>9}{'mine F1':>9}")
-    for name, r in results.items():
-        m = r["mean"]
+        report = evaluate_files(model.eval(), tokenizer, args.pairs, max_pairs=args.max_pairs, progress=False)
+        results[key] = {"arm": arm, "seed": seed, "run_dir": str(run_dir), "mean": report["mean"]}
+        out.write_text(json.dumps(results, indent=2) + "\n")  # partial results survive an interruption
+        print(f"[ablation] {key}: {report['mean']}", flush=True)
+
+    print(
+        f"\n{'arm':<10}{'retrieval xx->en':>20}{'retrieval en->xx':>20}{'mining F1':>20}   (mean ± sd over seeds)"
+    )
+    for arm in arms:
+        rows = [r["mean"] for r in results.values() if r["arm"] == arm and r["seed"] in seeds]
         print(
-            f"{name:<15}{m['retrieval.xx2en']:>9.3f}{m['retrieval.en2xx']:>9.3f}{m.get('mining.f1', float('nan')):>9.3f}"
+            f"{arm:<10}{spread([r['retrieval.xx2en'] for r in rows]):>20}"
+            f"{spread([r['retrieval.en2xx'] for r in rows]):>20}"
+            f"{spread([r['mining.f1'] for r in rows if 'mining.f1' in r]):>20}"
         )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlctl.config import Config, config_from_dict
+from mlctl.engine import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.ray.storage_path).expanduser().resolve() / run_name(cfg)
 
 
-class RayReporter:
+class RayReporter(Reporter):
     """Reports a pointer checkpoint from every rank; reads the one Ray restored, if any."""
 
     def __init__(self, rank: int):

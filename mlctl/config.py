@@ -258,7 +258,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
         return from_dict(tp, value, where)

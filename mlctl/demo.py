@@ -40,7 +40,7 @@ def django_catalogs(lang: str) -> list[Path]:
 
 def read_mo(path: Path) -> dict[str, str]:
     with open(path, "rb") as f:
-        catalog = gettext.GNUTranslations(f)._catalog  # msgid -> msgstr, plural keys are tuples
+        catalog = gettext.GNUTranslations(f)._catalog  # type: ignore[attr-defined]  # msgid -> msgstr, plural keys are tuples
     return {
         k: v for k, v in catalog.items() if isinstance(k, str) and k and isinstance(v, str) and v and k != v
     }

@@ -87,7 +87,8 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """No weight decay on biases and LayerNorm weights."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -167,7 +168,7 @@ class Trainer:
         self.clock = clock
         self.state = TrainState()
         self.ckpt = CheckpointDir(self.run_dir, cfg.checkpoint.keep_last)
-        self.metrics = None
+        self.metrics: Any = None  # MetricsExporter once set up
         self.last_save_time = clock()
         self.history: list[dict[str, float]] = []
         self._skips_logged: dict[str, int] = {}
@@ -209,7 +210,9 @@ class Trainer:
         self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
 
         optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas)
+            param_groups(model, cfg.train.weight_decay),
+            lr=cfg.train.lr,
+            betas=(cfg.train.betas[0], cfg.train.betas[1]),
         )
         schedule = lr_lambda(cfg)
         self.engine, _, _, _ = deepspeed.initialize(

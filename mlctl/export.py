@@ -101,7 +101,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None):
             f"{ckpt}: checkpoint does not match {cfg.model.name_or_path}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.checkpoint_path = str(ckpt)
+    model.checkpoint_path = str(ckpt)  # type: ignore[assignment]
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     return model.eval(), tokenizer, cfg
 

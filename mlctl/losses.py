@@ -93,9 +93,8 @@ def contrastive_loss(
             f"({gx.shape[0]} rows from {x.shape[0]} local rows); is torch.distributed initialised?"
         )
     offset = rank * x.shape[0]
-    kw = dict(temperature=temperature, cross_zero=cross_zero, same_language_negatives=same_language_negatives)
-    lx = _loss_rows(xn, gx, gy, offset, **kw)
-    ly = _loss_rows(yn, gy, gx, offset, **kw)
+    lx = _loss_rows(xn, gx, gy, offset, temperature, cross_zero, same_language_negatives)
+    ly = _loss_rows(yn, gy, gx, offset, temperature, cross_zero, same_language_negatives)
     return torch.cat([lx, ly]).mean()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +69,10 @@ class MLCTLModel(nn.Module):
 
     def __init__(self, mlm_model: nn.Module, pool_layers: list[int]):
         super().__init__()
-        self.mlm = mlm_model
-        cfg = mlm_model.config
-        self.hidden_size = cfg.hidden_size
-        self.num_layers = cfg.num_hidden_layers
+        self.mlm: Any = mlm_model  # a transformers *ForMaskedLM
+        cfg: Any = mlm_model.config
+        self.hidden_size: int = cfg.hidden_size
+        self.num_layers: int = cfg.num_hidden_layers
         self.pool_layers = self._normalise_layers(pool_layers)
         self.fusion = FusionMLP(cfg.hidden_size)
 

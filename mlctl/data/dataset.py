@@ -157,7 +157,7 @@ def _block_batches(
     rng = np.random.default_rng([plan.seed, epoch, consumer, block])
     recs = [records[i] for i in rng.permutation(len(records))]
     if plan.bucket:
-        batches = []
+        batches: list[list[dict]] = []
         for s in range(0, len(recs), plan.bucket):
             bucket = sorted(recs[s : s + plan.bucket], key=lambda r: max(len(r["src"]), len(r["tgt"])))
             batches.extend(bucket[i : i + plan.b] for i in range(0, len(bucket), plan.b))

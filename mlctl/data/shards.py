@@ -11,6 +11,7 @@ import json
 import os
 import tarfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -85,7 +86,7 @@ class ShardWriter:
         self.out = Path(out_dir)
         self.per_shard = samples_per_shard
         self.shards: list[dict] = []
-        self._f = None
+        self._f: BinaryIO | None = None
         self._tmp: Path | None = None
         self._n = 0
         self._size = 0

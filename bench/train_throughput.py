@@ -18,7 +18,8 @@ size, thread count, warm-up and timed steps; rounds interleave them in rotating 
 shared machine hits all three. Then the mlctl step runs in 1 and in 2 spawned gloo processes (1 thread
 each) to measure the per-worker cost of the gathered loss and gradient all-reduce.
 
-    .venv/bin/python bench/train_throughput.py [--pairs 4000] [--batch 32] [--rounds 3] [--steps 3]
+    .venv/bin/python bench/train_throughput.py [--pairs 4000] [--batch 32] [--rounds 3] [--steps 2]
+        [--no-mlm-variant] [--no-bucket] [--zero-stage 0] [--skip reference|st|dist] [--profile]
 """
 
 from __future__ import annotations

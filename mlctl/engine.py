@@ -170,7 +170,7 @@ class Trainer:
         self.ckpt = CheckpointDir(self.run_dir, cfg.checkpoint.keep_last)
         self.metrics: Any = None  # MetricsExporter once set up
         self.last_save_time = clock()
-        self.history: list[dict[str, float]] = []
+        self.last_metrics: dict[str, float] = {}  # the latest step's figures, reported with checkpoints
         self._skips_logged: dict[str, int] = {}
 
     # ---- setup -------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ class Trainer:
         self.last_save_time = self.clock()
         if self.metrics is not None:
             self.metrics.log_checkpoint(seconds, step)
-        last = self.history[-1] if self.history else {}
+        last = self.last_metrics
         self.reporter.checkpoint(final, step, {"step": step, **last})
         if self.rank == 0:
             log.info("checkpoint %s written in %.1fs", final, seconds)
@@ -471,7 +471,7 @@ class Trainer:
         try:
             while self.state.step < cfg.train.max_steps:
                 m = self.train_step(it)
-                self.history.append({k: v for k, v in m.items() if isinstance(v, float)})
+                self.last_metrics = {k: v for k, v in m.items() if isinstance(v, float)}
                 self._log_step(m, global_batch)
                 if eval_every and self.state.step % eval_every == 0 and cfg.eval.pairs:
                     self.evaluate()

@@ -440,18 +440,18 @@ def run(args: argparse.Namespace) -> int:
     for path in args.pairs:  # fail before loading a model
         if not Path(path).is_file():
             raise FileNotFoundError(f"pairs file not found: {path}")
-    torch.set_grad_enabled(False)
-    model, tokenizer, source = load_encoder(args.model, args.layers)
-    report = evaluate_files(
-        model,
-        tokenizer,
-        args.pairs,
-        args.batch_size,
-        args.max_length,
-        args.max_pairs,
-        progress=not args.no_progress,
-        seed=args.seed,
-    )
+    with torch.no_grad():  # scoped: `run` is also called in-process (tests, scripts)
+        model, tokenizer, source = load_encoder(args.model, args.layers)
+        report = evaluate_files(
+            model,
+            tokenizer,
+            args.pairs,
+            args.batch_size,
+            args.max_length,
+            args.max_pairs,
+            progress=not args.no_progress,
+            seed=args.seed,
+        )
     report = {"model": source, "pool_layers": model.pool_layers, "max_length": args.max_length, **report}
     print(f"model: {source}  pool layers: {model.pool_layers}")
     print(format_table(report))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,3 +88,34 @@ def make_tiny_model(out_dir: str | Path, **kwargs) -> Path:
     """Tokenizer + tiny BERT in one folder, usable as `model.name_or_path`."""
     tok = train_wordpiece(fixture_texts(), Path(out_dir) / "_tok")
     return build_tiny_bert(out_dir, tok, **kwargs)
+
+
+def processes_marked(marker: str, value: str) -> list[int]:
+    """Pids of live processes whose environment has `marker=value`.
+
+    Ray's raylet, GCS and workers inherit the driver's environment, so a test that puts a unique
+    marker into the environment of the command it starts can find (and clean up) exactly the
+    processes that command spawned, without touching other Ray clusters on the machine.
+    """
+    needle = f"{marker}={value}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # exited meanwhile, or not ours to read
+            continue
+        if state != "Z" and needle in env.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def kill_marked(marker: str, value: str) -> None:
+    """SIGKILL every live process carrying `marker=value` in its environment."""
+    for pid in processes_marked(marker, value):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+
+from mlctl.testing import kill_marked
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -24,16 +29,24 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
-    """A standalone Ray head (its own processes, not the test's), stopped afterwards."""
+def ray_cluster():
+    """A standalone Ray head (its own processes, not the test's), stopped afterwards.
+
+    Its temp dir is short on purpose: Ray puts AF_UNIX sockets under it and those paths may not
+    exceed 107 bytes, which pytest's deep tmp_path easily does. Teardown kills only the processes
+    that carry this fixture's marker in their environment (never `ray stop`, which would stop
+    every Ray on the machine).
+    """
     port = free_port()
+    marker = f"{os.getpid()}-{time.time_ns()}"
     env = {
         **os.environ,
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_AUTH_MODE": "disabled",
         "PYTHONPATH": str(ROOT),
+        "MLCTL_TEST_MARKER": marker,
     }
-    temp = tmp_path / "ray"
+    temp = Path(tempfile.mkdtemp(prefix="mlctl-ray-", dir="/tmp"))
     start = [
         str(RAY),
         "start",
@@ -44,13 +57,14 @@ def ray_cluster(tmp_path):
         "--disable-usage-stats",
         f"--temp-dir={temp}",
     ]
-    out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        pytest.fail("ray start failed:\n" + out.stdout[-2000:] + out.stderr[-2000:])
     try:
+        out = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            pytest.fail("ray start failed:\n" + out.stdout[-2000:] + out.stderr[-2000:])
         yield f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_marked("MLCTL_TEST_MARKER", marker)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_train_joins_an_existing_cluster(tmp_path, ray_cluster, tiny_model_dir, tiny_shards):

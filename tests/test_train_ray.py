@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from mlctl.config import load_config
+from mlctl.testing import kill_marked, processes_marked
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -210,7 +211,13 @@ def _train_cmd(model_dir, shards, storage, name, *extra):
 
 
 def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLCTL_FAULT": json.dumps({"sleep": 0.5})}
+    marker = f"{os.getpid()}-{time.time_ns()}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "MLCTL_FAULT": json.dumps({"sleep": 0.5}),
+        "MLCTL_TEST_MARKER": marker,
+    }
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -225,11 +232,15 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
     proc.wait(timeout=30)
     # Ray's own processes notice the dead driver within seconds; workers may still finish a save
-    # meanwhile. Wait until they are gone, then the newest checkpoint is where a re-run must start.
+    # meanwhile. Wait until the processes this command spawned are gone (found by the marker in their
+    # environment, so other Ray instances on the machine do not count), then the newest checkpoint
+    # is where a re-run must start.
     deadline = time.time() + 90
-    while time.time() < deadline and _ray_processes():
+    while time.time() < deadline and processes_marked("MLCTL_TEST_MARKER", marker):
         time.sleep(0.5)
-    assert not _ray_processes(), "Ray processes outlived the killed driver"
+    left = processes_marked("MLCTL_TEST_MARKER", marker)
+    kill_marked("MLCTL_TEST_MARKER", marker)
+    assert not left, f"Ray processes outlived the killed driver: {left}"
     first = int(latest.read_text().strip().split("_")[1])
     assert first < 16
 
@@ -243,11 +254,6 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     records = pair_log(tmp_path / "driver")[0]
     second_attempt = [r["step"] for r in records if r["restarts"] >= 1]
     assert second_attempt and second_attempt[0] == first + 1
-
-
-def _ray_processes() -> list[str]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|RayTrainWorker"], capture_output=True, text=True)
-    return out.stdout.split()
 
 
 def test_more_failures_than_allowed_reports_count_and_checkpoint(tmp_path, tiny_model_dir, tiny_shards):

@@ -309,6 +309,22 @@ class Trainer:
             return None
         return max(candidates, key=lambda p: CheckpointMeta.load(p / "meta.json").step)
 
+    def _count_attempt(self) -> int:
+        """Rank 0 bumps ``RUN/attempts`` (worker-group starts of this run); every rank reads it."""
+        path = self.run_dir / "attempts"
+        if self.rank == 0:
+            try:
+                n = int(path.read_text().strip()) + 1 if path.is_file() else 1
+            except ValueError:
+                log.warning("%s is not a number; counting attempts from 1 again", path)
+                n = 1
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(".attempts.tmp")
+            tmp.write_text(f"{n}\n")
+            os.replace(tmp, path)
+        dist.barrier()
+        return int(path.read_text().strip())
+
     def load_checkpoint(self, path: Path) -> None:
         meta = CheckpointMeta.load(path / "meta.json")
         check_compatible(
@@ -343,8 +359,6 @@ class Trainer:
             tokens_seen=meta.tokens_seen,
             restarts=meta.restarts + 1,
         )
-        if self.rank == 0:
-            log.info("resumed from %s at step %d (restart %d)", path, meta.step, self.state.restarts)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -457,6 +471,11 @@ class Trainer:
         resume = self.find_resume_point()
         if resume is not None:
             self.load_checkpoint(resume)
+        # A checkpoint only knows the restarts before it was written; two failures between two
+        # saves would count once. The run folder's attempt counter sees every worker-group start.
+        self.state.restarts = max(self.state.restarts, self._count_attempt() - 1)
+        if resume is not None and self.rank == 0:
+            log.info("resumed from %s at step %d (restart %d)", resume, self.state.step, self.state.restarts)
         if self.metrics is not None:
             self.metrics.restore_totals(
                 self.state.step, self.state.samples_seen, self.state.tokens_seen, self.state.restarts

@@ -168,8 +168,11 @@ class MLCTLModel(nn.Module):
             lab = labels[side]
             sel = lab != -100
             if not bool(sel.any()):
-                # Keep the graph connected (every rank must touch the same parameters).
-                losses.append(hidden[side].sum() * 0.0)
+                # Nothing masked on this side (short rows): still run the head, with weight 0, so
+                # every parameter gets a gradient. Otherwise this rank's gradient buckets differ
+                # from the other ranks' and the data-parallel reduction exchanges mismatched
+                # messages (gloo aborts with "op.preamble.length <= op.nbytes").
+                losses.append(self._lm_logits(hidden[side][:1, 0]).float().sum() * 0.0)
                 continue
             logits = self._lm_logits(hidden[side][sel])
             losses.append(F.cross_entropy(logits.float(), lab[sel]))

@@ -142,6 +142,20 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
+def test_every_restart_counts_even_between_the_same_two_checkpoints(tmp_path, tiny_model_dir, tiny_shards):
+    run = tmp_path / "run"
+    args = _base(tiny_model_dir, tiny_shards, **{"train.max_steps": 6, "checkpoint.every_steps": 2})
+    for _ in range(2):  # two crashes at step 3, both after the step-2 checkpoint and before the next
+        out = _worker(run, {"event": "step", "step": 2}, *args)
+        assert out.returncode == 9, out.stderr[-3000:]
+    out = _worker(run, None, *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "(restart 2)" in out.stderr
+    assert json.loads(out.stdout.split("FINAL", 1)[1])["restarts"] == 2
+    assert json.loads((run / "checkpoints" / "step_00000006" / "meta.json").read_text())["restarts"] == 2
+
+
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_of_another_model_is_refused(
     tmp_path, tiny_model_dir, tiny_tokenizer, tiny_shards
 ):

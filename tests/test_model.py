@@ -178,10 +178,22 @@ def test_forward_mlm_loss_is_finite_and_reaches_the_encoder(tiny_model_dir, tiny
     enc_layer = model.encoder.encoder.layer[0].attention.self.query.weight
     assert enc_layer.grad is not None and enc_layer.grad.abs().sum() > 0
     assert model.mlm.cls.predictions.transform.dense.weight.grad.abs().sum() > 0
-    # No masked token on one side still gives a connected graph and a finite loss.
+    # No masked token at all still gives a zero loss whose graph reaches *every* parameter the
+    # masked case reaches: under data parallelism a rank that skipped the MLM head would reduce a
+    # different set of gradients than the others (a real crash: gloo aborted on mismatched sizes).
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
     none = torch.full_like(labels, -100)
-    out2 = model(enc["input_ids"], enc["attention_mask"], mlm_input_ids=masked, mlm_labels=none)
+    out2 = model(
+        enc["input_ids"],
+        enc["attention_mask"],
+        spans=torch.tensor([[1, 1]] * 4),
+        mlm_input_ids=masked,
+        mlm_labels=none,
+    )
     assert out2.mlm_loss.item() == 0.0
+    (out2.mlm_loss + out2.fused.sum() * 0.0 + out2.sentence.sum() * 0.0).backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == with_grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,6 +246,7 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
 
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=400)
     log_text = out.stdout + out.stderr
+    (tmp_path / "rerun.log").write_text(log_text)  # the whole log, for a failure's post-mortem
     assert out.returncode == 0, log_text[-4000:]
     assert "resumed from" in log_text, log_text[-4000:]
     m = meta(tmp_path / "driver")

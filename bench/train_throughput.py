@@ -491,27 +491,19 @@ def main() -> None:
         del steps, trainer
 
         if "dist" not in args.skip:
-            one = per_worker_rate(
-                1,
-                shards,
-                args.model,
-                args.batch,
-                args.warmup,
-                args.dist_steps,
-                tmp,
-                args.zero_stage,
-                args.bucket,
-            )
-            two = per_worker_rate(
-                2,
-                shards,
-                args.model,
-                args.batch,
-                args.warmup,
-                args.dist_steps,
-                tmp,
-                args.zero_stage,
-                args.bucket,
+            one, two = (
+                per_worker_rate(
+                    n,
+                    shards,
+                    args.model,
+                    args.batch,
+                    args.warmup,
+                    args.dist_steps,
+                    tmp,
+                    args.zero_stage,
+                    args.bucket,
+                )
+                for n in (1, 2)
             )
             per1, per2 = one[0][1], statistics.mean(r for _, r, _ in two)
             comm = max(c for _, _, c in two)

@@ -550,12 +550,12 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Retrieval accuracy on the configured dev pairs (every rank runs it: under ZeRO-3 the
         forward pass itself is collective); rank 0 logs."""
-        from mlctl.evaluate import load_pairs, retrieval_accuracy_on_pairs
+        from mlctl.evaluate import lang_of, load_pairs, retrieval_accuracy_on_pairs
 
         results: dict[str, float] = {}
         self.engine.eval()
         for path in self.cfg.eval.pairs:
-            lang = _lang_of(path)
+            lang = lang_of(path)
             pairs = load_pairs(path, max_pairs=self.cfg.eval.max_pairs)
             r = retrieval_accuracy_on_pairs(
                 self.model, self.tokenizer, pairs, batch_size=self.cfg.eval.batch_size
@@ -569,13 +569,6 @@ class Trainer:
                 "eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items())
             )
         return results
-
-
-def _lang_of(path: str) -> str:
-    name = Path(path).name
-    for suffix in (".gz", ".tsv", ".txt"):
-        name = name.removesuffix(suffix)
-    return name.split(".")[-1].split("-")[-1]
 
 
 def _grad_norm(engine) -> float:

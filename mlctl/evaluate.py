@@ -343,25 +343,18 @@ def evaluate_files(
     for path in paths:
         pf = read_pair_file(path, max_pairs)
         lang = lang_of(path)
-        en = encode_texts(
-            model,
-            tokenizer,
-            [p[0] for p in pf.pairs],
-            batch_size,
-            None,
-            max_length,
-            progress,
-            desc=f"{lang} en",
-        )
-        xx = encode_texts(
-            model,
-            tokenizer,
-            [p[1] for p in pf.pairs],
-            batch_size,
-            None,
-            max_length,
-            progress,
-            desc=f"{lang} {lang}",
+        en, xx = (
+            encode_texts(
+                model,
+                tokenizer,
+                [p[side] for p in pf.pairs],
+                batch_size,
+                None,
+                max_length,
+                progress,
+                desc=f"{lang} {name}",
+            )
+            for side, name in ((0, "en"), (1, lang))
         )
         entry: dict[str, Any] = {
             "lang": lang,

@@ -1,8 +1,9 @@
 """Training throughput of one worker: pairs/s of mlctl's step against two baselines, in one run.
 
-* mlctl: ``Trainer.train_step`` (pre-tokenized shards, dynamic padding, one encoder call over both
-  sides with the MLM-masked copy in the same call, MLM head at masked positions only, CZ-NCE, DeepSpeed
-  backward/step), world size 1 over gloo.
+* mlctl: ``Trainer.train_step`` (pre-tokenized shards, length-bucketed batches, one encoder call
+  over both sides with the MLM-masked copy in the same call, run on the real tokens only
+  (``model.unpad``), MLM head at masked positions only, CZ-NCE, DeepSpeed backward/step, fused
+  AdamW), world size 1 over gloo.
 * (a) reference style: plain PyTorch + ``AutoModelForMaskedLM`` of the same model; every batch is
   tokenized inside the loop and padded to 128 tokens, source and target go through two separate
   forwards with hidden states, the input is MLM-masked in place and the MLM loss comes from the same
@@ -10,16 +11,20 @@
   anchors, one-direction CZ-NCE, AdamW.
 * (b) sentence-transformers: ``SentenceTransformer`` (same weights, mean pooling, max 128 tokens) with
   ``MultipleNegativesRankingLoss``; a manual loop doing what ``SentenceTransformerTrainer`` does per
-  step: the collator's ``model.preprocess`` per column, the loss, backward, clip to norm 1, AdamW,
-  scheduler step.
+  step: the collator's ``model.preprocess`` per column, the loss, backward, clip to norm 1, fused
+  AdamW (the Trainer's default optimizer), scheduler step. Timed twice: on mlctl's batches, and on
+  random batches of the same pairs ("own batches": the Trainer's default sampler, which has no
+  length grouping).
 
-All three see the same batches (pair ids from identically seeded ``ShardLoader``s) with the same batch
-size, thread count, warm-up and timed steps; rounds interleave them in rotating order so drift on a
-shared machine hits all three. Then the mlctl step runs in 1 and in 2 spawned gloo processes (1 thread
-each) to measure the per-worker cost of the gathered loss and gradient all-reduce.
+mlctl, (a) and (b) see the same batches (pair ids from identically seeded ``ShardLoader``s) with the
+same batch size, thread count, warm-up and timed steps; rounds interleave them in rotating order so
+drift on a shared machine hits all of them. ``--precision bf16`` runs mlctl with DeepSpeed bf16 and
+the baselines under CPU bf16 autocast. Then the mlctl step runs in 1 and in 2 spawned gloo processes
+(1 thread each) to measure the per-worker cost of the gathered loss and gradient all-reduce.
 
     .venv/bin/python bench/train_throughput.py [--pairs 4000] [--batch 32] [--rounds 3] [--steps 2]
-        [--no-mlm-variant] [--no-bucket] [--zero-stage 0] [--skip reference|st|dist] [--profile]
+        [--precision fp32|bf16] [--no-mlm-variant] [--padded-variant] [--no-bucket] [--zero-stage 0]
+        [--skip reference|st|dist] [--profile]
 """
 
 from __future__ import annotations
@@ -123,8 +128,6 @@ def mlctl_trainer(
     run_dir: Path,
     rank: int = 0,
     world_size: int = 1,
-    zero_stage: int = 1,
-    bucket: bool = True,
     extra: tuple[str, ...] = (),
 ):
     from mlctl.config import load_config
@@ -139,8 +142,6 @@ def mlctl_trainer(
             "metrics.enabled=false",
             "train.max_steps=1000000",
             "train.warmup_steps=0",
-            f"deepspeed.zero_stage={zero_stage}",
-            f"data.bucket_by_length={str(bucket).lower()}",
             *extra,
         ],
     )
@@ -252,7 +253,8 @@ class SentenceTransformersStep:
             modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device="cpu"
         )
         self.loss = MultipleNegativesRankingLoss(self.model)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR)
+        # TrainingArguments' default optimizer with torch >= 2.8 is "adamw_torch_fused".
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
         self.batches = batches
         self.model.train()
@@ -269,6 +271,20 @@ class SentenceTransformersStep:
         self.sched.step()
         self.opt.zero_grad()
         return float(loss)
+
+
+def autocast(step, enabled: bool):
+    """``step`` under CPU bf16 autocast (what accelerate does for transformers' ``bf16=True``)."""
+    import torch
+
+    if not enabled:
+        return step
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return step()
+
+    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,8 +318,7 @@ def _dist_worker(
     warmup: int,
     steps: int,
     run_dir: str,
-    zero_stage: int,
-    bucket: bool,
+    extra: tuple[str, ...],
     queue,
 ) -> None:
     import torch
@@ -318,7 +333,7 @@ def _dist_worker(
         LOCAL_WORLD_SIZE=str(world),
     )
     logging.disable(logging.WARNING)
-    trainer = mlctl_trainer(Path(shards), model, batch, Path(run_dir), rank, world, zero_stage, bucket)
+    trainer = mlctl_trainer(Path(shards), model, batch, Path(run_dir), rank, world, extra)
     step = mlctl_step(trainer)
     for _ in range(warmup):
         step()
@@ -349,8 +364,7 @@ def per_worker_rate(
     warmup: int,
     steps: int,
     tmp: Path,
-    zero_stage: int,
-    bucket: bool,
+    extra: tuple[str, ...],
 ) -> list[tuple[int, float, float]]:
     """(rank, pairs/s, seconds of one gradient-sized all-reduce) of each of ``world`` spawned gloo
     workers (1 thread each)."""
@@ -371,8 +385,7 @@ def per_worker_rate(
             warmup,
             steps,
             run_dir,
-            zero_stage,
-            bucket,
+            extra,
             queue,
         ),
     )
@@ -408,6 +421,18 @@ def main() -> None:
         action="store_true",
         help="also time mlctl with loss.mlm_weight=0 (no masked copy): like for like with (b)",
     )
+    ap.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="mlctl: deepspeed.precision; (a) and (b): torch.autocast(cpu, bf16) as transformers' "
+        "Trainer does with bf16=True",
+    )
+    ap.add_argument(
+        "--padded-variant",
+        action="store_true",
+        help="also time mlctl with model.unpad=false (the transformers forward over the padded grid)",
+    )
     ap.add_argument("--skip", choices=["reference", "st", "dist"], action="append", default=[])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the mlctl step")
     args = ap.parse_args()
@@ -418,13 +443,18 @@ def main() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    overrides = (
+        f"deepspeed.zero_stage={args.zero_stage}",
+        f"deepspeed.precision={args.precision}",
+        f"data.bucket_by_length={str(args.bucket).lower()}",
+    )
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp_s:
         tmp = Path(tmp_s)
         shards, what = build_shards(tmp, args.model, args.pairs)
         texts = pair_texts(shards)
         print(
-            f"data: {what}; batch {args.batch}; length bucketing {args.bucket}; torch threads {args.threads}; cores {os.cpu_count()}; "
-            f"torch {torch.__version__}",
+            f"data: {what}; batch {args.batch}; length bucketing {args.bucket}; precision {args.precision}; "
+            f"torch threads {args.threads}; cores {os.cpu_count()}; torch {torch.__version__}",
             flush=True,
         )
 
@@ -436,45 +466,49 @@ def main() -> None:
             LOCAL_RANK="0",
             LOCAL_WORLD_SIZE="1",
         )
-        trainer = mlctl_trainer(
-            shards, args.model, args.batch, tmp / "run", zero_stage=args.zero_stage, bucket=args.bucket
-        )
+        trainer = mlctl_trainer(shards, args.model, args.batch, tmp / "run", extra=overrides)
         steps = {"mlctl": mlctl_step(trainer)}
-        if args.no_mlm_variant:
-            steps["mlctl, no MLM"] = mlctl_step(
-                mlctl_trainer(
-                    shards,
-                    args.model,
-                    args.batch,
-                    tmp / "run_nomlm",
-                    zero_stage=args.zero_stage,
-                    bucket=args.bucket,
-                    extra=("loss.mlm_weight=0",),
-                )
-            )
+        variants = {"mlctl, no MLM": ("loss.mlm_weight=0",)} if args.no_mlm_variant else {}
+        if args.padded_variant:
+            variants["mlctl, padded forward"] = ("model.unpad=false",)
+        for i, (name, extra) in enumerate(variants.items()):
+            run = mlctl_trainer(shards, args.model, args.batch, tmp / f"run{i}", extra=overrides + extra)
+            steps[name] = mlctl_step(run)
+        amp = args.precision == "bf16"
         if "reference" not in args.skip:
-            steps["reference"] = ReferenceStep(
-                args.model, batches_with_texts(shards, args.batch, texts, args.bucket)
+            steps["reference"] = autocast(
+                ReferenceStep(args.model, batches_with_texts(shards, args.batch, texts, args.bucket)), amp
             )
         if "st" not in args.skip:
-            steps["sentence-transformers"] = SentenceTransformersStep(
-                args.model, batches_with_texts(shards, args.batch, texts, args.bucket)
+            steps["sentence-transformers"] = autocast(
+                SentenceTransformersStep(
+                    args.model, batches_with_texts(shards, args.batch, texts, args.bucket)
+                ),
+                amp,
+            )
+        if "st" not in args.skip and args.bucket:
+            # What SentenceTransformerTrainer does by itself: random batches of the same pairs (its
+            # default BatchSampler; it has no length grouping), each column padded to its longest row.
+            steps["sentence-transformers, own batches"] = autocast(
+                SentenceTransformersStep(args.model, batches_with_texts(shards, args.batch, texts, False)),
+                amp,
             )
         rates = interleaved(steps, args.warmup, args.rounds, args.steps, args.batch)
 
         print(
-            f"\npairs/s, 1 worker, {args.threads} thread(s), {args.rounds} rounds x {args.steps} steps "
-            f"after {args.warmup} warm-up (median [min-max] over rounds):"
+            f"\npairs/s, 1 worker, {args.threads} thread(s), {args.precision}, {args.rounds} rounds x "
+            f"{args.steps} steps after {args.warmup} warm-up (median [min-max] over rounds):"
         )
         med = {n: statistics.median(r) for n, r in rates.items()}
         for n, r in rates.items():
-            print(f"  {n:24s} {med[n]:8.1f}  [{min(r):.1f}-{max(r):.1f}]")
-        for base, target in (("reference", 3.0), ("sentence-transformers", 1.3)):
-            if base in med:
-                ratio = med["mlctl"] / med[base]
-                print(
-                    f"  mlctl / {base}: {ratio:.2f}x (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
-                )
+            print(f"  {n:36s} {med[n]:8.1f}  [{min(r):.1f}-{max(r):.1f}]")
+        targets = {"reference": 3.0, "sentence-transformers": 1.3, "sentence-transformers, own batches": 1.3}
+        for mine in [n for n in med if n.startswith("mlctl")]:
+            for base, target in targets.items():
+                if base in med:
+                    ratio = med[mine] / med[base]
+                    verdict = "met" if ratio >= target else "NOT met"
+                    print(f"  {mine} / {base}: {ratio:.2f}x (target >= {target}x: {verdict})")
 
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
@@ -500,8 +534,7 @@ def main() -> None:
                     args.warmup,
                     args.dist_steps,
                     tmp,
-                    args.zero_stage,
-                    args.bucket,
+                    overrides,
                 )
                 for n in (1, 2)
             )

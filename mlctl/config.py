@@ -50,6 +50,10 @@ class ModelConfig:
     pool_layers: list[int] = field(default_factory=lambda: [1, -1])
     # Fuse sentence and anchor-word vectors with the MLP (ML-CTL). False: sentence level only.
     word_level: bool = True
+    # Run the encoder on real tokens only during training (BERT, RoBERTa, XLM-R; mlctl/packed.py):
+    # the same layers and weights, no work spent on padding. False, or another architecture: the
+    # transformers forward over the padded batch.
+    unpad: bool = True
 
     def __post_init__(self) -> None:
         if not self.pool_layers:

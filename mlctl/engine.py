@@ -192,7 +192,7 @@ class Trainer:
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
 
         torch.manual_seed(cfg.train.seed)  # identical fusion-MLP init on every rank
-        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers)
+        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad)
         self.vocab_size = model.config.vocab_size
 
         self.loader = ShardLoader(
@@ -213,6 +213,10 @@ class Trainer:
             param_groups(model, cfg.train.weight_decay),
             lr=cfg.train.lr,
             betas=(cfg.train.betas[0], cfg.train.betas[1]),
+            # One kernel over all parameters instead of ~10 passes of elementwise ops (12 vs 120 ms
+            # a step for 22.7M fp32 parameters on one CPU core); what transformers' Trainer
+            # defaults to as well. ZeRO hands it the flat fp32 partitions.
+            fused=True,
         )
         schedule = lr_lambda(cfg)
         self.engine, _, _, _ = deepspeed.initialize(

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlctl import packed
 from mlctl.hub import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class FusionMLP(nn.Module):
 class MLCTLModel(nn.Module):
     """Wraps a ``*ForMaskedLM`` model whose MLM decoder is tied to the input embeddings."""
 
-    def __init__(self, mlm_model: nn.Module, pool_layers: list[int]):
+    def __init__(self, mlm_model: nn.Module, pool_layers: list[int], unpad: bool = True):
         super().__init__()
         self.mlm: Any = mlm_model  # a transformers *ForMaskedLM
         cfg: Any = mlm_model.config
@@ -75,6 +76,11 @@ class MLCTLModel(nn.Module):
         self.num_layers: int = cfg.num_hidden_layers
         self.pool_layers = self._normalise_layers(pool_layers)
         self.fusion = FusionMLP(cfg.hidden_size)
+        # Training runs the encoder on real tokens only where the architecture allows (mlctl.packed).
+        why_not = packed.unsupported_reason(self.encoder) if unpad else None
+        self.unpad = unpad and why_not is None
+        if why_not is not None:
+            log.info("model.unpad: %s; using the padded transformers forward", why_not)
 
     def _normalise_layers(self, layers: list[int]) -> list[int]:
         out = []
@@ -89,7 +95,9 @@ class MLCTLModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, pool_layers: list[int] | None = None) -> MLCTLModel:
+    def from_pretrained(
+        cls, name_or_path: str, pool_layers: list[int] | None = None, unpad: bool = True
+    ) -> MLCTLModel:
         from transformers import AutoModelForMaskedLM
 
         path = resolve_model_path(name_or_path)
@@ -104,7 +112,7 @@ class MLCTLModel(nn.Module):
                 len(missing),
                 ", ".join(sorted(missing)[:6]),
             )
-        return cls(mlm, pool_layers or [1, -1])
+        return cls(mlm, pool_layers or [1, -1], unpad)
 
     @property
     def encoder(self) -> nn.Module:
@@ -142,13 +150,17 @@ class MLCTLModel(nn.Module):
         only at masked positions, so its vocabulary projection costs ~15% of a full one.
         """
         rows = input_ids.shape[0]
+        with_mlm = mlm_input_ids is not None and mlm_labels is not None
         ids, mask = input_ids, attention_mask
-        if mlm_input_ids is not None:
+        if mlm_input_ids is not None and mlm_labels is not None:
             ids = torch.cat([input_ids, mlm_input_ids], dim=0)
             mask = torch.cat([attention_mask, attention_mask], dim=0)
-        out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hs = out.hidden_states
-        clean = tuple(h[:rows] for h in hs)
+            labels = torch.cat([torch.full_like(mlm_labels, -100), mlm_labels], dim=0)
+        else:
+            labels = torch.full_like(ids, -100)
+        run = self._packed_states if self.unpad else self._padded_states
+        clean, masked, targets, masked_rows = run(ids, mask, labels, rows)
+
         sentence = pool_layers(clean, self.pool_layers, attention_mask.bool())
         fused = None
         if spans is not None:
@@ -156,26 +168,55 @@ class MLCTLModel(nn.Module):
             word = pool_layers(clean, self.pool_layers, word_mask)
             fused = self.fusion(sentence, word)
         mlm_loss = None
-        if mlm_input_ids is not None and mlm_labels is not None:
-            mlm_loss = self._mlm_loss(hs[-1][rows:], mlm_labels)
+        if with_mlm:
+            fallback = clean[self.num_layers][:1, 0]
+            mlm_loss = self._mlm_loss(masked, targets, masked_rows < rows + rows // 2, fallback)
         return EncoderOutput(sentence=sentence, fused=fused, mlm_loss=mlm_loss)
 
-    def _mlm_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """0.5 * (MLM(x) + MLM(y)); x is the first half of the rows, y the second."""
-        half = labels.shape[0] // 2
+    # Both return (clean, masked, targets, masked_rows): ``clean[i]`` the [rows, L, H] states of
+    # layer i for the clean rows (only the pooled layers are filled), then the last layer's states
+    # at the masked positions of the MLM rows [M, H], their labels [M] and their rows [M].
+
+    def _padded_states(self, ids, mask, labels, rows):
+        out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        hs = out.hidden_states
+        sel = labels != -100
+        row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(sel)
+        return tuple(h[:rows] for h in hs), hs[-1][sel], labels[sel], row_of[sel]
+
+    def _packed_states(self, ids, mask, labels, rows):
+        packing = packed.Packing.of(mask)
+        flat_labels = packing.pack(labels.unsqueeze(-1)).squeeze(-1)
+        sel = flat_labels != -100
+        clean_tokens = int(mask[:rows].sum())  # the clean rows come first, so do their tokens
+        keep = None
+        if bool(sel.any()):
+            masked_at = sel.nonzero().squeeze(1)
+            keep = torch.cat([torch.arange(clean_tokens, device=ids.device), masked_at])
+        states, _ = packed.hidden_states(self.encoder, ids, mask, keep_last=keep, packing=packing)
+        used = set(self.pool_layers) | {self.num_layers}
+        clean: list[torch.Tensor | None] = [
+            packing.unpack(h[:clean_tokens], rows) if i in used else None for i, h in enumerate(states)
+        ]
+        masked = states[-1][clean_tokens:]
+        return clean, masked, flat_labels[sel], packing.index[sel] // packing.length
+
+    def _mlm_loss(
+        self, hidden: torch.Tensor, labels: torch.Tensor, is_x: torch.Tensor, fallback: torch.Tensor
+    ) -> torch.Tensor:
+        """0.5 * (MLM(x) + MLM(y)) from the last-layer states ``hidden`` [M, H] at the masked
+        positions, their ``labels`` [M] and which side each came from."""
         losses = []
-        for side in (slice(0, half), slice(half, None)):
-            lab = labels[side]
-            sel = lab != -100
-            if not bool(sel.any()):
+        for side in (is_x, ~is_x):
+            if not bool(side.any()):
                 # Nothing masked on this side (short rows): still run the head, with weight 0, so
                 # every parameter gets a gradient. Otherwise this rank's gradient buckets differ
                 # from the other ranks' and the data-parallel reduction exchanges mismatched
                 # messages (gloo aborts with "op.preamble.length <= op.nbytes").
-                losses.append(self._lm_logits(hidden[side][:1, 0]).float().sum() * 0.0)
+                losses.append(self._lm_logits(fallback).float().sum() * 0.0)
                 continue
-            logits = self._lm_logits(hidden[side][sel])
-            losses.append(F.cross_entropy(logits.float(), lab[sel]))
+            logits = self._lm_logits(hidden[side])
+            losses.append(F.cross_entropy(logits.float(), labels[side]))
         return 0.5 * (losses[0] + losses[1])
 
     @torch.no_grad()

@@ -52,7 +52,8 @@ class Packing:
         rows, length = mask.shape
         index = mask.flatten().nonzero().squeeze(1)
         keys = mask.clone()
-        keys[:, 0] = True  # a row without real tokens would softmax over nothing (NaN); it is dropped
+        # A row without real tokens would softmax over nothing (NaN); it has no token to keep.
+        keys[~mask.any(dim=1), 0] = True
         return cls(index, rows, length, keys[:, None, None, :])
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:

@@ -83,6 +83,25 @@ def test_packed_forward_matches_the_padded_forward(make, pad):
     assert a.mlm_loss is None and a.fused is None
 
 
+def test_left_padding_and_empty_rows():
+    fast, slow = _pair(_bert)
+    fast.eval(), slow.eval()
+    ids, mask, *_ = _batch()
+    width = ids.shape[1]
+    left_ids = torch.stack([row.roll(width - int(n)) for row, n in zip(ids, mask.sum(1), strict=True)])
+    left_mask = mask.flip(1)
+    assert torch.equal(left_ids[left_mask.bool()], ids[mask.bool()])
+    with torch.no_grad():
+        a, b = fast(left_ids, left_mask), slow(left_ids, left_mask)
+    torch.testing.assert_close(a.sentence, b.sentence, rtol=1e-5, atol=1e-6)
+    # An all-padding row gives zeros, not NaN, and leaves the other rows alone.
+    left_mask[1] = 0
+    with torch.no_grad():
+        c = fast(left_ids, left_mask)
+    assert torch.isfinite(c.sentence).all() and not c.sentence[1].any()
+    torch.testing.assert_close(c.sentence[2:], a.sentence[2:])
+
+
 @pytest.mark.parametrize("make,pad", [(_bert, 0), (_roberta, 1)], ids=["bert", "roberta"])
 def test_packed_gradients_match_the_padded_forward(make, pad):
     fast, slow = _pair(make)

@@ -150,9 +150,9 @@ class MLCTLModel(nn.Module):
         only at masked positions, so its vocabulary projection costs ~15% of a full one.
         """
         rows = input_ids.shape[0]
-        with_mlm = mlm_input_ids is not None and mlm_labels is not None
         ids, mask = input_ids, attention_mask
-        if mlm_input_ids is not None and mlm_labels is not None:
+        with_mlm = mlm_input_ids is not None and mlm_labels is not None
+        if mlm_input_ids is not None and mlm_labels is not None:  # (with_mlm, spelt out for mypy)
             ids = torch.cat([input_ids, mlm_input_ids], dim=0)
             mask = torch.cat([attention_mask, attention_mask], dim=0)
             labels = torch.cat([torch.full_like(mlm_labels, -100), mlm_labels], dim=0)
@@ -169,8 +169,7 @@ class MLCTLModel(nn.Module):
             fused = self.fusion(sentence, word)
         mlm_loss = None
         if with_mlm:
-            fallback = clean[self.num_layers][:1, 0]
-            mlm_loss = self._mlm_loss(masked, targets, masked_rows < rows + rows // 2, fallback)
+            mlm_loss = self._mlm_loss(masked, targets, masked_rows < rows + rows // 2, sentence[:1])
         return EncoderOutput(sentence=sentence, fused=fused, mlm_loss=mlm_loss)
 
     # Both return (clean, masked, targets, masked_rows): ``clean[i]`` the [rows, L, H] states of
@@ -194,9 +193,9 @@ class MLCTLModel(nn.Module):
             masked_at = sel.nonzero().squeeze(1)
             keep = torch.cat([torch.arange(clean_tokens, device=ids.device), masked_at])
         states, _ = packed.hidden_states(self.encoder, ids, mask, keep_last=keep, packing=packing)
-        used = set(self.pool_layers) | {self.num_layers}
         clean: list[torch.Tensor | None] = [
-            packing.unpack(h[:clean_tokens], rows) if i in used else None for i, h in enumerate(states)
+            packing.unpack(h[:clean_tokens], rows) if i in self.pool_layers else None
+            for i, h in enumerate(states)
         ]
         masked = states[-1][clean_tokens:]
         return clean, masked, flat_labels[sel], packing.index[sel] // packing.length
@@ -205,7 +204,8 @@ class MLCTLModel(nn.Module):
         self, hidden: torch.Tensor, labels: torch.Tensor, is_x: torch.Tensor, fallback: torch.Tensor
     ) -> torch.Tensor:
         """0.5 * (MLM(x) + MLM(y)) from the last-layer states ``hidden`` [M, H] at the masked
-        positions, their ``labels`` [M] and which side each came from."""
+        positions, their ``labels`` [M] and which side each came from. ``fallback`` is any [1, H]
+        input for the head when a side has nothing masked."""
         losses = []
         for side in (is_x, ~is_x):
             if not bool(side.any()):

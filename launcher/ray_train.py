@@ -108,6 +108,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of every Ray Train worker."""
     import ray
     import ray.train
+    import ray.train.torch
 
     from mlctl.engine import Trainer
 
@@ -129,6 +130,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_name=loop_config["run_name"],
         reporter=RayReporter(ctx.get_world_rank()),
         fault_hook=fault,
+        # Ray knows which GPU it gave this worker; its local rank need not index it.
+        device=ray.train.torch.get_device(),
     )
     trainer.setup()
     trainer.fit()
@@ -273,7 +276,10 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    env.setdefault("DS_ACCELERATOR", "cuda" if cfg.ray.gpus_per_worker > 0 else "cpu")
+    # NOTE: set, not defaulted: the accelerator follows what the workers are given, not the
+    # driver's environment (a CPU-only head node exporting DS_ACCELERATOR=cpu, as the Makefile does
+    # without a GPU, would otherwise put GPU workers on DeepSpeed's CPU accelerator).
+    env["DS_ACCELERATOR"] = "cuda" if cfg.ray.gpus_per_worker > 0 else "cpu"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(max(1, int(cfg.ray.cpus_per_worker))))
     env["PYTHONPATH"] = os.pathsep.join(

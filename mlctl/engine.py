@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -156,6 +157,7 @@ class Trainer:
         reporter: Reporter | None = None,
         fault_hook: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        device: torch.device | str | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -166,6 +168,8 @@ class Trainer:
         # Tests inject faults here: fault_hook(event, step), events "step" and "save".
         self.fault_hook = fault_hook or (lambda event, step: None)
         self.clock = clock
+        # The device the launcher assigned (Ray: ray.train.torch.get_device()); see setup().
+        self.assigned_device = device
         self.state = TrainState()
         self.ckpt = CheckpointDir(self.run_dir, cfg.checkpoint.keep_last)
         self.metrics: Any = None  # MetricsExporter once set up
@@ -177,15 +181,20 @@ class Trainer:
 
     def setup(self) -> None:
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
         from mlctl.data.dataset import ShardLoader
+        from mlctl.distributed import training_device
 
         cfg = self.cfg
+        # One device per process, from DeepSpeed's accelerator and the launcher's assignment, never
+        # from a default index. Every collective of the step gets tensors on it: under Ray with GPUs
+        # the process group is NCCL-only (TorchConfig(backend="nccl")), and NCCL rejects CPU tensors.
+        self.device = training_device(get_accelerator().device_name(), self.local_rank, self.assigned_device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL's barriers and DeepSpeed's buffers land here
         if not dist.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-        self.device = (
-            torch.device("cuda", self.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        )
+            deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         tok_name = cfg.model.tokenizer or cfg.model.name_or_path
         self.tokenizer = load_tokenizer(tok_name)
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
@@ -220,11 +229,16 @@ class Trainer:
         )
         schedule = lr_lambda(cfg)
         self.engine, _, _, _ = deepspeed.initialize(
+            # NOTE: without device_rank DeepSpeed picks cuda:LOCAL_RANK, wrong for a Ray worker
+            # that sees one GPU (cuda:0) with local rank 1.
+            args=SimpleNamespace(device_rank=self.device.index or 0),
             model=model,
             optimizer=optimizer,
             config=deepspeed_config(cfg, self.world_size),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         )
+        if torch.device(self.engine.device) != self.device:
+            raise RuntimeError(f"DeepSpeed placed the model on {self.engine.device}, expected {self.device}")
         self.model: MLCTLModel = self.engine.module
         self._setup_metrics()
 
@@ -413,7 +427,7 @@ class Trainer:
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.step, self.rank, 10_000))
         t0 = time.perf_counter()
         wait = 0.0
-        sums = torch.zeros(4)
+        sums = torch.zeros(4, device=self.device)  # summed on the device: no sync per micro-batch
         samples = tokens = 0
         pair_ids: list[str] = []
         for micro in range(self.cfg.train.grad_accum):
@@ -421,17 +435,22 @@ class Trainer:
             batch = next(it)
             wait += time.perf_counter() - tw
             r = self.micro_step(batch, micro)
-            sums += torch.stack([r["loss"].cpu(), r["cl"].cpu(), r["mlm"].cpu(), r["acc"].cpu()])
+            sums += torch.stack([r["loss"], r["cl"], r["mlm"], r["acc"]]).float()
             samples += len(batch["pair_ids"])
             tokens += int(batch["num_tokens"])
             pair_ids.extend(batch["pair_ids"])
         self.fault_hook("step", self.state.step)
         # One collective for all logged figures; the save-now flag rides along (rank 0's clock rules).
         due = float(self.rank == 0 and self._time_save_due())
+        # float64: token counts of a large global batch stay exact (float32 would round past 2**24).
         packed = torch.cat(
-            [sums / self.cfg.train.grad_accum, torch.tensor([float(samples), float(tokens), due])]
+            [
+                sums.double() / self.cfg.train.grad_accum,
+                torch.tensor([float(samples), float(tokens), due], dtype=torch.float64, device=self.device),
+            ]
         )
         dist.all_reduce(packed)
+        packed = packed.cpu()  # the step's one device-to-host copy
         packed[:4] /= self.world_size
         self.state.step += 1
         self.state.samples_seen += int(packed[4])
@@ -595,7 +614,7 @@ def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_s
         target = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
         a = ((xn @ gy.T).argmax(1) == target).float().mean()
         b = ((yn @ gx.T).argmax(1) == target).float().mean()
-        return ((a + b) / 2).cpu()
+        return (a + b) / 2  # stays on the device: train_step all-reduces it there
 
 
 def _node_ip() -> str:

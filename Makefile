@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick lint bench clean
+.PHONY: setup demo test test-quick test-gpu lint bench clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ test: setup
 
 test-quick: setup
 	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+# The GPU suite (tests/gpu): NCCL, bf16 and Ray on this node's GPUs; every test skips, with the
+# reason, where there is no CUDA device.
+test-gpu: setup
+	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check mlctl launcher tests bench

@@ -30,7 +30,9 @@ the baselines under CPU bf16 autocast. Then the mlctl step runs in 1 and in 2 sp
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
+import itertools
 import logging
 import os
 import socket
@@ -40,6 +42,19 @@ import tempfile
 import time
 from pathlib import Path
 
+
+def _device_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+# NOTE: DeepSpeed fixes its accelerator when first imported; --device cuda must win over the default.
+if _device_arg(sys.argv) == "cuda":
+    os.environ["DS_ACCELERATOR"] = "cuda"
 for _k, _v in (
     ("DS_ACCELERATOR", "cpu"),
     ("HF_HUB_OFFLINE", "1"),
@@ -240,7 +255,7 @@ class ReferenceStep:
 class SentenceTransformersStep:
     """(b): what SentenceTransformerTrainer does per step with MultipleNegativesRankingLoss."""
 
-    def __init__(self, model: str, batches):
+    def __init__(self, model: str, batches, device: str = "cpu"):
         import torch
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -250,13 +265,15 @@ class SentenceTransformersStep:
 
         enc = Transformer(resolve_model_path(model), max_seq_length=REF_MAX_LEN)
         self.model = SentenceTransformer(
-            modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device="cpu"
+            modules=[enc, Pooling(enc.get_embedding_dimension(), "mean")], device=device
         )
         self.loss = MultipleNegativesRankingLoss(self.model)
         # TrainingArguments' default optimizer with torch >= 2.8 is "adamw_torch_fused".
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: 1.0)
         self.batches = batches
+        self.device = device
+        self.last_masks: list = []  # attention masks of the last step (for --device's FLOP count)
         self.model.train()
 
     def __call__(self):
@@ -264,6 +281,9 @@ class SentenceTransformersStep:
 
         src, tgt, _ = next(self.batches)
         features = [self.model.preprocess(src), self.model.preprocess(tgt)]  # the collator, per column
+        if self.device != "cpu":  # what the Trainer's data collator hands over: tensors on the GPU
+            features = [{k: v.to(self.device) for k, v in f.items()} for f in features]
+        self.last_masks = [f["attention_mask"] for f in features]
         loss = self.loss(features, None)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)  # TrainingArguments.max_grad_norm
@@ -273,15 +293,15 @@ class SentenceTransformersStep:
         return float(loss)
 
 
-def autocast(step, enabled: bool):
-    """``step`` under CPU bf16 autocast (what accelerate does for transformers' ``bf16=True``)."""
+def autocast(step, enabled: bool, device: str = "cpu"):
+    """``step`` under bf16 autocast (what accelerate does for transformers' ``bf16=True``)."""
     import torch
 
     if not enabled:
         return step
 
     def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             return step()
 
     return run
@@ -393,6 +413,270 @@ def per_worker_rate(
 
 
 # --------------------------------------------------------------------------------------------------
+# --device: one accelerator, an mBERT-shaped encoder, pairs/s and MFU against sentence-transformers
+
+# Encoder shapes. "mbert" is bert-base-multilingual-cased's config (12 x 768, 12 heads, FFN 3072,
+# 119,547-token vocabulary), randomly initialised: nothing is downloaded.
+SHAPES = {
+    "mbert": dict(hidden=768, layers=12, heads=12, intermediate=3072, vocab=119_547),
+    "tiny": dict(hidden=64, layers=2, heads=2, intermediate=256, vocab=4_000),
+}
+# Dense bf16 peak of one GPU (TFLOP/s, without sparsity), matched on torch.cuda.get_device_name().
+# NOTE: longest names first: "H100 PCIe" must not be read as the SXM part.
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+)
+
+
+def peak_tflops(device: str, override: float | None) -> tuple[float | None, str]:
+    """(peak bf16 TFLOP/s, where the figure comes from); None where unknown (MFU is then omitted)."""
+    if override:
+        return override, "--peak-tflops"
+    if device != "cuda":
+        return None, "no CPU peak assumed (pass --peak-tflops to get an MFU)"
+    import torch
+
+    name = torch.cuda.get_device_name()
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in name:
+            return peak, f"{name}: dense bf16 datasheet peak"
+    return None, f"{name} is not in PEAK_BF16_TFLOPS (pass --peak-tflops)"
+
+
+def encoder_flops(shape: dict, lengths: list[int], full_last_layer: bool = True, last_rows=None) -> float:
+    """Forward FLOPs of the encoder over rows of the given real lengths (padding excluded).
+
+    Per layer and token: 2 * (4 H^2 + 2 H I) for the Q, K, V, O projections and the feed-forward;
+    per layer and row of length L: 4 H L^2 for Q K^T and the attention-weighted sum of V. Biases,
+    LayerNorm, softmax and GELU are left out (well under 1% at these sizes), embeddings are lookups.
+    ``last_rows`` (masked tokens per row), when given, limits the last layer's O projection and
+    feed-forward to those tokens (the MLM copy needs the last layer only there)."""
+    h, i, n = shape["hidden"], shape["intermediate"], shape["layers"]
+    tokens = sum(lengths)
+    sq = sum(length * length for length in lengths)
+    per_layer = 2 * (4 * h * h + 2 * h * i) * tokens + 4 * h * sq
+    if last_rows is None or full_last_layer:
+        return n * per_layer
+    kept = sum(last_rows)
+    last = 2 * 3 * h * h * tokens + 4 * h * sq + 2 * (h * h + 2 * h * i) * kept
+    return (n - 1) * per_layer + last
+
+
+def mlctl_step_flops(shape: dict, lengths: list[int], mlm_probability: float, mlm: bool) -> float:
+    """Model FLOPs of one mlctl step (forward + backward = 3 x forward): the encoder over both sides,
+    then, with MLM, the masked copy (expected masked tokens: ``mlm_probability`` of the non-special
+    tokens, [CLS] and [SEP] excluded) and the MLM head (H x H transform, H x V decoder) at those
+    tokens. The fusion MLP and the loss's similarity matrices are left out (< 0.1%)."""
+    fwd = encoder_flops(shape, lengths)
+    if mlm:
+        masked = [mlm_probability * max(0, length - 2) for length in lengths]
+        fwd += encoder_flops(shape, lengths, full_last_layer=False, last_rows=masked)
+        h, v = shape["hidden"], shape["vocab"]
+        fwd += 2 * (h * h + h * v) * sum(masked)
+    return 3 * fwd
+
+
+def build_shaped_model(out: Path, shape: dict, texts: list[str]) -> Path:
+    """A WordPiece tokenizer trained on ``texts`` and a randomly initialised BertForMaskedLM of
+    ``shape`` (the vocabulary rows beyond the tokenizer's are never looked up but cost what mBERT's
+    embedding and MLM decoder cost)."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from mlctl.testing import train_wordpiece
+
+    tok = train_wordpiece(texts, out / "_tok", vocab_size=min(8000, shape["vocab"]))
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=max(shape["vocab"], len(tok)),
+        hidden_size=shape["hidden"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        intermediate_size=shape["intermediate"],
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    BertForMaskedLM(cfg).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
+    return out
+
+
+def _recording(it, lengths: list[list[int]]):
+    """Yields the loader's batches, keeping each one's real row lengths (both sides)."""
+    for batch in it:
+        lengths.append(batch["attention_mask"].sum(dim=1).tolist())
+        yield batch
+
+
+def device_main(args) -> None:
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(
+            f"--device cuda: no CUDA device (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}, torch.cuda.is_available() is False)"
+        )
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    shape = SHAPES[args.shape]
+    precision = args.precision or ("bf16" if args.device == "cuda" else "fp32")
+    peak, peak_from = peak_tflops(args.device, args.peak_tflops)
+    batches = [int(b) for b in args.batches.split(",")]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_device_") as tmp_s:
+        tmp = Path(tmp_s)
+        # Tokenizer texts: the same source build_shards reads.
+        src = SHARED / "train" / "de.tsv.gz"
+        if src.is_file():
+            with gzip.open(src, "rt", encoding="utf-8") as f:
+                texts = [part for line in itertools.islice(f, args.pairs) for part in line.split("\t")[:2]]
+        else:
+            from mlctl.testing import fixture_texts
+
+            texts = fixture_texts()
+        model = build_shaped_model(tmp / "model", shape, texts)
+        shards, what = build_shards(tmp, str(model), args.pairs)
+        texts_by_id = pair_texts(shards)
+        name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
+        print(
+            f"device: {name}; model: randomly initialised {args.shape}-shaped BertForMaskedLM "
+            f"({shape}); {precision}; data: {what}; torch {torch.__version__}",
+            flush=True,
+        )
+        print(f"peak: {peak if peak else 'none'} TFLOP/s ({peak_from})", flush=True)
+        if args.check_flops:
+            check_encoder_flops(shape, model)
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(free_port()),
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+        )
+        rows = []
+        for batch in batches:
+            extra = (f"deepspeed.precision={precision}", "data.bucket_by_length=true", "model.unpad=true")
+            trainer = mlctl_trainer(shards, str(model), batch, tmp / f"run{batch}", extra=extra)
+            lengths: list[list[int]] = []
+            it = _recording(iter(trainer.loader), lengths)
+            mlm_p, mlm_on = trainer.cfg.loss.mlm_probability, trainer.cfg.loss.mlm_weight > 0
+            st = SentenceTransformersStep(
+                str(model), batches_with_texts(shards, batch, texts_by_id, True), device=args.device
+            )
+            st_step = autocast(st, precision == "bf16", args.device)
+            results = {}
+            for label, step in (
+                ("mlctl", functools.partial(trainer.train_step, it)),
+                ("sentence-transformers MNRL", st_step),
+            ):
+                for _ in range(args.warmup):
+                    step()
+                lengths.clear()
+                st_lengths: list[int] = []
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                    if label != "mlctl":
+                        st_lengths.extend(int(x) for m in st.last_masks for x in m.sum(dim=1).tolist())
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - t0
+                if label == "mlctl":
+                    flops = sum(mlctl_step_flops(shape, ls, mlm_p, mlm_on) for ls in lengths)
+                    tokens = sum(map(sum, lengths))
+                else:
+                    flops = 3 * encoder_flops(shape, st_lengths)
+                    tokens = sum(st_lengths)
+                results[label] = (args.steps * batch / seconds, flops / seconds, tokens / args.steps)
+                if args.check_flops:
+                    check_flops(label, step, shape, trainer, st, lengths, mlm_p, mlm_on)
+            trainer.loader.close()
+            for label, (rate, fps, tok) in results.items():
+                mfu = f"{100 * fps / (peak * 1e12):.1f}%" if peak else "n/a"
+                rows.append((batch, label, rate, fps / 1e12, mfu, tok))
+            del trainer, st, st_step
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+        print(
+            f"\n{args.steps} timed steps after {args.warmup} warm-up, 1 process; model FLOPs = 3 x forward "
+            "(see mlctl_step_flops / encoder_flops), real tokens only:"
+        )
+        print(f"  {'batch':>5}  {'step':28s} {'pairs/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'tokens/step':>11}")
+        for batch, label, rate, tf, mfu, tok in rows:
+            print(f"  {batch:>5}  {label:28s} {rate:9.1f} {tf:8.3f} {mfu:>6} {tok:11.0f}")
+        by = {(b, lab): r for b, lab, r, *_ in rows}
+        for batch in batches:
+            ratio = by[(batch, "mlctl")] / by[(batch, "sentence-transformers MNRL")]
+            print(f"  batch {batch}: mlctl / sentence-transformers MNRL pairs/s = {ratio:.2f}x")
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+
+
+def check_encoder_flops(shape: dict, model: Path, rows: int = 8, length: int = 48) -> float:
+    """The formula against torch's FlopCounterMode on a batch without padding: the encoder's forward
+    and backward over ``rows`` x ``length`` tokens. Returns counted / formula (1.0 when exact)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import BertModel
+
+    # NOTE: eager attention: FlopCounterMode has no formula for the CPU flash-attention kernel that
+    # SDPA picks on a CPU, and would count no attention at all.
+    encoder = BertModel.from_pretrained(str(model), add_pooling_layer=False, attn_implementation="eager")
+    ids = torch.randint(5, 500, (rows, length))
+    with FlopCounterMode(display=False) as counter:
+        out = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+        out.float().square().mean().backward()
+    formula = 3 * encoder_flops(shape, [length] * rows)
+    ratio = counter.get_total_flops() / formula
+    print(
+        f"FLOP formula check ({rows} rows x {length} tokens, no padding, forward + backward): formula "
+        f"{formula / 1e9:.4f} GFLOP, FlopCounterMode {counter.get_total_flops() / 1e9:.4f} GFLOP, "
+        f"ratio {ratio:.4f}",
+        flush=True,
+    )
+    return ratio
+
+
+def check_flops(label, step, shape, trainer, st, lengths, mlm_p, mlm_on) -> None:
+    """One more step under torch's FlopCounterMode (the matmul and attention FLOPs actually run,
+    forward and backward) next to the formula's count for the same step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    lengths.clear()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    if label == "mlctl":
+        formula = mlctl_step_flops(shape, lengths[-1], mlm_p, mlm_on)
+    else:
+        formula = 3 * encoder_flops(shape, [int(x) for m in st.last_masks for x in m.sum(dim=1).tolist()])
+    counted = counter.get_total_flops()
+    print(
+        f"  FLOP check, {label}: formula {formula / 1e9:.3f} GFLOP, FlopCounterMode {counted / 1e9:.3f} "
+        f"GFLOP (counter/formula {counted / formula:.3f}; the counter also sees padding, the loss and "
+        "the MLP; on a CPU it sees no SDPA attention)",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -435,7 +719,27 @@ def main() -> None:
     )
     ap.add_argument("--skip", choices=["reference", "st", "dist"], action="append", default=[])
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the mlctl step")
+    ap.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        help="instead of the side-by-side above: pairs/s and MFU of the mlctl step and of "
+        "sentence-transformers MNRL on this device, per --batches (fails when --device cuda finds no GPU)",
+    )
+    ap.add_argument("--shape", choices=list(SHAPES), default="mbert", help="--device: the encoder's shape")
+    ap.add_argument("--batches", default="64,256", help="--device: pairs per step, comma-separated")
+    ap.add_argument("--peak-tflops", type=float, help="--device: the device's peak for MFU (else a table)")
+    ap.add_argument(
+        "--check-flops", action="store_true", help="--device: compare the FLOP formula with FlopCounterMode"
+    )
     args = ap.parse_args()
+    if args.device:
+        args.precision = None if "--precision" not in " ".join(sys.argv) else args.precision
+        if args.steps == 2:  # the side-by-side's default is too few timed steps here
+            args.steps = 10
+        if args.warmup == 1:
+            args.warmup = 3
+        device_main(args)
+        return
 
     import torch
 

@@ -549,6 +549,11 @@ def device_main(args) -> None:
         model = build_shaped_model(tmp / "model", shape, texts)
         shards, what = build_shards(tmp, str(model), args.pairs)
         texts_by_id = pair_texts(shards)
+        if len(texts_by_id) < max(batches):
+            sys.exit(
+                f"--batches {args.batches}: only {len(texts_by_id)} pairs to batch ({what}); "
+                "raise --pairs or lower --batches"
+            )
         name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} thread(s)"
         print(
             f"device: {name}; model: randomly initialised {args.shape}-shaped BertForMaskedLM "

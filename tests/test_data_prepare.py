@@ -64,6 +64,10 @@ def test_byte_identical_reruns_and_worker_counts(data_dir, tiny_model_dir, tmp_p
     assert m1["tokenizer"]["pad_id"] == 0 and len(m1["tokenizer"]["hash"]) == 16
     assert set(m1["language_pairs"]) == {"en-de", "en-fr", "en-es"}
     assert sum(s["samples"] for s in m1["shards"]) == m1["counts"]["kept"] == m1["num_samples"]
+    # what the loader trusts at start-up instead of reading the shards: their size and checksum
+    for s in m1["shards"]:
+        raw = (tmp_path / "a" / s["name"]).read_bytes()
+        assert s["bytes"] == len(raw) and s["sha256"] == hashlib.sha256(raw).hexdigest()
 
 
 def test_counts_by_reason(data_dir, tiny_model_dir, tmp_path, caplog):

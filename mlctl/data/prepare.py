@@ -43,7 +43,7 @@ from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amortise the IPC
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: per-shard bytes and sha256
 _LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
 
 

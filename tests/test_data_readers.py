@@ -275,3 +275,68 @@ def test_span_mapper_uses_offsets(tiny_tokenizer):
     pieces = tiny_tokenizer.convert_ids_to_tokens(enc["input_ids"][s : e + 1])
     assert "".join(p.removeprefix("##") for p in pieces) == "integer"
     assert m.span(len(text) + 5, len(text) + 9) is None
+
+
+TMX_HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+
+
+def _tu(en: str, de: str) -> str:
+    return f'<tu><tuv xml:lang="en"><seg>{en}</seg></tuv><tuv xml:lang="de"><seg>{de}</seg></tuv></tu>\n'
+
+
+def test_tmx_refuses_entity_expansion_and_external_entities(tmp_path):
+    laughs = tmp_path / "laughs.tmx"
+    decls = ['<!ENTITY lol "lol">'] + [
+        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10)
+    ]
+    laughs.write_text(
+        TMX_HEAD + f"<!DOCTYPE tmx [{''.join(decls)}]>\n<tmx><body>{_tu('&lol9;', 'x')}</body></tmx>"
+    )
+    xxe = tmp_path / "xxe.tmx"
+    xxe.write_text(
+        TMX_HEAD + '<!DOCTYPE tmx [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+        f"<tmx><body>{_tu('&xxe;', 'x')}</body></tmx>"
+    )
+    for p in (laughs, xxe):
+        pairs, skips = _read(p, "tmx")
+        assert pairs == [] and skips == {"unsafe_xml": 1}
+    # an undeclared entity is plain malformed XML; the units before it are kept
+    bad = tmp_path / "bad.tmx"
+    bad.write_text(TMX_HEAD + f"<tmx><body>{_tu('Save', 'Speichern')}{_tu('&nope;', 'x')}</body></tmx>")
+    pairs, skips = _read(bad, "tmx")
+    assert [(r.src, r.tgt) for r in pairs] == [("Save", "Speichern")] and skips == {"malformed_xml": 1}
+    # the usual DOCTYPE naming the TMX DTD is fine: the DTD is never fetched
+    ok = tmp_path / "ok.tmx"
+    ok.write_text(
+        TMX_HEAD + f'<!DOCTYPE tmx SYSTEM "tmx14.dtd">\n<tmx><body>{_tu("a &amp; b", "c")}</body></tmx>'
+    )
+    pairs, skips = _read(ok, "tmx")
+    assert [(r.src, r.tgt) for r in pairs] == [("a & b", "c")] and skips == {}
+
+
+@pytest.mark.slow
+def test_tmx_memory_stays_flat(tmp_path):
+    """Peak Python allocations while reading a 3 MB and a ~30 MB TMX are about the same."""
+    import tracemalloc
+
+    def write(path: Path, n: int) -> Path:
+        with gzip.open(path, "wt", encoding="utf-8", compresslevel=1) as f:
+            f.write(TMX_HEAD + '<tmx version="1.4"><header srclang="en"/><body>\n')
+            for i in range(n):
+                f.write(
+                    _tu(f"sentence number {i} with <b>bold</b> words in it", f"Satz Nummer {i} mit Wörtern")
+                )
+            f.write("</body></tmx>\n")
+        return path
+
+    peaks = []
+    for n in (20_000, 200_000):  # ~3 MB and ~30 MB of XML
+        path = write(tmp_path / f"{n}.tmx.gz", n)
+        counts = Counts()
+        tracemalloc.start()
+        got = sum(1 for _ in read_input(path, "tmx", "en", "de", counts))
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert got == n and not counts.by_reason
+    assert peaks[1] < 1.5 * peaks[0] + (1 << 20), peaks
+    assert peaks[1] < 16 << 20, peaks  # a 1 MiB read buffer plus one unit, not the file

@@ -3,8 +3,15 @@
 Pipeline: read (one reader per format, malformed lines counted) -> normalise, drop empty, length-ratio
 and duplicate pairs (main process, since dedup needs one global view) -> chunks of pairs go to
 ``--workers`` processes that tokenize each chunk in one batched call, drop over-long pairs and mine
-anchors -> results come back in input order and are written to shards, so the output is
-byte-identical for the same inputs whatever the worker count.
+anchors -> results come back in input order, each kept record gets its key (input order) and its
+source-sentence id -> records are spilled to hash buckets on disk and each bucket is permuted, so
+the shards hold a global shuffle (deterministic from ``seed``; memory bounded by one bucket) and the
+output is byte-identical for the same inputs and seed whatever the worker count.
+
+The source-sentence id (``sid`` in each record's json) is a hash of the normalised source side.
+In a multiway corpus all translations of one English line share it: the loss masks such pairs as
+negatives of each other, and the global shuffle stops `read_multiway`'s consecutive pairs of one
+line from sharing blocks and batches.
 
 Several language pairs in one run: give each input its languages (``PATH:FORMAT:SRC-TGT``, or
 ``PrepareInput.src_lang/tgt_lang`` in a config) and each pair its dictionary (``--dictionary
@@ -16,10 +23,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
+import struct
 import sys
 import time
 from collections import Counter, deque
@@ -43,6 +53,7 @@ from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amortise the IPC
+SHUFFLE_BUCKETS = 256  # spill files of the global shuffle: 25M pairs -> ~100k records (~300 MB) each
 MANIFEST_VERSION = 2  # 2: per-shard bytes and sha256
 _LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
 
@@ -186,9 +197,61 @@ def _load_dictionaries(cfg: PrepareConfig, pairs) -> dict[tuple[str, str], Dicti
     return dicts
 
 
+def source_id(src: str) -> str:
+    """Source-sentence id of a pair: 16 hex digits of a hash of its normalised source side."""
+    return hashlib.blake2b(src.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class _Shuffler:
+    """Global shuffle with bounded memory: records go to ``SHUFFLE_BUCKETS`` spill files by a hash of
+    (seed, key); :meth:`drain` reads one bucket at a time, permutes it with ``rng(seed, bucket)`` and
+    yields its records. The spill format is length-prefixed raw bytes (no pickle)."""
+
+    _HEAD = struct.Struct("<IIII")
+
+    def __init__(self, folder: Path, seed: int) -> None:
+        self.dir, self.seed = folder, seed
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files = [open(folder / f"bucket-{i:03d}.bin", "wb") for i in range(SHUFFLE_BUCKETS)]
+
+    def add(self, key: str, meta: bytes, src: bytes, tgt: bytes) -> None:
+        h = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
+        k = key.encode("utf-8")
+        f = self.files[int.from_bytes(h, "little") % SHUFFLE_BUCKETS]
+        f.write(self._HEAD.pack(len(k), len(meta), len(src), len(tgt)) + k + meta + src + tgt)
+
+    def drain(self):
+        import numpy as np
+
+        for f in self.files:
+            f.close()
+        for i, f in enumerate(self.files):
+            raw = Path(f.name).read_bytes()
+            Path(f.name).unlink()
+            recs, pos = [], 0
+            while pos < len(raw):
+                lens = self._HEAD.unpack_from(raw, pos)
+                pos += self._HEAD.size
+                parts = []
+                for n in lens:
+                    parts.append(raw[pos : pos + n])
+                    pos += n
+                recs.append(parts)
+            del raw
+            for j in np.random.default_rng([self.seed, i]).permutation(len(recs)):
+                key, meta, src, tgt = recs[j]
+                yield key.decode("utf-8"), meta, src, tgt
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _clear_outputs(out: Path) -> None:
     """A re-run replaces the previous output; the manifest goes first so a crash leaves no manifest."""
     (out / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(out / ".shuffle", ignore_errors=True)
     for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
         p.unlink()
 
@@ -299,6 +362,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
     counts = Counts()
     stats: dict = {"read": 0, "per_pair": {}}
     writer = ShardWriter(out, cfg.samples_per_shard)
+    shuffler = _Shuffler(out / ".shuffle", cfg.seed)
     progress = _Progress()
     kept = truncated = n_anchors = 0
     t0 = time.perf_counter()
@@ -315,7 +379,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
                 _, meta, src_npy, tgt_npy, was_truncated = res
                 key = _key(pair[2], pair[3], kept)
                 meta["id"] = key
-                writer.write(key, json_bytes(meta), src_npy, tgt_npy)
+                meta["sid"] = source_id(pair[0])
+                shuffler.add(key, json_bytes(meta), src_npy, tgt_npy)
                 kept += 1
                 truncated += was_truncated
                 n_anchors += len(meta["anchors"])
@@ -323,10 +388,14 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
                 per["anchors"] += len(meta["anchors"])
                 per["with_anchor"] += bool(meta["anchors"])
             progress.update(stats["read"], kept)
+        for rec in shuffler.drain():
+            writer.write(*rec)
         shards = writer.close()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        shuffler.close()
     seconds = time.perf_counter() - t0
     progress.update(stats["read"], kept, final=True)
 
@@ -340,6 +409,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
         "truncate": cfg.truncate,
         "max_length_ratio": cfg.max_length_ratio,
         "keep_no_anchor": cfg.keep_no_anchor,
+        "seed": cfg.seed,
+        "shuffled": True,
         "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
         "dictionaries": {
             f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()
@@ -431,6 +502,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep pairs without any anchor (their span is the whole sentence)",
     )
     parser.add_argument("--workers", type=int, default=None, help="tokenize/mine in N processes")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the global shuffle (default 0)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
@@ -460,6 +532,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         "max_length_ratio",
         "keep_no_anchor",
         "workers",
+        "seed",
     ):
         value = getattr(args, name)
         if value is not None:

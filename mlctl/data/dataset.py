@@ -69,7 +69,7 @@ _ZERO_BLOCK = bytes(BLOCK)
 def _tar_records(data: bytes, path: Path):
     """(key, {ext: (offset, size)}) per record of an in-memory ustar shard, reading headers only.
 
-    NOTE: ``tarfile`` spends ~1 ms of Python per member here (three members a record), which made
+    NOTE: ``tarfile`` spent ~0.5 ms of Python per member (three a record, on a loaded machine), so
     the one shard a consumer opens at start-up or resume cost seconds; this loop only reads the
     fields a shard written by :class:`~mlctl.data.shards.ShardWriter` uses (and checks each
     header's checksum, so garbage is an error rather than a wrong record)."""

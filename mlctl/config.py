@@ -102,6 +102,7 @@ class PrepareConfig:
     max_length_ratio: float = 3.0
     keep_no_anchor: bool = False
     workers: int = 1
+    seed: int = 0  # the global shuffle of the written records
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:

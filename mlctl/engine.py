@@ -410,6 +410,7 @@ class Trainer:
             same_language_negatives=cfg.loss.same_language_negatives,
             rank=self.rank,
             world_size=self.world_size,
+            source_ids=batch.get("source_ids"),  # translations of one sentence are not negatives
         )
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros((), device=cl.device)
         loss = cl + cfg.loss.mlm_weight * mlm.float()

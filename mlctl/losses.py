@@ -2,7 +2,15 @@
 
 For ``n`` pairs (x_i, y_i), the anchor x_i has the positive sim(x_i, y_i) and the negatives
 sim(x_i, y_j) and, unless switched off, sim(x_i, x_j), j != i (2n - 2 in all); y_i likewise.
-sim is cosine / temperature. The loss is the mean over the 2n anchors, computed with logsumexp in
+sim is cosine / temperature.
+
+Source ids (optional, int64 [n]): pairs that share one are translations of the same source sentence
+(a multiway corpus gives every translation of an English line the same id). For an anchor, every
+negative whose pair shares its source id is masked (cross- and same-language alike); the positive
+stays. With all ids distinct the loss is the unmasked one. An anchor left with no negative at all
+contributes 0 (no gradient) but still counts in the mean, so the gathered form stays additive.
+
+The loss is the mean over the 2n anchors, computed with logsumexp in
 float32 for float32/bf16/fp16 inputs; float64 inputs stay float64 (needed for gradcheck and exact
 reference checks).
 
@@ -31,9 +39,12 @@ def _loss_rows(
     temperature: float,
     cross_zero: bool,
     same_language_negatives: bool,
+    sid_anchor: torch.Tensor | None = None,
+    sid_cands: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-anchor loss for ``anchors`` [b, D] (global rows offset..offset+b) against the global
-    same-language rows ``cands_same`` [n, D] and translations ``cands_other`` [n, D]."""
+    same-language rows ``cands_same`` [n, D] and translations ``cands_other`` [n, D]; with source
+    ids ``sid_anchor`` [b] / ``sid_cands`` [n], negatives sharing the anchor's id are masked."""
     b = anchors.shape[0]
     idx = torch.arange(b, device=anchors.device) + offset
     sim_other = anchors @ cands_other.T / temperature  # [b, n]; the positive is column idx
@@ -48,7 +59,17 @@ def _loss_rows(
         sim_same = torch.full_like(sim_same, neg_inf)
     sim_other = sim_other.clone()
     sim_other[rows, idx] = neg_inf
+    has_neg = None
+    if sid_anchor is not None:
+        same_src = sid_anchor[:, None] == sid_cands[None, :]  # [b, n]; includes the positive column
+        sim_other = sim_other.masked_fill(same_src, neg_inf)
+        sim_same = sim_same.masked_fill(same_src, neg_inf)
+        has_neg = (~same_src).any(1)  # a cross-language negative survives (same-language ones too)
     cz = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1) - pos
+    if has_neg is not None:
+        # NOTE: with every negative masked, logsumexp over finfo.min entries is a huge negative
+        # number, not a loss; such an anchor has nothing to contrast, so it contributes 0.
+        cz = torch.where(has_neg, cz, torch.zeros_like(cz))
     if cross_zero:
         return cz
     # InfoNCE = log(e^p + S) - p = log(1 + e^(log S - p)) = softplus(CZ-NCE). Written this way it
@@ -67,10 +88,13 @@ def contrastive_loss(
     rank: int = 0,
     world_size: int = 1,
     group=None,
+    source_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric contrastive loss of this rank's rows ``x``, ``y`` [b, D] (mean over its 2b anchors).
 
     With ``world_size`` > 1 the rows of every rank are gathered (autograd-aware) first.
+    ``source_ids`` (int64 [b], this rank's pairs) masks the negatives that share the anchor's source
+    sentence; every rank must pass them or none (they are gathered too).
     """
     if x.shape != y.shape or x.dim() != 2:
         raise ValueError(f"x and y must both be [B, D], got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -93,8 +117,14 @@ def contrastive_loss(
             f"({gx.shape[0]} rows from {x.shape[0]} local rows); is torch.distributed initialised?"
         )
     offset = rank * x.shape[0]
-    lx = _loss_rows(xn, gx, gy, offset, temperature, cross_zero, same_language_negatives)
-    ly = _loss_rows(yn, gy, gx, offset, temperature, cross_zero, same_language_negatives)
+    sid = gsid = None
+    if source_ids is not None:
+        sid = torch.as_tensor(source_ids, dtype=torch.int64).to(x.device).reshape(-1)
+        if sid.shape[0] != x.shape[0]:
+            raise ValueError(f"source_ids has {sid.shape[0]} entries for {x.shape[0]} pairs")
+        gsid = all_gather_with_grad(sid, group) if world_size > 1 else sid  # ints: no gradient flows
+    lx = _loss_rows(xn, gx, gy, offset, temperature, cross_zero, same_language_negatives, sid, gsid)
+    ly = _loss_rows(yn, gy, gx, offset, temperature, cross_zero, same_language_negatives, sid, gsid)
     return torch.cat([lx, ly]).mean()
 
 

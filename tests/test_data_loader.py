@@ -46,7 +46,7 @@ def reshard(src: Path, out: Path, sizes: list[int]) -> Path:
         written = w.close()
         # ShardWriter numbers from 0; give each file its own index
         (out / written[0]["name"]).rename(out / f"part-{n:03d}.tar")
-        shards.append({"name": f"part-{n:03d}.tar", "samples": size})
+        shards.append({**written[0], "name": f"part-{n:03d}.tar"})
         i += size
     manifest = json.loads((src / "manifest.json").read_text())
     manifest["shards"] = shards
@@ -224,40 +224,132 @@ def test_anchor_draw_changes_with_epoch_but_is_deterministic(tiny_shards):
     assert any(len(v) > 1 for v in per_pair.values()), "multi-anchor pairs never switched anchor"
 
 
-def test_pickle_member_is_refused(tiny_shards, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(tiny_shards, bad)
-    name = json.loads((bad / "manifest.json").read_text())["shards"][1]["name"]
-    with tarfile.open(bad / name, "a") as tar:
+def _legacy(manifest_dir: Path) -> None:
+    """Strip the per-shard size/checksum, as a manifest of an older `mlctl prepare` had none."""
+    mpath = manifest_dir / "manifest.json"
+    m = json.loads(mpath.read_text())
+    m["shards"] = [{"name": e["name"], "samples": e["samples"]} for e in m["shards"]]
+    mpath.write_text(json.dumps(m))
+
+
+def _add_pickle(path: Path) -> None:
+    with tarfile.open(path, "a") as tar:
         data = pickle.dumps({"x": 1})
         info = tarfile.TarInfo("en-de-000000999.pyd")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+
+
+def test_pickle_member_is_refused(tiny_shards, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_shards, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    name = m["shards"][1]["name"]
+    _add_pickle(bad / name)
+    # a current manifest: the file no longer matches what prepare wrote (size, else checksum), so it
+    # is a skipped shard and its bytes are never decoded
+    lo = ShardLoader(bad, batch_size=B, shuffle_buffer=8)
+    _take(iter(lo), lo.batches_per_epoch)
+    assert lo.skipped == {"corrupt_shard": 1}
+    lo.close()
+    # an older manifest (no sizes): the header scan refuses the whole shard set, naming the member
+    _legacy(bad)
     with pytest.raises(ValueError, match=r"en-de-000000999\.pyd"):
         ShardLoader(bad, batch_size=B)
+
+
+def test_start_up_reads_no_shard(tiny_shards, tmp_path, monkeypatch):
+    """Start-up is one stat per shard: no shard file is opened, whatever the corpus size."""
+    import builtins
+
+    import mlctl.data.dataset as ds
+
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file, *a, **k):
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(ds, "scan_shard", None)  # would fail if the old header scan ran
+    lo = ShardLoader(tiny_shards, batch_size=B, world_size=2, rank=1)
+    assert not [p for p in opened if p.endswith(".tar")]
+    assert lo.plan.total == json.loads((tiny_shards / "manifest.json").read_text())["num_samples"]
+
+
+def test_legacy_manifest_still_loads(uneven, tmp_path, caplog):
+    old = tmp_path / "old"
+    shutil.copytree(uneven, old)
+    _legacy(old)
+    with caplog.at_level("WARNING"):
+        lo = ShardLoader(old, batch_size=B, shuffle_buffer=8)
+    assert "re-run prepare" in caplog.text
+    new = ShardLoader(uneven, batch_size=B, shuffle_buffer=8)
+    _same(_take(iter(lo), 5), _take(iter(new), 5))
+    lo.close()
+    new.close()
+
+
+def test_bad_manifest_entry_is_named(uneven, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(uneven, bad)
+    m = json.loads((bad / "manifest.json").read_text())
+    del m["shards"][2]["samples"]
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"shards\[2\].*'samples'"):
+        ShardLoader(bad, batch_size=B)
+
+
+def _damage(bad: Path) -> None:
+    victim = bad / "part-004.tar"  # the biggest shard: truncated mid-member (size differs)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    garbage = bad / "part-001.tar"  # header block destroyed, same size: only the checksum sees it
+    garbage.write_bytes(b"\x13" * 2048 + garbage.read_bytes()[2048:])
+    flipped = bad / "part-005.tar"  # the 1-record shard: one byte of its data flipped
+    raw = bytearray(flipped.read_bytes())
+    raw[1100] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+
+
+SIZES = (3, 120, 7, 61, 150, 1, 44)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_shard_is_skipped_and_counted(uneven, tmp_path, workers):
     bad = tmp_path / "bad"
     shutil.copytree(uneven, bad)
-    victim = bad / "part-004.tar"  # the biggest shard
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # truncated mid-member
-    garbage = bad / "part-001.tar"
-    garbage.write_bytes(b"\x13" * 2048 + garbage.read_bytes()[2048:])  # header block destroyed
+    _damage(bad)
     los = [
         ShardLoader(bad, batch_size=B, rank=r, world_size=2, num_workers=workers, shuffle_buffer=8)
         for r in range(2)
     ]
-    assert los[0].skipped == {"corrupt_shard": 2}
+    # the truncated shard is found at start-up (size); the others only while streaming
+    assert los[0].skipped == los[1].skipped == {"corrupt_shard": 1}
     n = los[0].batches_per_epoch
     assert n == los[1].batches_per_epoch
-    good = sum(s for s in (3, 120, 7, 61, 150, 1, 44)) - 150 - 120
-    assert n == good // (2 * max(1, workers) * B) * max(1, workers)
-    seen = [p for lo in los for b in _take(iter(lo), n + 1) for p in b["pair_ids"]]  # epoch goes on
-    assert len(seen) == 2 * (n + 1) * B
-    for lo in los:
+    assert n == (sum(SIZES) - 150) // (2 * max(1, workers) * B) * max(1, workers)
+    batches = [_take(iter(lo), 2 * n + 1) for lo in los]  # two epochs and one more step
+    good = {
+        p
+        for name in ("part-000.tar", "part-002.tar", "part-003.tar", "part-006.tar")
+        for p, _ in [(k, None) for k, _ in _records_of(uneven / name)]
+    }
+    for bs in batches:
+        assert len(bs) == 2 * n + 1 and all(len(b["pair_ids"]) == B for b in bs)
+        assert {p for b in bs for p in b["pair_ids"]} <= good  # nothing from a damaged shard
+    seen = sum(lo.skipped.get("corrupt_shard", 0) for lo in los)
+    assert seen >= 1 + 2 * 2  # start-up + both streaming-detected shards, in each of 2 epochs
+    # deterministic: the same loaders again yield the same batches (what resuming relies on)
+    again = ShardLoader(bad, batch_size=B, rank=1, world_size=2, num_workers=workers, shuffle_buffer=8)
+    _same(batches[1][: n + 1], _take(iter(again), n + 1))
+    for lo in [*los, again]:
         lo.close()
+
+
+def _records_of(path: Path) -> list[tuple[str, None]]:
+    with tarfile.open(path) as tar:
+        return sorted({(split_member(m.name)[0], None) for m in tar})
 
 
 def test_bucketing_reduces_padding_and_resumes(uneven):
@@ -322,3 +414,86 @@ def test_resume_in_a_new_process(uneven, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def _gloo_worker(rank: int, port: int, shards: str, out_dir: str, workers: int) -> None:
+    """One rank of a real gloo group: builds the loader (rank 0 decides, then broadcasts) and runs
+    one all_reduce per batch, as the trainer's step does; a rank with fewer batches would hang."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        if rank == 1:  # prove rank 1 takes rank 0's decision instead of checking the files itself
+            ShardLoader._check_manifest = lambda self: (_ for _ in ()).throw(AssertionError("rank 1 checked"))
+        res: dict = {}
+        try:
+            lo = ShardLoader(
+                shards, batch_size=B, rank=rank, world_size=2, num_workers=workers, shuffle_buffer=8
+            )
+        except ValueError as e:
+            res["error"] = str(e)
+        else:
+            res["start_skipped"] = dict(lo.skipped)
+            steps = 2 * lo.batches_per_epoch + 1
+            total = torch.zeros(1)
+            ids = []
+            for batch in _take(iter(lo), steps):
+                t = torch.ones(1)
+                dist.all_reduce(t)  # one collective per step: equal counts or a hang
+                total += t
+                ids.append(batch["pair_ids"])
+            lo.close()
+            res.update(steps=steps, collectives=float(total), ids=ids, skipped=dict(lo.skipped))
+        dist.barrier()
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn_gloo(shards: Path, out: Path, workers: int = 0) -> list[dict]:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out.mkdir()
+    mp.spawn(_gloo_worker, args=(port, str(shards), str(out), workers), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_corrupt_shards_on_real_gloo_ranks(uneven, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(uneven, bad)
+    _damage(bad)
+    r0, r1 = _spawn_gloo(bad, tmp_path / "out")
+    assert r0["start_skipped"] == r1["start_skipped"] == {"corrupt_shard": 1}
+    assert r0["steps"] == r1["steps"] and r0["collectives"] == r1["collectives"] == 2 * r0["steps"]
+    good = {
+        k
+        for name in ("part-000.tar", "part-002.tar", "part-003.tar", "part-006.tar")
+        for k, _ in _records_of(uneven / name)
+    }
+    for r in (r0, r1):
+        assert {p for b in r["ids"] for p in b} <= good and all(len(b) == B for b in r["ids"])
+    # the same as two loaders built in one process without a process group
+    local = ShardLoader(bad, batch_size=B, rank=1, world_size=2, shuffle_buffer=8)
+    assert [b["pair_ids"] for b in _take(iter(local), r1["steps"])] == r1["ids"]
+    local.close()
+    # an error found by rank 0 reaches every rank (no rank waits for a broadcast that never comes)
+    m = json.loads((bad / "manifest.json").read_text())
+    m["shards"][0]["samples"] = "many"
+    (bad / "manifest.json").write_text(json.dumps(m))
+    e0, e1 = _spawn_gloo(bad, tmp_path / "out2")
+    assert "shards[0]" in e0["error"] and e0["error"] == e1["error"]

@@ -275,3 +275,69 @@ def test_span_mapper_uses_offsets(tiny_tokenizer):
     pieces = tiny_tokenizer.convert_ids_to_tokens(enc["input_ids"][s : e + 1])
     assert "".join(p.removeprefix("##") for p in pieces) == "integer"
     assert m.span(len(text) + 5, len(text) + 9) is None
+
+
+TMX_HEAD = '<?xml version="1.0" encoding="UTF-8"?>\n'
+
+
+def _tu(en: str, de: str) -> str:
+    return f'<tu><tuv xml:lang="en"><seg>{en}</seg></tuv><tuv xml:lang="de"><seg>{de}</seg></tuv></tu>\n'
+
+
+def test_tmx_refuses_entity_expansion_and_external_entities(tmp_path):
+    laughs = tmp_path / "laughs.tmx"
+    decls = ['<!ENTITY lol "lol">'] + [
+        f'<!ENTITY lol{i} "{("&lol" + (str(i - 1) if i > 1 else "") + ";") * 10}">' for i in range(1, 10)
+    ]
+    laughs.write_text(
+        TMX_HEAD + f"<!DOCTYPE tmx [{''.join(decls)}]>\n<tmx><body>{_tu('&lol9;', 'x')}</body></tmx>"
+    )
+    xxe = tmp_path / "xxe.tmx"
+    xxe.write_text(
+        TMX_HEAD + '<!DOCTYPE tmx [<!ENTITY xxe SYSTEM "file:///etc/passwd">]>\n'
+        f"<tmx><body>{_tu('&xxe;', 'x')}</body></tmx>"
+    )
+    for p in (laughs, xxe):
+        pairs, skips = _read(p, "tmx")
+        assert pairs == [] and skips == {"unsafe_xml": 1}
+    # an undeclared entity is plain malformed XML; the units before it are kept
+    bad = tmp_path / "bad.tmx"
+    bad.write_text(TMX_HEAD + f"<tmx><body>{_tu('Save', 'Speichern')}{_tu('&nope;', 'x')}</body></tmx>")
+    pairs, skips = _read(bad, "tmx")
+    assert [(r.src, r.tgt) for r in pairs] == [("Save", "Speichern")] and skips == {"malformed_xml": 1}
+    # the usual DOCTYPE naming the TMX DTD is fine: the DTD is never fetched
+    ok = tmp_path / "ok.tmx"
+    ok.write_text(
+        TMX_HEAD + f'<!DOCTYPE tmx SYSTEM "tmx14.dtd">\n<tmx><body>{_tu("a &amp; b", "c")}</body></tmx>'
+    )
+    pairs, skips = _read(ok, "tmx")
+    assert [(r.src, r.tgt) for r in pairs] == [("a & b", "c")] and skips == {}
+
+
+@pytest.mark.slow
+def test_tmx_memory_stays_flat(tmp_path):
+    """Peak RSS of a fresh process reading a ~45 MB TMX grows by far less than the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "big.tmx"
+    n = 300_000
+    with path.open("w", encoding="utf-8") as f:
+        f.write(TMX_HEAD + '<tmx version="1.4"><header srclang="en"/><body>\n')
+        unit = _tu("sentence number {0} with <b>bold</b> words in it", "Satz Nummer {0} mit Wörtern")
+        f.writelines(unit.format(i) for i in range(n))
+        f.write("</body></tmx>\n")
+    size_mb = path.stat().st_size / 2**20
+    code = (
+        "import resource, sys; from pathlib import Path; from mlctl.data.readers import Counts, read_input\n"
+        "import xml.parsers.expat\n"
+        "c = Counts(); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"n = sum(1 for _ in read_input(Path({str(path)!r}), 'tmx', 'en', 'de', c))\n"
+        "print(n, dict(c.by_reason), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0) / 1024)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert int(out[0]) == n and out[1] == "{}"
+    grew = float(out[2])
+    assert size_mb > 40 and grew < 4, f"RSS grew {grew:.1f} MiB reading {size_mb:.0f} MiB"

@@ -18,6 +18,15 @@ def draw_anchor(anchors: list, seed: int, epoch: int, pair_id: str) -> int:
     return int.from_bytes(h, "little") % len(anchors)
 
 
+def source_id_int(meta: dict) -> int:
+    """The record's source-sentence id as a signed 64-bit integer (a tensor element). Shards from
+    before ``sid`` existed get it computed here from the source text (what prepare hashes)."""
+    sid = meta.get("sid")
+    if sid is None:
+        sid = hashlib.blake2b(meta["src"].encode("utf-8"), digest_size=8).hexdigest()
+    return int.from_bytes(bytes.fromhex(sid), "big", signed=True)
+
+
 def collate(samples: list[dict], pad_id: int, seed: int, epoch: int) -> dict:
     """Batch of B records -> the dict the engine consumes (see :class:`~mlctl.data.dataset.ShardLoader`)."""
     b = len(samples)
@@ -42,6 +51,8 @@ def collate(samples: list[dict], pad_id: int, seed: int, epoch: int) -> dict:
         "attention_mask": torch.from_numpy(mask),
         "spans": torch.from_numpy(spans),
         "pair_ids": [s["meta"]["id"] for s in samples],
+        # pairs sharing one are translations of the same sentence: never each other's negatives
+        "source_ids": torch.tensor([source_id_int(s["meta"]) for s in samples], dtype=torch.int64),
         "langs": [f"{s['meta']['src_lang']}-{s['meta']['tgt_lang']}" for s in samples],
         "epoch": epoch,
         "num_tokens": int(mask.sum()),

@@ -2,10 +2,21 @@
 
 Partition design
 ----------------
-* At construction every shard of the manifest is checked by reading its tar headers: a member that
-  is not json/npy refuses the shard set (error naming it); a corrupt or truncated shard is skipped
-  with a warning and counted in ``skipped["corrupt_shard"]``. All ranks see the same files, so they
-  agree on the valid shards without talking to each other.
+* Start-up trusts the manifest that `mlctl prepare` wrote: per shard its records, bytes and sha256.
+  Rank 0 alone checks each shard with one ``stat`` (present, size as written) and, when a process
+  group is up, broadcasts the resulting shard list (and any error) to every rank, so ranks can never
+  disagree on the partition and hang in a collective. The cost is one stat per shard, whatever the
+  corpus size. A missing or resized shard is skipped and counted in ``skipped["corrupt_shard"]``.
+  A manifest without ``bytes``/``sha256`` (written by an older `mlctl prepare`) still loads: rank 0
+  then reads those shards' tar headers, as before, and logs that re-running prepare avoids it.
+* Damage that keeps the size (flipped bytes) is found while streaming: a shard is read whole and its
+  sha256 checked before any of its records is used. A bad shard (or one that fails to parse) becomes
+  a hole in the global order: its positions count as read but yield nothing, ``corrupt_shard`` is
+  counted (once per rank and epoch that meets it) and the consumer's block is filled up with repeats
+  of the block's own readable records (or, for a block with none, with the next readable records of
+  the epoch's order). So the batches per rank and epoch never change, every rank issues the same
+  collectives per step, and what is yielded is a pure function of (files, seed, epoch, consumer):
+  resuming reproduces it.
 * Epoch ``e``: the valid shards are permuted with ``rng(seed, e)`` and concatenated into one global
   sample order of N samples. There are ``P = world_size x max(1, num_workers)`` consumers; each gets
   ``nb = N // (P x B)`` batches, i.e. the contiguous range ``[c L, (c+1) L)`` of ``L = nb B``
@@ -28,6 +39,7 @@ Partition design
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -36,14 +48,75 @@ from bisect import bisect_right
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mlctl.data.collate import collate
-from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
+from mlctl.data.shards import BLOCK, MEMBER_EXTS, ShardRefused, scan_shard, split_member
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+_HOLE = object()  # a position of a corrupt shard: counts as read, yields nothing
+
+
+class CorruptShard(ValueError):
+    """A shard whose bytes do not match what the manifest recorded."""
+
+
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def _tar_records(data: bytes, path: Path):
+    """(key, {ext: (offset, size)}) per record of an in-memory ustar shard, reading headers only.
+
+    NOTE: ``tarfile`` spent ~0.5 ms of Python per member (three a record, on a loaded machine), so
+    the one shard a consumer opens at start-up or resume cost seconds; this loop only reads the
+    fields a shard written by :class:`~mlctl.data.shards.ShardWriter` uses (and checks each
+    header's checksum, so garbage is an error rather than a wrong record)."""
+    off, end = 0, len(data)
+    key, members = None, {}
+    while off + BLOCK <= end:
+        h = data[off : off + BLOCK]
+        if h == _ZERO_BLOCK:
+            break
+        try:
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chk = int(h[148:156].split(b"\0", 1)[0].strip(), 8)
+            name = h[:100].split(b"\0", 1)[0].decode("utf-8")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise tarfile.ReadError(f"bad tar header at byte {off}: {e}") from None
+        if chk != sum(h[:148]) + 256 + sum(h[156:]):
+            raise tarfile.ReadError(f"bad tar header checksum at byte {off}")
+        kind = h[156:157]
+        if kind in (b"x", b"g", b"L", b"K") or h[345:346] != b"\0":
+            raise tarfile.ReadError(
+                f"member at byte {off} uses extended tar headers (not written by prepare)"
+            )
+        off += BLOCK
+        if off + size > end:
+            raise tarfile.ReadError(f"member {name} runs past the end of the file (truncated)")
+        if kind in (b"0", b"\0"):
+            k, ext = split_member(name)
+            if k != key:
+                if key is not None:
+                    yield key, members
+                key, members = k, {}
+            if ext in members:
+                raise tarfile.ReadError(f"member {name} appears twice")
+            members[ext] = (off, size)
+        off += -(-size // BLOCK) * BLOCK
+    if key is not None:
+        yield key, members
+
+
+def _read_verified(path: Path, size: int | None, sha256: str | None) -> bytes:
+    """The whole shard, checked against the manifest's size and checksum (when it has them)."""
+    data = path.read_bytes()
+    if size is not None and len(data) != size:
+        raise CorruptShard(f"{len(data)} bytes, manifest says {size}")
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CorruptShard("sha256 differs from the manifest's")
+    return data
 
 
 def _round_up(x: int, m: int) -> int:
@@ -64,7 +137,9 @@ class _Plan:
         bucket_by_length: bool,
         bucket_size: int,
         pad_id: int,
+        checks: dict[str, tuple[int | None, str | None]] | None = None,
     ) -> None:
+        self.checks = checks or {}  # shard name -> (bytes, sha256) from the manifest
         self.root, self.shards, self.b, self.consumers, self.seed = root, shards, batch_size, consumers, seed
         self.pad_id = pad_id
         self.total = sum(n for _, n in shards)
@@ -86,7 +161,8 @@ class _Plan:
 
 
 class _Reader:
-    """Sequential reader of the global order from a position: skips within the first shard only."""
+    """Sequential reader of the global order from a position. It yields one item per position: a
+    record, ``None`` (an undecodable record) or ``_HOLE`` (a position of a corrupt shard)."""
 
     def __init__(self, plan: _Plan, epoch: int, start: int, skipped: dict) -> None:
         self.plan, self.skipped = plan, skipped
@@ -97,37 +173,58 @@ class _Reader:
 
     def _records(self):
         while self.si < len(self.shards):
-            name, _ = self.shards[self.si]
+            name, n = self.shards[self.si]
             path = self.plan.root / name
-            skip = self.offset
+            skip, done = self.offset, 0  # positions of this shard consumed so far
             try:
-                with open(path, "rb") as f:
-                    files = ({**m, "__url__": str(path)} for m in tar_file_iterator(f))
-                    for sample in group_by_keys(files):
-                        if skip:
-                            skip -= 1
-                            continue
-                        yield _decode(sample, path)
+                data = _read_verified(path, *self.plan.checks.get(name, (None, None)))
+                for key, members in _tar_records(data, path):
+                    if done == n:
+                        break
+                    done += 1
+                    if done > skip:
+                        sample = {ext: data[o : o + size] for ext, (o, size) in members.items()}
+                        yield _decode({"__key__": key, **sample}, path)
+                if done < n:
+                    raise tarfile.ReadError(f"{done} records, manifest says {n}")
+            except ShardRefused:
+                raise
             except (tarfile.TarError, OSError, ValueError) as e:
-                # the header scan passed, so the damage is in the data: count it, keep the epoch going
+                # Count it and keep the positions: the consumer's block is filled up later, so the
+                # batch count per rank does not change (see the module docstring).
                 self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
-                log.warning(
-                    "shard %s became unreadable mid-epoch (%s); its remaining samples are replaced", path, e
-                )
-                return
+                log.warning("skipping corrupt shard %s while streaming: %s", path, e)
+                for _ in range(max(done, skip), n):
+                    yield _HOLE
             self.si += 1
             self.offset = 0
 
     def take(self, n: int) -> list[dict]:
+        """The readable records among the next ``n`` positions (fewer at the end of the order)."""
         out = []
-        for rec in self._it:
+        for _ in range(n):
+            rec = next(self._it, _HOLE)
             if rec is None:
                 self.skipped["corrupt_sample"] = self.skipped.get("corrupt_sample", 0) + 1
-                continue
-            out.append(rec)
-            if len(out) == n:
-                break
+            elif rec is not _HOLE:
+                out.append(rec)
         return out
+
+
+def _borrow(plan: _Plan, epoch: int, start: int, want: int) -> list[dict]:
+    """Up to ``want`` readable records from position ``start`` on (wrapping once around the epoch's
+    order), for a block whose own positions are all unreadable. Not counted again as skips."""
+    out: list[dict] = []
+    for s0 in (start % plan.total, 0):
+        reader = _Reader(plan, epoch, s0, {})
+        remaining = plan.total - s0
+        while remaining and len(out) < want:
+            step = min(want, remaining)
+            out.extend(reader.take(step))
+            remaining -= step
+        if out:
+            return out[:want]
+    raise RuntimeError(f"no readable sample in any shard under {plan.root} (epoch {epoch})")
 
 
 def _decode(sample: dict, path: Path) -> dict | None:
@@ -150,9 +247,10 @@ def _block_batches(
 ) -> list[list[dict]]:
     """The batches of one block: permuted (then bucketed) deterministically."""
     want = min(plan.block, plan.nb * plan.b - block * plan.block)
+    if not records:  # every position of the block is in a corrupt shard
+        first = consumer * plan.nb * plan.b + block * plan.block
+        records = _borrow(plan, epoch, first + want, want)
     if len(records) < want:  # corrupt data replaced by repeats so every rank keeps the same step count
-        if not records:
-            raise RuntimeError(f"consumer {consumer}, epoch {epoch}: block {block} has no readable sample")
         records = records + [records[i % len(records)] for i in range(want - len(records))]
     rng = np.random.default_rng([plan.seed, epoch, consumer, block])
     recs = [records[i] for i in rng.permutation(len(records))]
@@ -203,11 +301,25 @@ class _RankStream(IterableDataset):
         return consumer_batches(self.plan, self.rank * self.workers + w, epoch, start, {})
 
 
+def _group_matches(rank: int, world_size: int) -> bool:
+    """True when a default process group is up and is the one these rank/world_size describe."""
+    import torch.distributed as dist
+
+    return (
+        world_size > 1
+        and dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() == world_size
+        and dist.get_rank() == rank
+    )
+
+
 class ShardLoader:
     """Endless, exactly resumable batch iterator over a prepared shard folder (see module docstring).
 
     ``iter(loader)`` yields dicts with ``input_ids``/``attention_mask`` ``[2B, T]`` (source rows then
-    target rows), ``spans`` ``[2B, 2]``, ``pair_ids``, ``langs``, ``epoch``, ``num_tokens``."""
+    target rows), ``spans`` ``[2B, 2]``, ``pair_ids``, ``source_ids`` ``[B]`` (int64 source-sentence
+    ids), ``langs``, ``epoch``, ``num_tokens``."""
 
     def __init__(
         self,
@@ -250,7 +362,7 @@ class ShardLoader:
         consumers = world_size * max(1, num_workers)
         self.plan = _Plan(
             self.root,
-            valid,
+            [(name, n) for name, n, _, _ in valid],
             batch_size,
             consumers,
             seed,
@@ -258,6 +370,7 @@ class ShardLoader:
             bucket_by_length,
             bucket_size,
             int(tok.get("pad_id", 0)),
+            {name: (size, sha) for name, _, size, sha in valid},
         )
         if self.plan.nb == 0:
             raise ValueError(
@@ -268,22 +381,72 @@ class ShardLoader:
         self.epoch, self.batch_in_epoch = 0, 0
         self._live = None
 
-    def _check_shards(self) -> list[tuple[str, int]]:
-        valid = []
-        for entry in self.manifest.get("shards", []):
+    def _check_shards(self) -> list[tuple[str, int, int | None, str | None]]:
+        """Rank 0's view of the shards, shared with every rank when a process group is up."""
+        if _group_matches(self.rank, self.world_size):
+            import torch.distributed as dist
+
+            from mlctl.distributed import local_rank
+
+            box = [self._check_manifest() if self.rank == 0 else None]
+            # NOTE: NCCL moves the pickled object through this rank's own GPU; without an explicit
+            # device it would use the current device, cuda:0 on every rank of a node.
+            dev = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else None
+            dist.broadcast_object_list(box, src=0, device=dev)
+            result = box[0]
+        else:
+            result = self._check_manifest()
+        if "error" in result:  # raised on every rank, so none waits for the others in a collective
+            raise (ShardRefused if result.get("refused") else ValueError)(result["error"])
+        for reason, n in result["skipped"].items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+        return result["valid"]
+
+    def _check_manifest(self) -> dict:
+        """Valid shards as (name, records, bytes, sha256): one stat per shard for a current manifest,
+        a tar header scan for the shards of an older one (no ``bytes``)."""
+        valid, skipped, legacy = [], {}, 0
+        entries = self.manifest.get("shards")
+        if not isinstance(entries, list):
+            return {"error": f"{self.root / 'manifest.json'}: key 'shards' must be a list of shards"}
+        for i, entry in enumerate(entries):
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("name"), str)
+                or not isinstance(entry.get("samples"), int)
+            ):
+                return {
+                    "error": f"{self.root / 'manifest.json'}: shards[{i}] needs a string 'name' and an "
+                    f"integer 'samples', got {entry!r}"
+                }
             path = self.root / entry["name"]
             try:
-                n = scan_shard(path)
-                if n != entry["samples"]:
-                    raise tarfile.ReadError(f"{n} records, manifest says {entry['samples']}")
-            except ShardRefused:
-                raise
+                if isinstance(entry.get("bytes"), int):
+                    size = path.stat().st_size
+                    if size != entry["bytes"]:
+                        raise CorruptShard(f"{size} bytes, manifest says {entry['bytes']} (truncated?)")
+                    n, check = entry["samples"], (entry["bytes"], entry.get("sha256"))
+                else:
+                    legacy += 1
+                    n = scan_shard(path)
+                    if n != entry["samples"]:
+                        raise tarfile.ReadError(f"{n} records, manifest says {entry['samples']}")
+                    check = (None, None)
+            except ShardRefused as e:
+                return {"error": str(e), "refused": True}
             except (tarfile.TarError, OSError, ValueError) as e:
-                self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
+                skipped["corrupt_shard"] = skipped.get("corrupt_shard", 0) + 1
                 log.warning("skipping corrupt shard %s: %s", path, e)
                 continue
-            valid.append((entry["name"], n))
-        return valid
+            valid.append((entry["name"], n, *check))
+        if legacy:
+            log.warning(
+                "%s: %d shard(s) have no size/checksum in the manifest (an older `mlctl prepare`); "
+                "their tar headers were read instead, which grows with the corpus: re-run prepare",
+                self.root,
+                legacy,
+            )
+        return {"valid": valid, "skipped": skipped}
 
     @property
     def dropped_per_epoch(self) -> int:

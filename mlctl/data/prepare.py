@@ -3,8 +3,15 @@
 Pipeline: read (one reader per format, malformed lines counted) -> normalise, drop empty, length-ratio
 and duplicate pairs (main process, since dedup needs one global view) -> chunks of pairs go to
 ``--workers`` processes that tokenize each chunk in one batched call, drop over-long pairs and mine
-anchors -> results come back in input order and are written to shards, so the output is
-byte-identical for the same inputs whatever the worker count.
+anchors -> results come back in input order, each kept record gets its key (input order) and its
+source-sentence id -> records are spilled to hash buckets on disk and each bucket is permuted, so
+the shards hold a global shuffle (deterministic from ``seed``; memory bounded by one bucket) and the
+output is byte-identical for the same inputs and seed whatever the worker count.
+
+The source-sentence id (``sid`` in each record's json) is a hash of the normalised source side.
+In a multiway corpus all translations of one English line share it: the loss masks such pairs as
+negatives of each other, and the global shuffle stops `read_multiway`'s consecutive pairs of one
+line from sharing blocks and batches.
 
 Several language pairs in one run: give each input its languages (``PATH:FORMAT:SRC-TGT``, or
 ``PrepareInput.src_lang/tgt_lang`` in a config) and each pair its dictionary (``--dictionary
@@ -16,12 +23,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
+import struct
 import sys
 import time
+import uuid
 from collections import Counter, deque
 from pathlib import Path
 
@@ -43,7 +54,8 @@ from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
 log = logging.getLogger(__name__)
 
 CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amortise the IPC
-MANIFEST_VERSION = 1
+SHUFFLE_BUCKETS = 256  # spill files of the global shuffle: 25M pairs -> ~100k records (~300 MB) each
+MANIFEST_VERSION = 2  # 2: per-shard bytes and sha256
 _LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
 
 
@@ -186,9 +198,61 @@ def _load_dictionaries(cfg: PrepareConfig, pairs) -> dict[tuple[str, str], Dicti
     return dicts
 
 
+def source_id(src: str) -> str:
+    """Source-sentence id of a pair: 16 hex digits of a hash of its normalised source side."""
+    return hashlib.blake2b(src.encode("utf-8"), digest_size=8).hexdigest()
+
+
+class _Shuffler:
+    """Global shuffle with bounded memory: records go to ``SHUFFLE_BUCKETS`` spill files by a hash of
+    (seed, key); :meth:`drain` reads one bucket at a time, permutes it with ``rng(seed, bucket)`` and
+    yields its records. The spill format is length-prefixed raw bytes (no pickle)."""
+
+    _HEAD = struct.Struct("<IIII")
+
+    def __init__(self, folder: Path, seed: int) -> None:
+        self.dir, self.seed = folder, seed
+        folder.mkdir(parents=True, exist_ok=True)
+        self.files = [open(folder / f"bucket-{i:03d}.bin", "wb") for i in range(SHUFFLE_BUCKETS)]
+
+    def add(self, key: str, meta: bytes, src: bytes, tgt: bytes) -> None:
+        h = hashlib.blake2b(f"{self.seed}:{key}".encode(), digest_size=8).digest()
+        k = key.encode("utf-8")
+        f = self.files[int.from_bytes(h, "little") % SHUFFLE_BUCKETS]
+        f.write(self._HEAD.pack(len(k), len(meta), len(src), len(tgt)) + k + meta + src + tgt)
+
+    def drain(self):
+        import numpy as np
+
+        for f in self.files:
+            f.close()
+        for i, f in enumerate(self.files):
+            raw = Path(f.name).read_bytes()
+            Path(f.name).unlink()
+            recs, pos = [], 0
+            while pos < len(raw):
+                lens = self._HEAD.unpack_from(raw, pos)
+                pos += self._HEAD.size
+                parts = []
+                for n in lens:
+                    parts.append(raw[pos : pos + n])
+                    pos += n
+                recs.append(parts)
+            del raw
+            for j in np.random.default_rng([self.seed, i]).permutation(len(recs)):
+                key, meta, src, tgt = recs[j]
+                yield key.decode("utf-8"), meta, src, tgt
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 def _clear_outputs(out: Path) -> None:
     """A re-run replaces the previous output; the manifest goes first so a crash leaves no manifest."""
     (out / "manifest.json").unlink(missing_ok=True)
+    shutil.rmtree(out / ".shuffle", ignore_errors=True)
     for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
         p.unlink()
 
@@ -245,6 +309,48 @@ def _chunks(it, size: int):
         yield chunk
 
 
+def _ray_chunk(run: str, init_args: tuple, chunk: list) -> list[tuple]:
+    """Ray task body: set the worker process up once per run (same settings as a local worker),
+    then the same :func:`process_chunk` as a local run, so the shards come out byte for byte the same."""
+    if _W.get("run") != run:
+        _init_worker(*init_args)
+        _W["run"] = run
+    return process_chunk(chunk)
+
+
+def _ray_results(chunks, address: str, tasks: int, init_args: tuple):
+    """Each chunk's results in input order, computed as Ray tasks (``tasks`` in flight at most x2).
+
+    ``address`` is a cluster address (as for ``ray.init``) or ``local`` for an embedded Ray on
+    loopback; a Ray this function started is shut down when it ends."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address == "local":
+            ray.init(num_cpus=max(1, tasks), include_dashboard=False, _node_ip_address="127.0.0.1")
+        else:
+            ray.init(address=address)
+        started = True
+    try:
+        remote = ray.remote(num_cpus=1)(_ray_chunk)
+        # NOTE: the dictionaries go to the object store once; every task gets them by reference.
+        args_ref = ray.put(init_args)
+        run = uuid.uuid4().hex
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append((chunk, remote.remote(run, args_ref, chunk)))
+            if len(pending) >= 2 * tasks:
+                c, ref = pending.popleft()
+                yield c, ray.get(ref)
+        while pending:
+            c, ref = pending.popleft()
+            yield c, ray.get(ref)
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _ordered_results(chunks, workers: int, init_args: tuple):
     """Each chunk's results, in input order; at most 2 x workers chunks in flight (bounded memory)."""
     if workers <= 1:
@@ -276,8 +382,13 @@ def _key(src_lang: str, tgt_lang: str, n: int) -> str:
     return re.sub(r"[^\w-]", "_", f"{src_lang}-{tgt_lang}") + f"-{n:09d}"
 
 
-def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
+def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     """Run the whole preparation; returns the manifest (also written to ``cfg.out/manifest.json``).
+
+    With ``address`` (a Ray cluster address, or ``local``) the chunks are tokenized and mined as Ray
+    tasks, ``cfg.workers`` of them in flight (x2); reading, cleaning, the shuffle and the writing
+    stay in this process, so the output is byte for byte that of a local run. The tokenizer name
+    must resolve on every node (a path on a shared disk, or a packaged alias).
 
     Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
     has an unknown format, or a dictionary cannot be read."""
@@ -299,13 +410,18 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
     counts = Counts()
     stats: dict = {"read": 0, "per_pair": {}}
     writer = ShardWriter(out, cfg.samples_per_shard)
+    shuffler = _Shuffler(out / ".shuffle", cfg.seed)
     progress = _Progress()
     kept = truncated = n_anchors = 0
     t0 = time.perf_counter()
     init_args = (tokenizer, dicts, cfg.max_tokens, cfg.truncate, cfg.keep_no_anchor)
     try:
         chunks = _chunks(_cleaned(inputs, cfg, counts, stats), CHUNK)
-        for chunk, results in _ordered_results(chunks, cfg.workers, init_args):
+        if address:
+            ordered = _ray_results(chunks, address, cfg.workers, init_args)
+        else:
+            ordered = _ordered_results(chunks, cfg.workers, init_args)
+        for chunk, results in ordered:
             for pair, res in zip(chunk, results, strict=True):
                 per = stats["per_pair"][f"{pair[2]}-{pair[3]}"]
                 if res[0] == "drop":
@@ -315,7 +431,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
                 _, meta, src_npy, tgt_npy, was_truncated = res
                 key = _key(pair[2], pair[3], kept)
                 meta["id"] = key
-                writer.write(key, json_bytes(meta), src_npy, tgt_npy)
+                meta["sid"] = source_id(pair[0])
+                shuffler.add(key, json_bytes(meta), src_npy, tgt_npy)
                 kept += 1
                 truncated += was_truncated
                 n_anchors += len(meta["anchors"])
@@ -323,10 +440,14 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
                 per["anchors"] += len(meta["anchors"])
                 per["with_anchor"] += bool(meta["anchors"])
             progress.update(stats["read"], kept)
+        for rec in shuffler.drain():
+            writer.write(*rec)
         shards = writer.close()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        shuffler.close()
     seconds = time.perf_counter() - t0
     progress.update(stats["read"], kept, final=True)
 
@@ -340,6 +461,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str) -> dict:
         "truncate": cfg.truncate,
         "max_length_ratio": cfg.max_length_ratio,
         "keep_no_anchor": cfg.keep_no_anchor,
+        "seed": cfg.seed,
+        "shuffled": True,
         "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
         "dictionaries": {
             f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()
@@ -431,6 +554,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep pairs without any anchor (their span is the whole sentence)",
     )
     parser.add_argument("--workers", type=int, default=None, help="tokenize/mine in N processes")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the global shuffle (default 0)")
+    parser.add_argument(
+        "--address",
+        default="",
+        help="run the tokenize/mine chunks as tasks on this Ray cluster ('local': an embedded Ray); "
+        "--workers tasks in flight",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
@@ -460,6 +590,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         "max_length_ratio",
         "keep_no_anchor",
         "workers",
+        "seed",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -474,7 +605,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg, tokenizer = config_from_args(args)
-        m = prepare(cfg, tokenizer)
+        m = prepare(cfg, tokenizer, getattr(args, "address", ""))
     except InputError as e:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2

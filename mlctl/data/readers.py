@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
-import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -189,31 +188,96 @@ def _lang_matches(code: str, lang: str) -> bool:
     return code == lang or code.startswith(lang + "-")
 
 
+class UnsafeXML(ValueError):
+    """A TMX file declares entities or references an external DTD/entity: never expanded."""
+
+
+class _TmxEvents:
+    """Expat handlers that turn a TMX byte stream into (tu number, {lang: seg text}) events.
+
+    Nothing but the current ``<tu>`` is kept, so memory does not grow with the file. Entity
+    declarations (the billion-laughs shape) and external entities are refused before expansion."""
+
+    def __init__(self) -> None:
+        from xml.parsers import expat
+
+        p = expat.ParserCreate()
+        p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)  # never read an external DTD
+        p.StartElementHandler = self.start
+        p.EndElementHandler = self.end
+        p.CharacterDataHandler = self.text
+        p.EntityDeclHandler = self.entity_decl
+        p.ExternalEntityRefHandler = self.external
+        p.buffer_text = True
+        self.parser = p
+        self.ready: list[tuple[int, dict[str, str]]] = []
+        self.n = 0
+        self.segs: dict[str, str] | None = None  # inside a <tu>
+        self.lang = ""
+        self.seg_depth = 0  # > 0 inside a <seg> (inline markup nests inside it)
+        self.parts: list[str] = []
+
+    def start(self, tag: str, attrs: dict) -> None:
+        if tag == "tu":
+            self.n += 1
+            self.segs = {}
+        elif tag == "tuv" and self.segs is not None:
+            self.lang = attrs.get("xml:lang") or attrs.get("lang") or ""
+        elif self.seg_depth:
+            self.seg_depth += 1
+        elif tag == "seg" and self.segs is not None:
+            self.seg_depth, self.parts = 1, []
+
+    def end(self, tag: str) -> None:
+        if self.seg_depth:
+            self.seg_depth -= 1
+            if not self.seg_depth and self.segs is not None:
+                self.segs[self.lang] = "".join(self.parts)
+        elif tag == "tu" and self.segs is not None:
+            self.ready.append((self.n, self.segs))
+            self.segs = None
+
+    def text(self, data: str) -> None:
+        if self.seg_depth:
+            self.parts.append(data)
+
+    def entity_decl(self, name, *_args) -> None:
+        raise UnsafeXML(f"declares the entity {name!r}; TMX input must not declare entities")
+
+    def external(self, _context, _base, system_id, public_id) -> int:
+        raise UnsafeXML(f"references the external entity {system_id or public_id!r}")
+
+
 def read_tmx(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    xml_lang = "{http://www.w3.org/XML/1998/namespace}lang"
-    n = 0
+    """Streaming TMX reader (expat, 64 KiB at a time). Malformed XML stops the file with a counted
+    ``malformed_xml``; entity declarations or external entities stop it with ``unsafe_xml``."""
+    from xml.parsers import expat
+
+    ev = _TmxEvents()
     with open_text_bytes(path) as f:
-        try:
-            for _event, elem in ET.iterparse(f, events=("end",)):
-                if elem.tag != "tu":
-                    continue
-                n += 1
-                segs: dict[str, str] = {}
-                for tuv in elem.iter("tuv"):
-                    code = tuv.get(xml_lang) or tuv.get("lang") or ""
-                    seg = tuv.find("seg")
-                    if seg is not None:
-                        segs[code] = "".join(seg.itertext())
+        while True:
+            chunk = f.read(1 << 16)
+            stop: tuple[str, str, str] | None = None
+            try:
+                ev.parser.Parse(chunk, not chunk)
+            except expat.ExpatError as e:
+                stop = ("malformed_xml", f"{path}:{e.lineno}", f"{e}; rest of the file not read")
+            except UnsafeXML as e:
+                line = ev.parser.CurrentLineNumber
+                stop = ("unsafe_xml", f"{path}:{line}", f"{e}; the file is not read further")
+            for n, segs in ev.ready:  # the units completed before any error still count
                 s = next((v for k, v in segs.items() if _lang_matches(k, src_lang)), None)
                 t = next((v for k, v in segs.items() if _lang_matches(k, tgt_lang)), None)
                 if s is None or t is None:
                     counts.skip("missing_language", f"{path}:tu {n}", f"languages {sorted(segs)}")
                 else:
                     yield RawPair(s, t, src_lang, tgt_lang, f"{path}:tu {n}")
-                elem.clear()
-        except ET.ParseError as e:
-            line = e.position[0] if e.position else "?"
-            counts.skip("malformed_xml", f"{path}:{line}", f"{e}; rest of the file not read")
+            ev.ready.clear()
+            if stop is not None:
+                counts.skip(*stop)
+                return
+            if not chunk:
+                return
 
 
 def _po_unquote(s: str, where: str) -> str:

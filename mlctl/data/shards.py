@@ -6,6 +6,7 @@ A record is ``KEY.json`` (languages, texts, anchors with token spans, source), `
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -78,7 +79,10 @@ def ustar_header(name: str, size: int) -> bytes:
 
 
 class ShardWriter:
-    """Writes records into ``shard-NNNNNN.tar`` files of ``samples_per_shard`` records each."""
+    """Writes records into ``shard-NNNNNN.tar`` files of ``samples_per_shard`` records each.
+
+    :meth:`close` returns one manifest entry per shard: ``name``, ``samples`` (records), ``bytes``
+    (file size) and ``sha256`` (of the whole file)."""
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int) -> None:
         if samples_per_shard < 1:
@@ -90,6 +94,7 @@ class ShardWriter:
         self._tmp: Path | None = None
         self._n = 0
         self._size = 0
+        self._hash = hashlib.sha256()
 
     def _open(self) -> None:
         name = SHARD_PATTERN.format(len(self.shards))
@@ -97,11 +102,13 @@ class ShardWriter:
         self._f = open(self._tmp, "wb")
         self.shards.append({"name": name, "samples": 0})
         self._n = self._size = 0
+        self._hash = hashlib.sha256()
 
     def _add(self, name: str, data: bytes) -> None:
         pad = -len(data) % BLOCK
         chunk = ustar_header(name, len(data)) + data + b"\0" * pad
         self._f.write(chunk)  # type: ignore[union-attr]
+        self._hash.update(chunk)
         self._size += len(chunk)
 
     def write(self, key: str, meta: bytes, src_npy: bytes, tgt_npy: bytes) -> None:
@@ -121,8 +128,14 @@ class ShardWriter:
         if self._f is None:
             return
         end = self._size + 2 * BLOCK
-        self._f.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+        tail = b"\0" * (2 * BLOCK + (-end % RECORD))
+        self._f.write(tail)
+        self._hash.update(tail)
         self._f.close()
+        # What the loader trusts instead of re-reading the shard at start-up: its exact size (a cheap
+        # stat) and a checksum it verifies while streaming.
+        self.shards[-1]["bytes"] = self._size + len(tail)
+        self.shards[-1]["sha256"] = self._hash.hexdigest()
         self._f = None
         # NOTE: the rename is what makes a shard visible; a crash before it leaves only a dot-tmp file.
         os.replace(self._tmp, self.out / self.shards[-1]["name"])  # type: ignore[arg-type]

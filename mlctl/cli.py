@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError, MissingExtra) as e:
         print(f"mlctl {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a file where a folder should be: name the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mlctl {args.verb}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

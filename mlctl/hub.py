@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import lru_cache
+from pathlib import Path
 
 # Encoders that ship inside a PyPI package, so they load without any hub access.
 PACKAGED_MODELS = {
@@ -17,6 +18,10 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local folder for packaged models; anything else is returned as given (HF name or path)."""
     module = PACKAGED_MODELS.get(name_or_path.lower())
     if module is None:
+        # A hub name never starts like a path; without this, a mistyped folder reaches the hub
+        # client and comes back as a complaint about repo id syntax.
+        if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"model folder not found: {name_or_path}")
         return name_or_path
     from mlctl.extras import require
 

@@ -12,6 +12,7 @@ import gzip
 import logging
 import struct
 import xml.etree.ElementTree as ET
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,9 +50,35 @@ class Counts:
             log.warning("skipped (%s) at %s%s", reason, where, f": {detail}" if detail else "")
 
 
+class _GzipFile(gzip.GzipFile):
+    """gzip reader whose errors name the file (gzip's own EOFError for a truncated file does not)."""
+
+    def _named(self, e: Exception) -> InputError:
+        return InputError(f"{self.name}: truncated or corrupt gzip file ({e})")
+
+    def read(self, *args):
+        try:
+            return super().read(*args)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._named(e) from None
+
+    def readline(self, *args):
+        try:
+            return super().readline(*args)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._named(e) from None
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
 def open_text_bytes(path: Path):
-    """Binary handle, transparently gunzipping ``*.gz``."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """Binary handle, transparently gunzipping ``*.gz``; a truncated or corrupt gzip file raises
+    :class:`InputError` naming it."""
+    return _GzipFile(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def detect_format(path: Path) -> str:

@@ -17,6 +17,7 @@ import contextlib
 import gettext
 import io
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -180,7 +181,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] dev retrieval accuracy before training (xx->en): {_fmt(before)}", flush=True)
 
     t_train = time.time()
-    run_dir = launch(cfg)
+    try:
+        run_dir = launch(cfg)
+    except RuntimeError as e:  # the launcher's one-line account of a failed run (cause, checkpoint)
+        print(f"mlctl demo: {e}", file=sys.stderr)
+        return 1
     train_seconds = time.time() - t_train
 
     # DeepSpeed's zero_to_fp32 prints every step of rebuilding the weights; only failures matter here.

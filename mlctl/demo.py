@@ -212,7 +212,6 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def main() -> int:
-    import sys
 
     from mlctl.cli import main as cli_main
 

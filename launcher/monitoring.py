@@ -213,7 +213,6 @@ def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
     file only. Returns the log file's path.
     """
     import logging
-    import warnings
 
     path = Path(run_dir) / "logs" / f"rank{rank:05d}.log"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,8 +229,8 @@ def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
     root.addHandler(to_file)
     root.addHandler(console)
     root.setLevel(logging.INFO)
+    # Python's default filters stay (a module may have silenced a warning it knows about).
     logging.captureWarnings(True)
-    warnings.simplefilter("default")
     quiet_library_output()
     # Libraries that print() instead of logging (DeepSpeed's "op built successfully") write to the
     # log file too; the worker's own messages all go through logging.

@@ -385,7 +385,7 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             # "checkpoint created", "failed to send resource request ... safe to ignore" with a
             # traceback on a busy machine) stay in its log files; the driver shows progress, and a
             # failed run still raises from fit() with the cause.
-            logging_config=LoggingConfig(log_level="ERROR"),
+            logging_config=LoggingConfig(log_level="ERROR"),  # type: ignore[call-arg]  # V2 RunConfig
         ),
     )
     watcher = RunWatcher(run_dir, cfg, resources=ray.cluster_resources)

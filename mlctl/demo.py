@@ -37,15 +37,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def django_catalogs(lang: str) -> list[Path]:
     from mlctl.extras import require
 
-    django = require("django", "mlctl demo (its data are Django's translation catalogs)")
-    base = Path(django.__file__).parent
-    return sorted(base.glob(f"**/locale/{lang}/LC_MESSAGES/*.mo"))
+    require("django", "mlctl demo (its data are Django's translation catalogs)")
+    return sorted(django_module_dir().glob(f"**/locale/{lang}/LC_MESSAGES/*.mo"))
 
 
 def django_module_dir() -> Path:
     from mlctl.extras import require
 
-    return Path(require("django", "mlctl demo").__file__).parent
+    return Path(str(require("django", "mlctl demo").__file__)).parent
 
 
 def read_mo(path: Path) -> dict[str, str]:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # fresh interpreters importing torch and transformers
-
 from mlctl.extras import OPTIONAL
+
+pytestmark = pytest.mark.slow  # fresh interpreters importing torch and transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(BIN)/pip install -q torch==2.13.0; \
 	fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,demo,report,sentence-transformers]'
 	touch $(STAMP)
 
 demo: setup

@@ -96,11 +96,13 @@ def format_eta(seconds: float) -> str:
 
 
 class ProgressLine:
-    """``step 40/100 | loss 1.234 | 512 pairs/s | ETA 0:01:10``, on one line.
+    """The driver's progress display: ``step 40/100 | loss 1.234 | 512 pairs/s | ETA 0:01:10``.
 
-    On a terminal the line is redrawn in place (``\\r``); otherwise (a log file, Ray's captured
-    output) a new line is printed at most every ``every_seconds`` so logs stay readable. The ETA
-    comes from the observed step rate since the first update.
+    On a terminal it is a tqdm bar redrawn in place, with those figures after it; otherwise (a log
+    file, a pipe, Ray's captured output) a plain line is printed at most every ``every_seconds`` so
+    logs stay readable. The ETA comes from the step rate since the first update, measured on the
+    times given to :meth:`update` (the steps' own times when replaying ``metrics.jsonl``), not on
+    when the driver happened to read them. :meth:`write` prints a message without breaking the bar.
     """
 
     def __init__(
@@ -119,14 +121,18 @@ class ProgressLine:
         self.tty = tty if tty is not None else bool(isatty and isatty())
         self._first: tuple[float, int] | None = None
         self._last_print: float | None = None
-        self._width = 0
+        self._bar: Any = None  # tqdm, made at the first update so start-up time is not in the bar
         self._line = ""
         self._printed_line = ""
         self.step = 0
 
-    def render(self, step: int, loss: float, pairs_per_s: float, eta_seconds: float) -> str:
+    @staticmethod
+    def figures(loss: float, pairs_per_s: float, eta_seconds: float) -> str:
         rate = f"{pairs_per_s:.0f}" if math.isfinite(pairs_per_s) else "?"
-        return f"step {step}/{self.total} | loss {loss:.3f} | {rate} pairs/s | ETA {format_eta(eta_seconds)}"
+        return f"loss {loss:.3f} | {rate} pairs/s | ETA {format_eta(eta_seconds)}"
+
+    def render(self, step: int, loss: float, pairs_per_s: float, eta_seconds: float) -> str:
+        return f"step {step}/{self.total} | {self.figures(loss, pairs_per_s, eta_seconds)}"
 
     def update(self, step: int, loss: float, pairs_per_s: float, at: float | None = None) -> None:
         """New figures for ``step``; draws the line when it is due.
@@ -139,16 +145,42 @@ class ProgressLine:
             self._first = (now, step)
         t0, s0 = self._first
         eta = (self.total - step) * (now - t0) / (step - s0) if step > s0 and now > t0 else math.nan
+        eta = eta if step < self.total else 0.0
         self.step = step
-        self._line = self.render(step, loss, pairs_per_s, eta if step < self.total else 0.0)
+        self._line = self.render(step, loss, pairs_per_s, eta)
         if self.tty:
-            pad = max(0, self._width - len(self._line))
-            self.stream.write("\r" + self._line + " " * pad)
-            self._width = len(self._line)
-            self.stream.flush()
-            self._printed_line = self._line
+            self._draw(step, self.figures(loss, pairs_per_s, eta))
         elif self._last_print is None or now - self._last_print >= self.every_seconds or step >= self.total:
             self._print_line(now)
+
+    def _draw(self, step: int, figures: str) -> None:
+        from tqdm import tqdm
+
+        if self._bar is None:
+            # NOTE: the ETA is ours (see the class docstring), so tqdm's own rate and remaining time
+            # are left out of the format; tqdm draws the bar and keeps it on one terminal line.
+            self._bar = tqdm(
+                total=self.total,
+                initial=step,
+                desc=figures,
+                file=self.stream,
+                dynamic_ncols=True,
+                bar_format="step {n}/{total} {bar} {desc}",
+                leave=True,
+            )
+        else:
+            self._bar.n = step
+            self._bar.set_description_str(figures, refresh=False)
+            self._bar.refresh()
+        self._printed_line = self._line
+
+    def write(self, message: str) -> None:
+        """Print a whole line (an evaluation result, an endpoint) above the bar."""
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            self.stream.write(message + "\n")
+            self.stream.flush()
 
     def _print_line(self, now: float) -> None:
         self.stream.write(self._line + "\n")
@@ -157,11 +189,61 @@ class ProgressLine:
         self._printed_line = self._line
 
     def close(self) -> None:
-        """End the line (terminal) or print the last figures if not printed yet (logs)."""
-        if self.tty:
-            if self._width:
-                self.stream.write("\n")
-                self.stream.flush()
-                self._width = 0
-        elif self._line and self._line != self._printed_line:
+        """End the bar (terminal) or print the last figures if not printed yet (logs)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif not self.tty and self._line and self._line != self._printed_line:
             self._print_line(self.clock())
+
+
+# Library loggers whose INFO chatter repeats on every worker and says nothing a user acts on.
+QUIET_LOGGERS = ("transformers", "deepspeed", "DeepSpeed", "ray.train", "torch.distributed")
+
+
+def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
+    """Logging of one training worker: everything at INFO into ``RUN_DIR/logs/rankNNNNN.log``; on
+    the console (which Ray forwards to the driver) only warnings of rank 0 and errors of any rank.
+
+    NOTE: what is silenced on the console and why. The driver already shows progress, endpoints and
+    evaluation (from metrics.jsonl), so the workers' INFO lines would repeat them once per rank.
+    transformers' weight-loading report and progress bar (the MLM head is fresh by design, and
+    mlctl.model logs which weights that is), DeepSpeed's op-build notice and Python warnings from
+    libraries (e.g. torch deprecations inside DeepSpeed) are known and harmless: they go to the log
+    file only. Returns the log file's path.
+    """
+    import logging
+
+    path = Path(run_dir) / "logs" / f"rank{rank:05d}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setFormatter(fmt)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter(f"rank {rank} %(levelname)s %(name)s: %(message)s"))
+    console.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+    console.addFilter(lambda r: r.name != "py.warnings" and not r.name.startswith(QUIET_LOGGERS))
+    root.addHandler(to_file)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    # Python's default filters stay (a module may have silenced a warning it knows about).
+    logging.captureWarnings(True)
+    quiet_library_output()
+    # Libraries that print() instead of logging (DeepSpeed's "op built successfully") write to the
+    # log file too; the worker's own messages all go through logging.
+    sys.stdout = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives as long as the worker)
+    return path
+
+
+def quiet_library_output() -> None:
+    """transformers' load report and weight-loading bars off (errors still show); see
+    :func:`setup_worker_logging` for why."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

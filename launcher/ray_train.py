@@ -13,9 +13,11 @@ import copy
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +100,21 @@ def quiet_ray_logs() -> None:
 
     Ray Train's placement-group cleaner polls the state API, which needs the dashboard; without it
     (an embedded Ray on a machine without ``ray[default]``) it warns every second. Only that logger is
-    raised to ERROR."""
+    raised to ERROR. Ray Train's INFO lines (resource requests, worker group start) go too: the
+    driver prints the endpoints and, when workers do not start, what the run is waiting for."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(
         logging.ERROR
     )
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # NOTE: without an address the cleaner's state-API client looks for Ray instances on the machine
+    # and dies with a traceback when it finds more than one (another user's cluster); point it at
+    # the one this process belongs to.
+    try:
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # not connected yet or an older Ray: the cleaner keeps its own lookup
+        pass
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -110,13 +123,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from launcher.monitoring import setup_worker_logging
     from mlctl.engine import Trainer
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    cfg = config_from_dict(loop_config["config"])
     ctx = ray.train.get_context()
+    setup_worker_logging(loop_config["run_dir"], ctx.get_world_rank())
+    cfg = config_from_dict(loop_config["config"])
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
     spec = loop_config.get("fault") or json.loads(os.environ.get("MLCTL_FAULT") or "null")
     fault = _fault_hook(spec, ctx.get_world_rank())
@@ -165,25 +177,60 @@ def _fault_hook(spec: dict[str, Any] | None, rank: int):
 
 class RunWatcher(threading.Thread):
     """Driver-side: prints each worker's endpoint once, keeps the Prometheus service-discovery
-    file current, and draws the progress line from metrics.jsonl."""
+    file current, and draws the progress bar and the evaluation results from metrics.jsonl.
 
-    def __init__(self, run_dir: Path, cfg: Config, interval: float = 1.0):
+    Everything goes to ``stream`` (stdout by default) through one :class:`ProgressLine`, so the
+    messages never break the bar. When no worker has reported an endpoint after ``wait_warning``
+    seconds, it says which resources the run is waiting for (Ray would wait silently).
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Config,
+        interval: float = 1.0,
+        stream=None,
+        wait_warning: float = 60.0,
+        resources: Callable[[], dict[str, float]] | None = None,
+    ):
         super().__init__(daemon=True)
+        from launcher.monitoring import ProgressLine
+
         self.run_dir, self.cfg, self.interval = run_dir, cfg, interval
         self.stop_event = threading.Event()
         self.seen: dict[str, dict[str, Any]] = {}
         self.offset = 0
+        self.progress = ProgressLine(total=cfg.train.max_steps, stream=stream or sys.stdout)
+        self.wait_warning, self.resources = wait_warning, resources
+        self.started = time.monotonic()
+        self.warned_wait = False
 
     def run(self) -> None:
-        from launcher.monitoring import ProgressLine
-
-        progress = ProgressLine(total=self.cfg.train.max_steps)
         while not self.stop_event.wait(self.interval):
             self.poll_endpoints()
-            self.poll_metrics(progress)
+            self.poll_metrics()
+            self.check_waiting()
         self.poll_endpoints()
-        self.poll_metrics(progress)
-        progress.close()
+        self.poll_metrics()
+        self.progress.close()
+
+    def check_waiting(self) -> None:
+        if self.warned_wait or self.seen or time.monotonic() - self.started < self.wait_warning:
+            return
+        self.warned_wait = True
+        need = self.cfg.ray.num_workers * self.cfg.ray.cpus_per_worker
+        gpus = self.cfg.ray.num_workers * self.cfg.ray.gpus_per_worker
+        have = self.resources() if self.resources else {}
+        if have.get("CPU", need) >= need and have.get("GPU", 0.0) >= gpus:
+            return  # still starting (model loading, DeepSpeed op build): nothing to act on
+        self.progress.write(
+            f"[mlctl] waiting: the run needs {self.cfg.ray.num_workers} workers x "
+            f"{self.cfg.ray.cpus_per_worker:g} CPU"
+            + (f" x {self.cfg.ray.gpus_per_worker:g} GPU" if gpus else "")
+            + f", the Ray cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU in all; "
+            "Ray waits until a node with enough joins (lower ray.num_workers / --cpus-per-worker, "
+            "or add nodes)"
+        )
 
     def poll_endpoints(self) -> None:
         from launcher.monitoring import publish_service_discovery
@@ -197,7 +244,9 @@ class RunWatcher(threading.Thread):
             if self.seen.get(f.name) != info:
                 self.seen[f.name] = info
                 changed = True
-                print(f"[mlctl] rank {info['rank']} on {info['node']}: metrics at {info['url']}", flush=True)
+                self.progress.write(
+                    f"[mlctl] rank {info['rank']} on {info['node']}: metrics at {info['url']}"
+                )
         if changed:
             endpoints = [
                 {
@@ -210,27 +259,32 @@ class RunWatcher(threading.Thread):
             ]
             publish_service_discovery(self.run_dir, endpoints)
 
-    def poll_metrics(self, progress) -> None:
+    def poll_metrics(self) -> None:
         path = self.run_dir / "metrics.jsonl"
         if not path.is_file():
             return
-        with open(path) as f:
+        with open(path, "rb") as f:
             f.seek(self.offset)
             chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        for line in complete.decode("utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if "loss" in rec and "step" in rec:
-                progress.update(
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            if "loss" in rec:
+                self.progress.update(
                     step=rec["step"],
                     loss=rec["loss"],
                     pairs_per_s=rec.get("samples_per_second", float("nan")),
                     at=rec.get("time"),
                 )
+            elif rec.get("event") == "eval" and isinstance(rec.get("eval"), dict):
+                figures = " ".join(f"{k} {v:.3f}" for k, v in rec["eval"].items() if isinstance(v, float))
+                self.progress.write(f"[mlctl] eval step {rec['step']}: {figures}")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -266,8 +320,9 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         # NOTE: read when ray is first imported: keeps an embedded Ray (GCS, raylet, workers) on
         # 127.0.0.1 instead of the machine's outward address. Joining a cluster leaves it alone.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        _embedded_ray_auth()
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     name = run_name(cfg)  # from the config as given, before paths are made absolute
@@ -293,12 +348,20 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         else:
             need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
             # NOTE: the embedded Ray stays on loopback; nothing of a local run listens elsewhere.
+            if need - 1 > (os.cpu_count() or 1) and not num_cpus:
+                print(
+                    f"[mlctl] warning: {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker:g} CPU on a "
+                    f"machine with {os.cpu_count()} CPUs: they will share cores and run slower than fewer "
+                    "workers would",
+                    flush=True,
+                )
             ray.init(
                 num_cpus=num_cpus or max(need, os.cpu_count() or 1),
                 include_dashboard=False,
                 _node_ip_address="127.0.0.1",
                 runtime_env=runtime_env,
                 log_to_driver=True,
+                logging_level=logging.WARNING,  # "Started a local Ray instance" and the like
             )
         started_here = True
     print(f"[mlctl] run {name}: {run_dir}", flush=True)
@@ -324,9 +387,14 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            # NOTE: Ray Train's console lines below ERROR (resource requests, worker group start,
+            # "checkpoint created", "failed to send resource request ... safe to ignore" with a
+            # traceback on a busy machine) stay in its log files; the driver shows progress, and a
+            # failed run still raises from fit() with the cause.
+            logging_config=LoggingConfig(log_level="ERROR"),  # type: ignore[call-arg]  # V2 RunConfig
         ),
     )
-    watcher = RunWatcher(run_dir, cfg)
+    watcher = RunWatcher(run_dir, cfg, resources=ray.cluster_resources)
     watcher.start()
     try:
         trainer.fit()
@@ -350,6 +418,22 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         if started_here:
             ray.shutdown()
     return run_dir
+
+
+def _embedded_ray_auth() -> None:
+    """Token auth for an embedded Ray without a token file.
+
+    NOTE: Ray (2.5x+) turns token auth on for a new local cluster, writes a fresh token to
+    ``~/.ray/auth_token`` and warns about it. That file then switches every later Ray on the machine
+    (other users' included) to token auth. A token in the environment of this process (inherited by
+    the Ray processes it starts) keeps the embedded cluster protected without the file or the
+    warning. An explicit RAY_AUTH_MODE or token is left as it is."""
+    if "RAY_AUTH_MODE" in os.environ or "RAY_AUTH_TOKEN" in os.environ:
+        return
+    import secrets
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def _count_failures(error: BaseException, max_failures: int) -> int:

@@ -1,11 +1,11 @@
 """The `mlctl` command. Each verb lives in its own module exposing ``add_arguments(parser)`` and
-``run(args) -> int``; a verb is listed only when its module exists."""
+``run(args) -> int``. Every verb module imports with the core install alone; a verb that needs an
+optional package (:mod:`mlctl.extras`) says which extra to install when it runs."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import os
 import sys
@@ -21,17 +21,6 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def available_verbs() -> dict[str, tuple[str, str]]:
-    out = {}
-    for verb, (module, helptext) in VERBS.items():
-        try:
-            if importlib.util.find_spec(module) is not None:
-                out[verb] = (module, helptext)
-        except ModuleNotFoundError:
-            continue
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlctl",
@@ -39,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (module, helptext) in available_verbs().items():
+    for verb, (module, helptext) in VERBS.items():
         p = sub.add_parser(verb, help=helptext, description=helptext)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
@@ -59,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from mlctl.config import ConfigError
+    from mlctl.extras import MissingExtra
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, ValueError, MissingExtra) as e:
         print(f"mlctl {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a file where a folder should be: name the path
+        where = f": {e.filename}" if e.filename else ""
+        print(f"mlctl {args.verb}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
 
 

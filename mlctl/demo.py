@@ -13,8 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gettext
+import io
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -32,10 +35,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def django_catalogs(lang: str) -> list[Path]:
-    import django
+    from mlctl.extras import require
 
-    base = Path(django.__file__).parent
-    return sorted(base.glob(f"**/locale/{lang}/LC_MESSAGES/*.mo"))
+    require("django", "mlctl demo (its data are Django's translation catalogs)")
+    return sorted(django_module_dir().glob(f"**/locale/{lang}/LC_MESSAGES/*.mo"))
+
+
+def django_module_dir() -> Path:
+    from mlctl.extras import require
+
+    return Path(str(require("django", "mlctl demo").__file__)).parent
 
 
 def read_mo(path: Path) -> dict[str, str]:
@@ -52,10 +61,13 @@ def build_demo_inputs(work: Path) -> tuple[list[tuple[Path, str]], dict[str, Pat
     train: list[tuple[Path, str]] = []
     dicts: dict[str, Path] = {}
     devs: dict[str, Path] = {}
+    summary: list[tuple[str, int, int, int]] = []
     for lang in LANGS:
         files = django_catalogs(lang)
         if not files:
-            raise FileNotFoundError(f"no Django catalogs for {lang!r}; is the `django` package installed?")
+            raise FileNotFoundError(
+                f"no gettext catalogs for {lang!r} under {Path(django_module_dir())}; is the django install complete?"
+            )
         dev_files = [f for f in files if any(d in f.as_posix() for d in DEV_CATALOGS)]
         train_files = [f for f in files if f not in dev_files]
         seen_en: set[str] = set()
@@ -83,13 +95,16 @@ def build_demo_inputs(work: Path) -> tuple[list[tuple[Path, str]], dict[str, Pat
         devs[lang].write_text(
             "".join(f"{en}\t{xx}\n" for en, xx in sorted(dev_pairs.items())), encoding="utf-8"
         )
-        log.info(
-            "%s: %d training catalogs, %d dictionary words, %d dev pairs",
-            lang,
-            len(train_files),
-            len(words),
-            len(dev_pairs),
-        )
+        summary.append((lang, len(train_files), len(words), len(dev_pairs)))
+    print(
+        "[demo] Django catalogs: "
+        + ", ".join(f"{lang} {n}" for lang, n, _, _ in summary)
+        + " for training; dictionary words: "
+        + ", ".join(f"{lang} {w}" for lang, _, w, _ in summary)
+        + "; dev pairs: "
+        + ", ".join(f"{lang} {d}" for lang, _, _, d in summary),
+        flush=True,
+    )
     return train, dicts, devs
 
 
@@ -103,15 +118,32 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     p.dictionaries = [f"{lang}={path}" for lang, path in dicts.items()]
     p.out = str(out)
     p.samples_per_shard = 256
-    manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
+    # NOTE: prepare logs the first entries of every skip reason with file and line; on Django's
+    # catalogs those are expected (plural forms, untranslated strings, sentences without a
+    # dictionary word), so the demo shows the counts by reason once instead.
+    with _quiet("mlctl.data.readers", "mlctl.data.prepare"):
+        manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
     counts = manifest.get("counts", {})
-    log.info(
-        "shards: %s kept of %s read; dropped %s",
-        counts.get("kept"),
-        counts.get("read"),
-        counts.get("dropped"),
+    dropped = sorted((counts.get("dropped") or {}).items(), key=lambda kv: -kv[1])
+    print(
+        f"[demo] shards: {counts.get('kept')} pairs kept of {counts.get('read')} read; skipped: "
+        + (", ".join(f"{reason} {n}" for reason, n in dropped) or "none"),
+        flush=True,
     )
     return out
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str, level: int = logging.ERROR):
+    """Raise the given loggers to ``level`` for the duration of the block."""
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in loggers]
+    for logger, _ in saved:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in saved:
+            logger.setLevel(old)
 
 
 def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
@@ -124,6 +156,7 @@ def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from launcher.monitoring import quiet_library_output
     from launcher.ray_train import launch
     from mlctl.config import load_config
     from mlctl.export import load_run_model
@@ -137,17 +170,30 @@ def run(args: argparse.Namespace) -> int:
     cfg.data.shards = str(prepare_shards(cfg, work, train, dicts))
     cfg.eval.pairs = [str(p) for p in devs.values()]
 
+    quiet_library_output()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    before = dev_accuracy(
-        MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers).eval(), tokenizer, devs
-    )
+    # The fresh MLM head is reported by the training workers; it plays no part in this evaluation.
+    with _quiet("mlctl.model"):
+        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers).eval()
+    before = dev_accuracy(model, tokenizer, devs)
+    del model
     print(f"[demo] dev retrieval accuracy before training (xx->en): {_fmt(before)}", flush=True)
 
     t_train = time.time()
-    run_dir = launch(cfg)
+    try:
+        run_dir = launch(cfg)
+    except RuntimeError as e:  # the launcher's one-line account of a failed run (cause, checkpoint)
+        print(f"mlctl demo: {e}", file=sys.stderr)
+        return 1
     train_seconds = time.time() - t_train
 
-    model, tokenizer, _ = load_run_model(run_dir)
+    # DeepSpeed's zero_to_fp32 prints every step of rebuilding the weights; only failures matter here.
+    with (
+        _quiet("mlctl.model"),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        model, tokenizer, _ = load_run_model(run_dir)
     after = dev_accuracy(model.eval(), tokenizer, devs)
     pairs = cfg.train.max_steps * cfg.data.batch_size * cfg.ray.num_workers * cfg.train.grad_accum
     print(f"[demo] dev retrieval accuracy after training  (xx->en): {_fmt(after)}")
@@ -165,7 +211,6 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def main() -> int:
-    import sys
 
     from mlctl.cli import main as cli_main
 

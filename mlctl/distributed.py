@@ -1,27 +1,24 @@
-"""Small named collectives and rank helpers. Everything here also works with world size 1."""
+"""Small named collectives. Everything here also works with world size 1 (or no process group)."""
 
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 
+# NOTE: torch 2.13 marks torch.distributed.nn.functional.all_gather deprecated (FutureWarning on
+# every call) in favour of the private torch.distributed._functional_collectives. The public
+# function is kept: it exists with the same autograd semantics in every torch this project supports
+# (>= 2.3), and its backward works on gloo (all_to_all + sum) as well as nccl (reduce_scatter).
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+)
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def training_device(
@@ -64,38 +61,14 @@ def training_device(
     return torch.device("cuda", local_rank)
 
 
-class _AllGather(torch.autograd.Function):
-    """all_gather along dim 0 into one contiguous buffer; backward sums every rank's gradient for
-    this rank's rows (all_reduce, then keep our slice), so each row's gradient flows back to the
-    rank that produced it."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.group = group
-        ws = dist.get_world_size(group)
-        ctx.rank = dist.get_rank(group)
-        ctx.rows = tensor.shape[0]
-        tensor = tensor.contiguous()
-        out = torch.empty((ws * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # A private copy: the all_reduce below is in place, and the incoming gradient may be a
-        # buffer autograd still shares with another consumer.
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        # NOTE: gloo has no reduce_scatter; all_reduce + slice is the same sum on every backend.
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        start = ctx.rank * ctx.rows
-        return grad[start : start + ctx.rows], None
-
-
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate every rank's ``tensor`` (equal shapes) along dim 0, differentiably."""
+    """Concatenate every rank's ``tensor`` (equal shapes) along dim 0, differentiably: each row's
+    gradient flows back to the rank that produced it, summed over every rank's use of it."""
     if not is_initialized() or dist.get_world_size(group) == 1:
         return tensor
-    return _AllGather.apply(tensor, group)
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor, group=group if group is not None else dist.group.WORLD), dim=0)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

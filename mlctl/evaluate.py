@@ -20,7 +20,6 @@ The engine calls :func:`load_pairs` and :func:`retrieval_accuracy_on_pairs` duri
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import logging
 import random
@@ -59,14 +58,20 @@ def read_pair_file(path: str | Path, max_pairs: int | None = None) -> PairFile:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"pairs file not found: {p}")
-    opener = gzip.open if p.name.endswith(".gz") else open
+    from mlctl.data.readers import open_text_bytes
+
     out = PairFile(str(p), [])
-    with opener(p, "rt", encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open_text_bytes(p) as f:
+        for lineno, raw in enumerate(f, start=1):
             if max_pairs is not None and len(out.pairs) >= max_pairs:
                 break
-            line = line.rstrip("\n").rstrip("\r")
-            if not line.strip():
+            try:
+                line: str | None = raw.decode("utf-8").rstrip("\n").rstrip("\r").removeprefix("\ufeff")
+            except UnicodeDecodeError:
+                line = None
+            if line is None:
+                reason = "not UTF-8"
+            elif not line.strip():
                 reason = "empty line"
             else:
                 fields = line.split("\t")

@@ -109,11 +109,14 @@ def load_run_model(run_dir: str | Path, checkpoint: str | None = None):
 def export_encoder(
     model, tokenizer, out: str | Path, source: dict[str, Any] | None = None, max_seq_length: int = 128
 ) -> Path:
-    """Write ``model``'s encoder, ``tokenizer`` and the sentence-transformers pooling to ``out``."""
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Pooling, WeightedLayerPooling
-    from sentence_transformers.sentence_transformer.modules import Transformer as STTransformer
+    """Write ``model``'s encoder, ``tokenizer`` and the sentence-transformers pooling to ``out``.
 
+    Without the optional sentence-transformers package the folder holds the HuggingFace model, the
+    tokenizer and ``mlctl_export.json`` (which ``mlctl eval`` reads its pooling from); the
+    sentence-transformers module files are left out, with a warning naming the extra."""
+    from mlctl.extras import available, install_hint
+
+    with_st = available("sentence_transformers")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
@@ -128,6 +131,35 @@ def export_encoder(
     finally:
         encoder.config.output_hidden_states = False
     tokenizer.save_pretrained(out)
+    if with_st:
+        _write_sentence_transformers(model, out, layers, last_only, max_seq_length)
+    else:
+        log.warning(
+            "sentence-transformers is not installed: %s holds the HuggingFace model only "
+            "(AutoModel, mlctl eval); for SentenceTransformer(%s): %s",
+            out,
+            out,
+            install_hint("sentence_transformers"),
+        )
+
+    meta = {
+        "pool_layers": layers,
+        "num_layers": model.num_layers,
+        "max_seq_length": max_seq_length,
+        "fusion_mlp": "not exported (training only)",
+        "sentence_transformers": with_st,
+        **(source or {}),
+    }
+    (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _write_sentence_transformers(
+    model, out: Path, layers: list[int], last_only: bool, max_seq_length: int
+) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, WeightedLayerPooling
+    from sentence_transformers.sentence_transformer.modules import Transformer as STTransformer
 
     transformer = STTransformer(str(out), max_seq_length=max_seq_length)
     hidden = model.hidden_size
@@ -145,16 +177,6 @@ def export_encoder(
         )
     modules.append(Pooling(hidden, pooling_mode="mean"))
     SentenceTransformer(modules=modules, device="cpu").save(str(out))
-
-    meta = {
-        "pool_layers": layers,
-        "num_layers": model.num_layers,
-        "max_seq_length": max_seq_length,
-        "fusion_mlp": "not exported (training only)",
-        **(source or {}),
-    }
-    (out / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:

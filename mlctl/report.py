@@ -1,4 +1,5 @@
-"""``mlctl report RUN_DIR``: draw a run's ``metrics.jsonl`` (loss, throughput, eval accuracy) to a PNG."""
+"""``mlctl report RUN_DIR``: draw a run's ``metrics.jsonl`` (loss, throughput, data-wait share, eval
+accuracy per language) to a PNG."""
 
 from __future__ import annotations
 
@@ -81,14 +82,35 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return xs, ys
 
 
-def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
-    """Three panels against step: losses (total, contrastive, MLM), pairs/s, eval accuracy per language."""
-    import matplotlib
+def data_wait_share(records: list[dict[str, Any]]) -> tuple[list[int], list[float]]:
+    """Per step, the share of the step's wall time spent blocked on the data loader (0-1).
 
+    Steps without both times, or with a zero step time, are left out."""
+    xs, ys = [], []
+    for r in records:
+        wait, total = r.get("data_wait_seconds"), r.get("step_seconds")
+        if (
+            isinstance(wait, (int, float))
+            and isinstance(total, (int, float))
+            and math.isfinite(wait)
+            and math.isfinite(total)
+            and total > 0
+        ):
+            xs.append(int(r["step"]))
+            ys.append(min(1.0, max(0.0, float(wait) / float(total))))
+    return xs, ys
+
+
+def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
+    """Four panels against step: losses (total, contrastive, MLM), pairs/s, the share of each step
+    spent waiting for data, and eval retrieval accuracy per language."""
+    from mlctl.extras import require
+
+    matplotlib = require("matplotlib", "mlctl report")
     matplotlib.use("Agg")  # no display needed, and no GUI toolkit pulled in
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_rate, ax_eval) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
+    fig, (ax_loss, ax_rate, ax_wait, ax_eval) = plt.subplots(4, 1, figsize=(8, 11), sharex=True)
     for key, label in (("loss", "total"), ("contrastive_loss", "contrastive"), ("mlm_loss", "MLM")):
         xs, ys = _series(metrics.train, key)
         if xs:
@@ -102,6 +124,20 @@ def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
     ax_rate.set_ylabel("pairs/s")
     ax_rate.grid(alpha=0.3)
 
+    xs, ys = data_wait_share(metrics.train)
+    if xs:
+        ax_wait.plot(xs, [100 * y for y in ys], color="tab:orange", label="per step")
+        mean = 100 * sum(ys) / len(ys)
+        ax_wait.axhline(mean, color="tab:gray", linestyle="--", label=f"mean {mean:.1f}%")
+        ax_wait.legend(loc="upper right")
+    else:
+        ax_wait.text(
+            0.5, 0.5, "no data-wait times in this run", ha="center", va="center", transform=ax_wait.transAxes
+        )
+    ax_wait.set_ylabel("data wait, % of step")
+    ax_wait.set_ylim(bottom=0)
+    ax_wait.grid(alpha=0.3)
+
     for lang, points in metrics.eval.items():
         ax_eval.plot([s for s, _ in points], [v for _, v in points], marker="o", label=lang)
     if metrics.eval:
@@ -111,7 +147,7 @@ def plot_report(metrics: RunMetrics, out: str | Path, title: str = "") -> Path:
         ax_eval.text(
             0.5, 0.5, "no evaluation in this run", ha="center", va="center", transform=ax_eval.transAxes
         )
-    ax_eval.set_ylabel("retrieval accuracy")
+    ax_eval.set_ylabel("dev retrieval accuracy\n(xx->en) per language")
     ax_eval.set_xlabel("step")
     ax_eval.grid(alpha=0.3)
 
@@ -140,8 +176,11 @@ def run(args: argparse.Namespace) -> int:
     out = plot_report(metrics, args.out or run_dir / "report.png", title=run_dir.resolve().name)
     last = metrics.train[-1]
     evals = " ".join(f"{lang}={pts[-1][1]:.3f}" for lang, pts in metrics.eval.items())
+    _, shares = data_wait_share(metrics.train)
+    wait = f", data wait {100 * sum(shares) / len(shares):.1f}% of step time" if shares else ""
     print(
         f"{out}: {len(metrics.train)} steps (last {last['step']}, loss {last['loss']:.4f})"
+        + wait
         + (f", eval {evals}" if evals else "")
         + (f", {len(metrics.skipped_lines)} malformed line(s) skipped" if metrics.skipped_lines else "")
     )

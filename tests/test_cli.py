@@ -1,4 +1,4 @@
-"""The `mlctl` console script lists exactly the verbs whose modules exist."""
+"""The `mlctl` console script lists every verb, each with its own help."""
 
 from __future__ import annotations
 
@@ -51,12 +51,8 @@ def test_console_script_help_lists_existing_verbs():
     assert "Align multilingual text encoders" in proc.stdout
 
 
-def test_missing_module_hides_the_verb(monkeypatch):
-    monkeypatch.setitem(cli.VERBS, "ghost", ("mlctl.no_such_module", "never listed"))
-    monkeypatch.setitem(cli.VERBS, "ghost2", ("no_such_package.cli", "never listed"))
-    verbs = cli.available_verbs()
-    assert "ghost" not in verbs and "ghost2" not in verbs
-    assert set(verbs) == {v for v, (m, _) in cli.VERBS.items() if _module_file_exists(m)}
+def test_every_verb_module_exists():
+    assert all(_module_file_exists(module) for module, _ in cli.VERBS.values())
 
 
 def test_no_verb_and_unknown_verb(capsys):
@@ -71,7 +67,7 @@ def test_no_verb_and_unknown_verb(capsys):
 def test_every_verb_has_its_own_help():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb")
-    for verb, (module, helptext) in cli.available_verbs().items():
+    for verb, (module, helptext) in cli.VERBS.items():
         text = sub.choices[verb].format_help()
         assert text.startswith(f"usage: mlctl {verb}")
         assert helptext in " ".join(text.split())

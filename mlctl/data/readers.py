@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import struct
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,9 +49,35 @@ class Counts:
             log.warning("skipped (%s) at %s%s", reason, where, f": {detail}" if detail else "")
 
 
+class _GzipFile(gzip.GzipFile):
+    """gzip reader whose errors name the file (gzip's own EOFError for a truncated file does not)."""
+
+    def _named(self, e: Exception) -> InputError:
+        return InputError(f"{self.name}: truncated or corrupt gzip file ({e})")
+
+    def read(self, *args):
+        try:
+            return super().read(*args)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._named(e) from None
+
+    def readline(self, *args):
+        try:
+            return super().readline(*args)
+        except (EOFError, OSError, zlib.error) as e:
+            raise self._named(e) from None
+
+    def __next__(self):
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+
 def open_text_bytes(path: Path):
-    """Binary handle, transparently gunzipping ``*.gz``."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """Binary handle, transparently gunzipping ``*.gz``; a truncated or corrupt gzip file raises
+    :class:`InputError` naming it."""
+    return _GzipFile(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def detect_format(path: Path) -> str:
@@ -324,6 +351,13 @@ def _catalog_entry(msgid: str, msgstr: str, plural: bool, fuzzy: bool, where: st
     return False
 
 
+# NOTE: why the gettext readers below are not the standard library's or polib's. Python's gettext
+# reads only .mo, and GNUTranslations decodes the whole catalog at once: one undecodable string
+# raises UnicodeDecodeError and every entry of the file is lost (checked with the catalog of
+# tests/test_data_readers.py::test_mo_entries_and_skips), where this reader counts that entry as
+# `invalid_utf8` and keeps the rest; it also keeps no entry positions for the skip log. polib (not a
+# dependency) stops at the first syntax error of a .po file; this reader counts the broken entry as
+# `po_syntax`, with its line, and goes on.
 def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
     entry: dict[str, object] = {}
     field_name = ""

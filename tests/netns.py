@@ -146,7 +146,9 @@ class NetnsCluster:
         sweep_stale()
         probe = _ip("netns", "add", self.namespaces[0], check=False)
         if probe.returncode != 0:
-            pytest.skip(f"`ip netns add` is not permitted here ({probe.stderr.strip()}); needs root/CAP_NET_ADMIN")
+            pytest.skip(
+                f"`ip netns add` is not permitted here ({probe.stderr.strip()}); needs root/CAP_NET_ADMIN"
+            )
         self._made.append(self.namespaces[0])
         try:
             self._build()
@@ -199,7 +201,9 @@ class NetnsCluster:
     def cmd(self, node: int, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.namespaces[node], *map(str, argv)]
 
-    def run(self, node: int, argv: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    def run(
+        self, node: int, argv: list[str], timeout: float = 300, **env: str
+    ) -> subprocess.CompletedProcess:
         """Run ``argv`` inside node ``node`` and wait; output captured."""
         return subprocess.run(
             self.cmd(node, argv), env=self.env(**env), capture_output=True, text=True, timeout=timeout

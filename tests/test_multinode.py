@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from netns import NetnsCluster
 
 from mlctl.config import load_config
-from netns import NetnsCluster
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 

@@ -135,6 +135,9 @@ class NetnsCluster:
             "RAY_ADDRESS": self.address,
             "RAY_USAGE_STATS_ENABLED": "0",
         }
+        # NOTE: set by an embedded Ray in this process (launch() without an address): with it,
+        # `ray start` refuses to join a second node.
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         env.update(extra)
         return env
 
@@ -223,7 +226,8 @@ class NetnsCluster:
         return p
 
     def temp_dir(self, node: int) -> Path:
-        return self.root / f"r{node}"
+        """A fresh short Ray temp folder per `ray start` (a restarted node gets a new one)."""
+        return self.root / f"r{node}-{next(_counter)}"
 
     def start_ray(self, node: int, num_cpus: int) -> float:
         """``ray start`` on node ``node`` (the head when 0); returns the seconds it took."""

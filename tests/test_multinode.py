@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 8
 EVERY = 4
+# Ray Train's controller logs every worker-group failure it handles with this tag.
+FAILURE_SEEN = r"\[FailurePolicy\]"
 TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module (README numbers)
 
 
@@ -222,3 +224,58 @@ def test_prometheus_scrapes_every_worker_on_both_nodes(cluster, two_node_run):
     assert all(steps >= 1 for _, steps in scraped.values()), scraped
     up = prometheus_query(cluster, 2, two_node_run["prom_base"], 'max_over_time(up{run="two"}[15m])')
     assert len(up) == 2 and all(float(r["value"][1]) == 1 for r in up), up
+
+
+def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
+    tmp_path, cluster, one_node_run, tiny_model_dir, tiny_shards
+):
+    """SIGKILL every process of node 1 (raylet, object store, its worker) after the first
+    checkpoint; the run waits for two CPUs, node 1 rejoins, and training resumes from the checkpoint
+    and ends where the one-node run ends."""
+    storage = tmp_path / "runs"
+    log = tmp_path / "driver.log"
+    argv = train_argv(cluster, storage, "fail", tiny_model_dir, tiny_shards)
+    # Slowed steps leave time to kill the node between the checkpoint at step 4 and the end.
+    driver = cluster.popen(0, argv, log, MLCTL_FAULT=json.dumps({"sleep": 1.0}))
+    latest = storage / "fail" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not latest.exists():
+        if driver.poll() is not None:
+            pytest.fail("driver exited before the first checkpoint:\n" + log.read_text()[-4000:])
+        time.sleep(0.1)
+    assert latest.read_text().strip() == f"step_{EVERY:08d}"
+    killed = cluster.kill_node(1)
+    t_kill = time.monotonic()
+    offset = len(log.read_text(errors="replace"))
+    assert killed, "node 1 had no processes"
+
+    def after_kill(pattern: str, timeout: float) -> float:
+        rx = re.compile(pattern)
+        while time.monotonic() - t_kill < timeout:
+            if rx.search(log.read_text(errors="replace")[offset:]):
+                return time.monotonic() - t_kill
+            if driver.poll() is not None:
+                pytest.fail(
+                    f"driver exited ({driver.returncode}) before {pattern!r}:\n" + log.read_text()[-4000:]
+                )
+            time.sleep(0.2)
+        pytest.fail(f"no {pattern!r} within {timeout}s of the kill:\n" + log.read_text()[-4000:])
+
+    TIMES["node kill -> failure in driver log"] = after_kill(FAILURE_SEEN, timeout=120)
+    # The run must wait for the node (two workers, one CPU per node) rather than end.
+    time.sleep(3)
+    assert driver.poll() is None, "the driver gave up instead of waiting:\n" + log.read_text()[-4000:]
+    t_back = time.monotonic()
+    cluster.start_ray(1, num_cpus=1)
+    TIMES["node restart (ray start)"] = time.monotonic() - t_back
+    TIMES["node restart -> resumed from checkpoint"] = after_kill(r"resumed from", timeout=400) - (
+        t_back - t_kill
+    )
+    driver.wait(timeout=400)
+    text = log.read_text(errors="replace")
+    assert driver.returncode == 0, text[-4000:]
+    run_dir = storage / "fail"
+    m = meta(run_dir)
+    assert m["step"] == MAX_STEPS and m["restarts"] == 1, m
+    assert f"step_{EVERY:08d}" in text[offset:].split("resumed from", 1)[1].splitlines()[0]
+    assert_same_weights(one_node_run, run_dir)

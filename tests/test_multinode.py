@@ -107,6 +107,18 @@ def wait_for(pattern: str, log: Path, proc, timeout: float) -> float:
     pytest.fail(f"no {pattern!r} in {timeout}s:\n" + log.read_text()[-4000:])
 
 
+def wait_after(log: Path, offset: int, t0: float, pattern: str, proc, timeout: float) -> float:
+    """Seconds from ``t0`` until ``pattern`` appears in ``log`` past ``offset``."""
+    rx = re.compile(pattern)
+    while time.monotonic() - t0 < timeout:
+        if rx.search(log.read_text(errors="replace")[offset:]):
+            return time.monotonic() - t0
+        if proc.poll() is not None:
+            pytest.fail(f"driver exited ({proc.returncode}) before {pattern!r}:\n" + log.read_text()[-4000:])
+        time.sleep(0.2)
+    pytest.fail(f"no {pattern!r} within {timeout}s:\n" + log.read_text()[-4000:])
+
+
 @pytest.fixture(scope="module")
 def one_node_run(tmp_path_factory, tiny_model_dir, tiny_shards):
     """The reference: the same config on one node (embedded Ray in this process)."""
@@ -250,16 +262,7 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
     assert killed, "node 1 had no processes"
 
     def after_kill(pattern: str, timeout: float) -> float:
-        rx = re.compile(pattern)
-        while time.monotonic() - t_kill < timeout:
-            if rx.search(log.read_text(errors="replace")[offset:]):
-                return time.monotonic() - t_kill
-            if driver.poll() is not None:
-                pytest.fail(
-                    f"driver exited ({driver.returncode}) before {pattern!r}:\n" + log.read_text()[-4000:]
-                )
-            time.sleep(0.2)
-        pytest.fail(f"no {pattern!r} within {timeout}s of the kill:\n" + log.read_text()[-4000:])
+        return wait_after(log, offset, t_kill, pattern, driver, timeout)
 
     TIMES["node kill -> failure in driver log"] = after_kill(FAILURE_SEEN, timeout=120)
     # The run must wait for the node (two workers, one CPU per node) rather than end.
@@ -279,3 +282,48 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
     assert m["step"] == MAX_STEPS and m["restarts"] == 1, m
     assert f"step_{EVERY:08d}" in text[offset:].split("resumed from", 1)[1].splitlines()[0]
     assert_same_weights(one_node_run, run_dir)
+
+
+def test_elastic_run_continues_on_the_surviving_node(tmp_path, cluster, tiny_model_dir, tiny_shards):
+    """`ray.num_workers=[1, 2]`: when node 1 dies the run does not wait for it; Ray Train restarts
+    the worker group with the one worker that fits, it resumes from the checkpoint and says so.
+    (ZeRO-0: an elastic run must be able to load a checkpoint written by another number of ranks.)"""
+    storage = tmp_path / "runs"
+    log = tmp_path / "driver.log"
+    argv = train_argv(
+        cluster,
+        storage,
+        "elastic",
+        tiny_model_dir,
+        tiny_shards,
+        **{"ray.num_workers": "[1,2]", "deepspeed.zero_stage": 0},
+    )
+    driver = cluster.popen(0, argv, log, MLCTL_FAULT=json.dumps({"sleep": 1.0}))
+    latest = storage / "elastic" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline and not latest.exists():
+        if driver.poll() is not None:
+            pytest.fail("driver exited before the first checkpoint:\n" + log.read_text()[-4000:])
+        time.sleep(0.1)
+    assert "elastic: training on 2 worker(s)" in log.read_text(errors="replace")
+    offset = len(log.read_text(errors="replace"))
+    assert cluster.kill_node(1), "node 1 had no processes"
+    t_kill = time.monotonic()
+    # Node 1 stays down.
+    TIMES["elastic: node kill -> restarted on one worker"] = wait_after(
+        log, offset, t_kill, r"elastic: training on 1 worker", driver, timeout=300
+    )
+    TIMES["elastic: node kill -> resumed from checkpoint"] = wait_after(
+        log, offset, t_kill, r"resumed from", driver, timeout=300
+    )
+    driver.wait(timeout=400)
+    TIMES["elastic: node kill -> run finished on one node"] = time.monotonic() - t_kill
+    text = log.read_text(errors="replace")
+    assert driver.returncode == 0, text[-4000:]
+    after = text.split("elastic: training on 2 worker(s)", 1)[1]
+    assert "elastic: training on 1 worker(s)" in after, text[-4000:]
+    assert re.search(r"resumed from \S+step_\d+", after), text[-4000:]
+    m = meta(storage / "elastic")
+    assert m["step"] == MAX_STEPS and m["restarts"] == 1 and m["world_size"] == 1, m
+    # Restore the second node for anything that runs after this test.
+    cluster.start_ray(1, num_cpus=1)

@@ -324,7 +324,8 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             "fault": fault,
         },
         scaling_config=ScalingConfig(
-            num_workers=_scaling_workers(cfg),
+            # NOTE: a (min, max) range is Ray Train V2's; mypy sees the V1 signature of this name.
+            num_workers=_scaling_workers(cfg),  # type: ignore[arg-type]
             use_gpu=cfg.ray.gpus_per_worker > 0,
             resources_per_worker={
                 "CPU": cfg.ray.cpus_per_worker,

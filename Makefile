@@ -11,7 +11,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick test-gpu lint bench clean
+.PHONY: setup demo test test-quick test-gpu test-cluster lint bench clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ test-quick: setup
 # reason, where there is no CUDA device.
 test-gpu: setup
 	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
+
+# cluster/slurm.sbatch under a real Slurm (slurmctld + one slurmd per network namespace); needs root.
+# Installs Debian's slurm-wlm and munge when missing. See cluster/README.md.
+test-cluster: setup
+	@command -v slurmd >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
+	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check mlctl launcher tests bench

@@ -132,6 +132,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
     spec = loop_config.get("fault") or json.loads(os.environ.get("MLCTL_FAULT") or "null")
     fault = _fault_hook(spec, ctx.get_world_rank())
+    if isinstance(cfg.ray.num_workers, list) and ctx.get_world_rank() == 0:
+        # Say how many workers this attempt got, so a shrunk (or regrown) run is visible in the log.
+        print(
+            f"[mlctl] elastic: training on {ctx.get_world_size()} worker(s) "
+            f"(ray.num_workers={cfg.ray.num_workers})",
+            flush=True,
+        )
     trainer = Trainer(
         cfg,
         loop_config["run_dir"],
@@ -310,7 +317,19 @@ def preflight(cfg: Config) -> Config:
     if missing:
         raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
     cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
+    if isinstance(cfg.ray.num_workers, list) and cfg.deepspeed.zero_stage != 0:
+        raise ValueError(
+            f"ray.num_workers={cfg.ray.num_workers} (elastic) needs deepspeed.zero_stage=0, got "
+            f"{cfg.deepspeed.zero_stage}: ZeRO >= 1 shards the optimizer state by rank, so a checkpoint "
+            "cannot be resumed by a different number of workers"
+        )
     return cfg
+
+
+def _scaling_workers(cfg: Config) -> int | tuple[int, int]:
+    """``ScalingConfig.num_workers``: an int, or ``(min, max)`` for Ray Train V2 elastic training."""
+    n = cfg.ray.num_workers
+    return (n[0], n[1]) if isinstance(n, list) else n
 
 
 def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | None = None) -> Path:
@@ -346,7 +365,7 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         if cfg.ray.address:
             ray.init(address=cfg.ray.address, runtime_env=runtime_env, log_to_driver=True)
         else:
-            need = int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 1
+            need = int(cfg.ray.max_workers * cfg.ray.cpus_per_worker) + 1
             # NOTE: the embedded Ray stays on loopback; nothing of a local run listens elsewhere.
             if need - 1 > (os.cpu_count() or 1) and not num_cpus:
                 print(
@@ -374,7 +393,8 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             "fault": fault,
         },
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers,
+            # NOTE: a (min, max) range is Ray Train V2's; mypy sees the V1 signature of this name.
+            num_workers=_scaling_workers(cfg),  # type: ignore[arg-type]
             use_gpu=cfg.ray.gpus_per_worker > 0,
             resources_per_worker={
                 "CPU": cfg.ray.cpus_per_worker,

@@ -210,7 +210,9 @@ class EvalConfig:
 @dataclass
 class RayConfig:
     address: str = ""  # empty: start an embedded local Ray
-    num_workers: int = 2
+    # An int, or [min, max] for elastic training (Ray Train V2 runs on as many workers as the
+    # cluster has room for in that range; needs deepspeed.zero_stage=0, see launcher.preflight).
+    num_workers: int | list[int] = 2
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     storage_path: str = "runs"
@@ -218,8 +220,23 @@ class RayConfig:
     max_failures: int = 3
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
+        if isinstance(self.num_workers, list):
+            if len(self.num_workers) != 2 or not 1 <= self.num_workers[0] <= self.num_workers[1]:
+                raise ConfigError(
+                    f"ray.num_workers as a range must be [min, max] with 1 <= min <= max, got {self.num_workers}"
+                )
+        elif self.num_workers < 1:
             raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains on (``num_workers`` itself when not a range)."""
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on (``num_workers`` itself when not a range)."""
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
 
 
 @dataclass

@@ -247,8 +247,21 @@ class Trainer:
             from mlctl.metrics import MetricsExporter
         except ImportError:  # monitoring not installed in this build
             return
+        from dataclasses import replace
+
+        from mlctl.metrics import endpoint_addresses
+
+        node_ip = _node_ip()
+        bind, host = endpoint_addresses(self.cfg.metrics.bind, node_ip)
+        if bind != self.cfg.metrics.bind:
+            log.warning(
+                "metrics.bind=%s is unreachable from other nodes; rank %d serves on the node address %s",
+                self.cfg.metrics.bind,
+                self.rank,
+                bind,
+            )
         self.metrics = MetricsExporter(
-            self.cfg.metrics,
+            replace(self.cfg.metrics, bind=bind),
             run=self.run_name,
             rank=self.rank,
             node=self.node,
@@ -259,13 +272,12 @@ class Trainer:
         if port is not None:
             ep_dir = self.run_dir / "endpoints"
             ep_dir.mkdir(parents=True, exist_ok=True)
-            host = self.cfg.metrics.bind if self.cfg.metrics.bind not in ("0.0.0.0", "::", "") else _node_ip()
             info = {
                 "rank": self.rank,
                 "node": self.node,
                 "host": host,
                 "port": port,
-                "url": f"http://{host}:{port}/metrics",
+                "url": f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics",
             }
             tmp = ep_dir / f".rank{self.rank:05d}.json"
             tmp.write_text(json.dumps(info))
@@ -619,9 +631,13 @@ def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_s
 
 
 def _node_ip() -> str:
+    """The address Ray uses for this node. Outside Ray (the engine driven by plain torch processes,
+    as in its own tests) the run is on one machine, so loopback."""
     try:
         import ray
 
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return socket.gethostbyname(socket.gethostname())
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"

@@ -1,0 +1,70 @@
+"""Static checks of the cluster recipes that cannot run here (no Slurm, Kubernetes or Docker daemon
+in CI): they parse, and they agree with each other and with how mlctl serves metrics. What these do
+NOT prove is written in cluster/README.md; the recipes' runtime behaviour is exercised by
+tests/test_multinode.py (same Ray commands, same flags, in network namespaces)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
+
+
+def test_slurm_script_is_valid_bash_and_waits_for_nodes():
+    bash = shutil.which("bash")
+    out = subprocess.run([bash, "-n", str(CLUSTER / "slurm.sbatch")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = (CLUSTER / "slurm.sbatch").read_text()
+    directives = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
+    assert "--requeue" in directives and any(d.startswith("--signal=B:USR1@") for d in directives)
+    assert 'source "$VENV/bin/activate"' in text
+    for flag in ("--num-cpus=", "--num-gpus=", "--node-ip-address=", "--temp-dir="):
+        assert flag in text, flag
+    assert "RAY_AUTH_TOKEN" in text and "RAY_AUTH_MODE=token" in text
+    assert not re.search(r"^\s*sleep \d+\s*$", text, flags=re.M), "wait for nodes, not a fixed sleep"
+
+
+def test_ray_up_config_uses_the_venv_and_ray_exec():
+    text = (CLUSTER / "ray-cluster.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert cfg["provider"]["type"] == "local"
+    for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        assert cmd.startswith("~/mlctl/.venv/bin/ray "), cmd
+    assert "ray submit" not in re.sub(r"\(`ray submit`[^)]*\)", "", text)
+    assert "ray exec cluster/ray-cluster.yaml" in text
+
+
+def test_kuberay_manifest_matches_the_dockerfile_and_scrapes_every_rank():
+    job, monitor = yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    docker = (CLUSTER / "Dockerfile").read_text()
+    built = re.search(r"-t (\S+) \.", docker).group(1)
+    spec = job["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["image"] == built, (container["image"], built)
+        shm = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm, f"{container['name']}: /dev/shm is not sized"
+        vol = next(v for v in pod["volumes"] if v["name"] == shm[0]["name"])
+        assert vol["emptyDir"]["medium"] == "Memory" and vol["emptyDir"]["sizeLimit"]
+    # Every rank of a worker pod (one per GPU) serves on 9400 + local rank; each port is declared and
+    # scraped.
+    (workers,) = spec["workerGroupSpecs"]
+    (container,) = workers["template"]["spec"]["containers"]
+    ranks = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    ports = {p["name"]: p["containerPort"] for p in container["ports"] if p["name"].startswith("mlctl-")}
+    assert sorted(ports.values()) == [9400 + r for r in range(ranks)]
+    scraped = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    assert set(ports) <= scraped
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items()
+        <= workers["template"]["metadata"]["labels"].items()
+    )
+    replicas = workers["replicas"]
+    assert f"--num-workers {replicas * ranks}" in job["spec"]["entrypoint"]

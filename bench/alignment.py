@@ -210,6 +210,7 @@ def train_peer(arm: str, pairs: list[tuple[str, str]], batch: int, out: Path, se
         else:
             with torch.no_grad():
                 target = teacher.encode([p[0] for p in chunk], convert_to_tensor=True, batch_size=batch)
+            target = target.clone()  # encode() returns an inference-mode tensor autograd cannot save
             loss = loss_fn([en, xx], target)
         opt.zero_grad()
         loss.backward()

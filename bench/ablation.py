@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ARMS = ("info-snt", "cz-snt", "ml-ctl")
+ARMS = ("info-snt", "cz-snt", "ml-ctl", "ml-ctl-snt")
 
 
 def spread(values: list[float]) -> str:

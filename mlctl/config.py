@@ -69,10 +69,18 @@ class LossConfig:
     same_language_negatives: bool = True
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
+    # With model.word_level: loss = multilevel_weight * CL(MLP(s, w)) + sentence_weight * CL(s).
+    # The paper is (1, 0). A sentence term trains the vector retrieval reads (s) directly, and with
+    # it, pairs without an anchor (prepared with keep_no_anchor) feed only the sentence term.
+    multilevel_weight: float = 1.0
+    sentence_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
+        for key in ("multilevel_weight", "sentence_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
         if self.mlm_weight < 0:
             raise ConfigError(f"loss.mlm_weight must be >= 0, got {self.mlm_weight}")
         if not 0 <= self.mlm_probability < 1:
@@ -250,6 +258,18 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        # Keys that only mean something together (each section checks its own keys above).
+        if not self.model.word_level and (self.loss.sentence_weight != 0 or self.loss.multilevel_weight != 1):
+            raise ConfigError(
+                "loss.sentence_weight / loss.multilevel_weight weigh the two terms of the word-level "
+                "loss; with model.word_level=false the only term is the sentence one (leave them at 0 / 1)"
+            )
+        if self.model.word_level and self.loss.multilevel_weight + self.loss.sentence_weight == 0:
+            raise ConfigError(
+                "loss.multilevel_weight and loss.sentence_weight are both 0: no contrastive loss left"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -174,3 +174,17 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(_write(tmp_path / "list.yaml", "- a\n- b\n"))
     assert load_config(_write(tmp_path / "empty.yaml", "")) == Config()
+
+
+def test_loss_term_weights_are_typed_and_checked():
+    cfg = load_config(overrides=["loss.sentence_weight=1", "loss.multilevel_weight=0.5"])
+    assert (cfg.loss.sentence_weight, cfg.loss.multilevel_weight) == (1.0, 0.5)
+    with pytest.raises(ConfigError, match=r"loss\.sentence_weight: expected a number, got 'high'"):
+        load_config(overrides=["loss.sentence_weight=high"])
+    with pytest.raises(ConfigError, match=r"loss\.multilevel_weight must be >= 0, got -1"):
+        load_config(overrides=["loss.multilevel_weight=-1"])
+    with pytest.raises(ConfigError, match=r"both 0: no contrastive loss left"):
+        load_config(overrides=["loss.sentence_weight=0", "loss.multilevel_weight=0"])
+    # word_level=false has a single (sentence) term: weighing it is an error, not silently ignored
+    with pytest.raises(ConfigError, match=r"model\.word_level=false"):
+        load_config(overrides=["model.word_level=false", "loss.sentence_weight=1"])

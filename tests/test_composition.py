@@ -1,0 +1,126 @@
+"""The contrastive loss composition of a training step (mlctl.engine.contrastive_terms).
+
+word_level=false: CL(s). word_level=true: multilevel_weight * CL(MLP(s, w)) + sentence_weight * CL(s),
+where a pair without an anchor (span starting at 0) feeds only the sentence term once there is one.
+Checked against mlctl.losses.contrastive_loss on hand-picked rows (its own tests check it against a
+reference), on one process and on a real 2-rank gloo group.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from mlctl.config import load_config
+from mlctl.engine import contrastive_terms
+from mlctl.losses import contrastive_loss
+from mlctl.model import EncoderOutput
+
+B, H = 4, 6
+
+
+def _inputs(seed: int = 0, anchorless: tuple[int, ...] = (2,)):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(2 * B, H, dtype=torch.float64, generator=g).requires_grad_()
+    f = torch.randn(2 * B, 2 * H, dtype=torch.float64, generator=g).requires_grad_()
+    spans = torch.tensor([[1, 2]] * (2 * B))
+    for i in anchorless:  # what collate writes for a pair prepared with keep_no_anchor
+        spans[i] = torch.tensor([0, 5])
+        spans[B + i] = torch.tensor([0, 7])
+    return s, f, spans
+
+
+def _cfg(*overrides: str):
+    return load_config(overrides=list(overrides))
+
+
+def _terms(cfg, s, f, spans, rank=0, world_size=1):
+    out = EncoderOutput(sentence=s, fused=f, mlm_loss=None)
+    return contrastive_terms(cfg, out, spans, rank, world_size)[0]
+
+
+def test_paper_composition_is_the_fused_loss_over_every_pair():
+    s, f, spans = _inputs()
+    cfg = _cfg()  # the paper: multilevel 1, sentence 0
+    got = _terms(cfg, s, f, spans)
+    want = contrastive_loss(f[:B], f[B:], cfg.loss.temperature)
+    assert torch.equal(got, want)
+    got.backward()
+    assert s.grad is None  # nothing reaches s but through the MLP (not part of this check)
+    assert f.grad[2].abs().sum() > 0  # the anchorless pair keeps the paper code's behaviour
+
+
+def test_sentence_term_reaches_s_and_anchorless_pairs_feed_only_it():
+    s, f, spans = _inputs()
+    cfg = _cfg("loss.sentence_weight=0.5", "loss.multilevel_weight=2")
+    got = _terms(cfg, s, f, spans)
+    keep = torch.tensor([True, True, False, True])
+    want = 2 * contrastive_loss(f[:B][keep], f[B:][keep], 0.07) + 0.5 * contrastive_loss(s[:B], s[B:], 0.07)
+    assert torch.allclose(got, want, rtol=1e-12)
+    got.backward()
+    assert s.grad is not None and (s.grad.abs().sum(dim=1) > 0).all()  # every pair, anchored or not
+    assert torch.all(f.grad[[2, B + 2]] == 0)  # the anchorless pair is out of the multi-level term
+    assert (f.grad[[0, 1, 3, B, B + 1, B + 3]].abs().sum(dim=1) > 0).all()
+
+
+def test_fewer_than_two_anchored_pairs_leave_only_the_sentence_term():
+    s, f, spans = _inputs(anchorless=(0, 1, 2))
+    cfg = _cfg("loss.sentence_weight=1")
+    got = _terms(cfg, s, f, spans)
+    assert torch.allclose(got, contrastive_loss(s[:B], s[B:], 0.07), rtol=1e-12)
+    got.backward()
+    assert f.grad is not None and torch.all(f.grad == 0)  # zero, but present on every parameter
+
+
+def test_sentence_level_only():
+    s, f, spans = _inputs()
+    cfg = _cfg("model.word_level=false")
+    got = _terms(cfg, s, None, None)
+    assert torch.equal(got, contrastive_loss(s[:B], s[B:], 0.07))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        s, f, spans = _inputs()
+        b = B // world_size  # this rank's pairs: rows rank*b.. of each side
+        rows = torch.cat([torch.arange(rank * b, (rank + 1) * b), B + torch.arange(rank * b, (rank + 1) * b)])
+        ls, lf = s.detach()[rows].clone().requires_grad_(), f.detach()[rows].clone().requires_grad_()
+        cfg = _cfg("loss.sentence_weight=0.5")
+        loss = _terms(cfg, ls, lf, spans[rows], rank, world_size)
+        loss.backward()
+        # What the data-parallel step does to parameter gradients: mean over ranks.
+        grads = [ls.grad / world_size, lf.grad / world_size]
+        out[rank] = (float(loss), [g.clone() for g in grads], rows)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process():
+    s, f, spans = _inputs()
+    cfg = _cfg("loss.sentence_weight=0.5")
+    want = _terms(cfg, s, f, spans)
+    want.backward()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        results = dict(out)
+    # mean over ranks of each rank's loss = the global loss (the sentence term's gathered form);
+    # the anchored term is computed whole on each rank, so its mean is itself.
+    assert abs(sum(r[0] for r in results.values()) / 2 - float(want.detach())) < 1e-10
+    for _loss, (gs, gf), rows in results.values():
+        # each rank's backward sees the sum over ranks through the gather; / world_size = global grad
+        assert torch.allclose(gs, s.grad[rows], rtol=1e-9, atol=1e-12)
+        assert torch.allclose(gf, f.grad[rows], rtol=1e-9, atol=1e-12)

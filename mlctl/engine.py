@@ -670,7 +670,7 @@ def _masked_term(
         keep = torch.cat(flags).bool()
     sids = kw.get("source_ids")
     if sids is not None:
-        sids = torch.as_tensor(sids, dtype=torch.int64).to(keep.device).reshape(-1)
+        sids = torch.as_tensor(sids, dtype=torch.int64, device=keep.device).reshape(-1)
         if world_size > 1:
             parts = [torch.zeros_like(sids) for _ in range(world_size)]
             dist.all_gather(parts, sids)

@@ -119,7 +119,7 @@ def contrastive_loss(
     offset = rank * x.shape[0]
     sid = gsid = None
     if source_ids is not None:
-        sid = torch.as_tensor(source_ids, dtype=torch.int64).to(x.device).reshape(-1)
+        sid = torch.as_tensor(source_ids, dtype=torch.int64, device=x.device).reshape(-1)
         if sid.shape[0] != x.shape[0]:
             raise ValueError(f"source_ids has {sid.shape[0]} entries for {x.shape[0]} pairs")
         gsid = all_gather_with_grad(sid, group) if world_size > 1 else sid  # ints: no gradient flows

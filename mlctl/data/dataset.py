@@ -344,12 +344,11 @@ class ShardLoader:
         if _group_matches(self.rank, self.world_size):
             import torch.distributed as dist
 
-            from mlctl.distributed import local_rank
-
             box = [self._check_manifest() if self.rank == 0 else None]
-            # NOTE: NCCL moves the pickled object through this rank's own GPU; without an explicit
-            # device it would use the current device, cuda:0 on every rank of a node.
-            dev = torch.device("cuda", local_rank()) if dist.get_backend() == "nccl" else None
+            # NOTE: NCCL moves the pickled object through a GPU: this rank's own, which the trainer
+            # made current before the process group existed (under Ray that is index 0 of the one
+            # GPU the worker sees, not the local rank).
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
             dist.broadcast_object_list(box, src=0, device=dev)
             result = box[0]
         else:

@@ -48,6 +48,18 @@ def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture
+def faults(monkeypatch):
+    """``faults(spec)``: the next ``launch`` in this test runs its workers with that fault spec
+    (tests/fault_injection.py, through Ray's RAY_RUNTIME_ENV_HOOK)."""
+
+    def arm(spec: dict) -> None:
+        monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
+        monkeypatch.setenv("MLCTL_TEST_FAULT", json.dumps(spec))
+
+    return arm
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
     states = torch.load(
@@ -115,7 +127,10 @@ def clean_run(tmp_path_factory, tiny_model_dir, tiny_shards):
 
     t = threading.Thread(target=scraper, daemon=True)
     t.start()
-    run_dir = launch(cfg, fault={"sleep": 0.4})
+    with pytest.MonkeyPatch.context() as mp:  # module scope: no function-scoped monkeypatch
+        mp.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
+        mp.setenv("MLCTL_TEST_FAULT", json.dumps({"sleep": 0.4}))
+        run_dir = launch(cfg)
     t.join(timeout=5)
     return {"run_dir": run_dir, "scrapes": scrapes, "errors": errors}
 
@@ -160,14 +175,16 @@ def test_uninterrupted_run_exports_metrics(clean_run):
 
 
 def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(
-    tmp_path, clean_run, tiny_model_dir, tiny_shards
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, capsys
 ):
     from launcher.ray_train import launch
 
     kill_step = random.Random().randint(EVERY + 1, MAX_STEPS - 1)  # after the first checkpoint
     cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "killed"}))
-    run_dir = launch(cfg, fault={"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    run_dir = launch(cfg)
     assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
+    assert "finished; 1 worker failure(s) recovered" in capsys.readouterr().out
 
     m = meta(run_dir)
     assert m["step"] == MAX_STEPS
@@ -214,8 +231,9 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     marker = f"{os.getpid()}-{time.time_ns()}"
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "MLCTL_FAULT": json.dumps({"sleep": 0.5}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
+        "MLCTL_TEST_FAULT": json.dumps({"sleep": 0.5}),
         "MLCTL_TEST_MARKER": marker,
     }
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
@@ -257,15 +275,18 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     assert second_attempt and second_attempt[0] == first + 1
 
 
-def test_more_failures_than_allowed_reports_count_and_checkpoint(tmp_path, tiny_model_dir, tiny_shards):
+def test_more_failures_than_allowed_reports_count_and_checkpoint(
+    tmp_path, tiny_model_dir, tiny_shards, faults
+):
     from launcher.ray_train import launch
 
     cfg = load_config(
         None,
         overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "doomed", "ray.max_failures": 1}),
     )
+    faults({"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
     with pytest.raises(RuntimeError) as info:
-        launch(cfg, fault={"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
+        launch(cfg)
     msg = str(info.value)
     assert "2 worker failure(s)" in msg and "max_failures=1" in msg
     assert str(tmp_path / "doomed" / "checkpoints" / "step_00000004") in msg

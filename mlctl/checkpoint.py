@@ -218,11 +218,19 @@ class CheckpointDir:
             else:
                 problem = f"{pointer} names {named.name}, which is damaged: {reason}"
         published = self._published()
+        skipped = []
         for _, path in published:
-            if incomplete_reason(path) is None:
-                if problem and not quiet:
-                    log.warning("%s; resuming from %s, the newest complete checkpoint", problem, path)
+            reason = incomplete_reason(path)
+            if reason is None:
+                if (problem or skipped) and not quiet:
+                    log.warning(
+                        "%s; resuming from %s, the newest complete checkpoint",
+                        "; ".join([problem] * bool(problem) + skipped),
+                        path,
+                    )
                 return path
+            if named is None or path != named:  # the pointer's own damage is already in `problem`
+                skipped.append(f"skipped {path.name}: {reason}")
         if published and not quiet:
             log.warning(
                 "%s; no checkpoint in %s is complete (%s): starting from scratch",

@@ -12,6 +12,9 @@ import copy
 import json
 import logging
 import os
+import re
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,7 +68,16 @@ def run_name(cfg: Config) -> str:
     return f"mlctl-{digest}"
 
 
+def is_object_store(storage_path: str) -> bool:
+    """``s3://...``, ``gs://...`` and other URIs: checkpoints go through Ray's persistence."""
+    return "://" in storage_path
+
+
 def run_dir_of(cfg: Config) -> Path:
+    """The run folder: under the storage path, or, when that is an object store, a local working
+    folder (metrics.jsonl, endpoints, attempts, checkpoints staged before upload) in the temp dir."""
+    if is_object_store(cfg.ray.storage_path):
+        return Path(tempfile.gettempdir()) / "mlctl-runs" / run_name(cfg)
     return Path(cfg.ray.storage_path).expanduser().resolve() / run_name(cfg)
 
 
@@ -81,6 +93,71 @@ class RayReporter(Reporter):
         import ray.train
 
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def _rank_of_file(name: str) -> int:
+    """The rank that wrote a checkpoint file: DeepSpeed's ``zero_pp_rank_R_...`` shards and
+    ``data_state_rankR.json`` are per rank; the rest (model states without ZeRO-3, meta.json,
+    config.yaml) is rank 0's."""
+    m = re.search(r"zero_pp_rank_(\d+)_", name) or re.fullmatch(r"data_state_rank(\d+)\.json", name)
+    return int(m.group(1)) if m else 0
+
+
+class ObjectStoreReporter(Reporter):
+    """Checkpoints without a shared filesystem: every rank hands its own files of each published
+    checkpoint to Ray (``ray.train.report(checkpoint=...)``), which uploads them into one folder
+    under the storage URI and, on a restart or a re-run with the same name, hands the newest one
+    back; a worker downloads it and resumes from it. Ray's registry is then the one record of the
+    latest checkpoint (the local run folder is only the staging area)."""
+
+    authoritative = True
+
+    def __init__(self, rank: int, run_dir: Path):
+        self.rank, self.run_dir = rank, Path(run_dir)
+
+    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        from mlctl.checkpoint import TMP_PREFIX
+
+        # Rank 0 renamed the folder on its own node; other nodes still hold it under the temp name.
+        src = path if path.is_dir() else path.with_name(TMP_PREFIX + path.name)
+        stage = Path(tempfile.mkdtemp(prefix=f".upload-rank{self.rank:05d}-", dir=self.run_dir))
+        try:
+            for f in sorted(src.rglob("*")):
+                if f.is_file() and _rank_of_file(f.name) == self.rank:
+                    dest = stage / f.relative_to(src)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(f, dest)  # no copy of the bytes on disk before the upload
+                    except OSError:
+                        shutil.copy2(f, dest)
+            ray.train.report(
+                {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+                checkpoint=ray.train.Checkpoint.from_directory(str(stage)),
+                checkpoint_dir_name=path.name,
+            )
+            # NOTE: the controller registers reports when it next polls the workers; a worker killed
+            # before that would take the registration with it and the restart would start over.
+            # Waiting for the commit makes "saved" mean "Ray will hand it back".
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def restored_from(self) -> Path | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        dest = self.run_dir / "restored" / f"rank{self.rank:05d}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        ckpt.to_directory(str(dest))
+        log.info("downloaded checkpoint %s to %s", ckpt.path, dest)
+        return dest
 
 
 def quiet_ray_logs() -> None:
@@ -115,7 +192,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local_rank=ctx.get_local_rank(),
         node=node,
         run_name=loop_config["run_name"],
-        reporter=RayReporter(),
+        reporter=(
+            ObjectStoreReporter(ctx.get_world_rank(), Path(loop_config["run_dir"]))
+            if loop_config.get("object_store")
+            else RayReporter()
+        ),
     )
     trainer.setup()
     trainer.fit()
@@ -255,11 +336,12 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
         # 127.0.0.1 instead of the machine's outward address. Joining a cluster leaves it alone.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     name = run_name(cfg)  # from the config as given, before paths are made absolute
     run_dir = run_dir_of(cfg)
+    object_store = is_object_store(cfg.ray.storage_path)
     cfg = preflight(copy.deepcopy(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -294,6 +376,7 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
             "config": cfg.to_dict(),
             "run_dir": str(run_dir),
             "run_name": name,
+            "object_store": object_store,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers,
@@ -306,9 +389,13 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
         torch_config=TorchConfig(backend="nccl" if cfg.ray.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(run_dir.parent),
+            storage_path=cfg.ray.storage_path if object_store else str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             callbacks=[count_cb],
+            # Ray keeps (and prunes) the registry only where it is the record: object stores.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)
+            if object_store
+            else None,
         ),
     )
     watcher = RunWatcher(run_dir, cfg)
@@ -319,7 +406,11 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
     except Exception as e:  # Ray wraps worker errors; say what a user needs to act on
         from mlctl.checkpoint import CheckpointDir
 
-        last = CheckpointDir(run_dir).latest(quiet=True)
+        last = (
+            f"the newest one Ray registered under {cfg.ray.storage_path}"
+            if object_store
+            else CheckpointDir(run_dir).latest(quiet=True)
+        )
         try:
             failures: int | str = failures_so_far()
         except Exception:  # the count is a courtesy; never hide the real error behind it

@@ -320,6 +320,7 @@ class Checkpointer:
             self.dir.prepare(step)
         dist.barrier()
         tmp = self.dir.tmp_path(step)
+        tmp.mkdir(parents=True, exist_ok=True)  # a node without the shared run folder has its own
         engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False)
         (tmp / data_state_name(self.rank)).write_text(json.dumps(loader.state_dict()))
         dist.barrier()
@@ -337,12 +338,14 @@ class Checkpointer:
         dist.barrier()
         return self.dir.final_path(step)
 
-    def resume_point(self, restored: Path | None = None, *, resume: bool = True) -> Path | None:
+    def resume_point(
+        self, restored: Path | None = None, *, resume: bool = True, local: bool = True
+    ) -> Path | None:
         """The checkpoint to resume from, or None for a fresh start.
 
-        ``restored`` is the one Ray handed back (its registry is written asynchronously, so a kill
-        right after a save can leave it one checkpoint behind); the run folder's newest complete
-        checkpoint is the other candidate, and the newer complete one of the two wins."""
+        ``restored``: a checkpoint handed back by the launcher (Ray's, downloaded from an object
+        store). ``local``: whether the run folder's newest complete checkpoint counts too (the
+        newer complete one of the two wins); off where the object store is the one record."""
         if restored is None and not resume:
             return None
         candidates = []
@@ -352,9 +355,9 @@ class Checkpointer:
                 candidates.append(restored)
             elif self.rank == 0:
                 log.warning("Ray restored %s, which cannot be used (%s)", restored, reason)
-        local = self.dir.latest(quiet=self.rank != 0)
-        if local is not None:
-            candidates.append(local)
+        newest_here = self.dir.latest(quiet=self.rank != 0) if local else None
+        if newest_here is not None:
+            candidates.append(newest_here)
         if restored is not None and not candidates:
             raise FileNotFoundError(
                 f"Ray restored a checkpoint pointing at {restored}, which is not usable here and the "

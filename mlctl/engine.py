@@ -107,7 +107,13 @@ def file_hash(path: Path) -> str:
 
 
 class Reporter:
-    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone)."""
+    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone).
+
+    ``authoritative``: the reporter's store, not the run folder, is the record of the latest
+    checkpoint (an object store that Ray uploads to); resume then starts only from what
+    :meth:`restored_from` hands back."""
+
+    authoritative = False
 
     def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:  # noqa: B027
         pass
@@ -257,7 +263,9 @@ class Trainer:
     def find_resume_point(self) -> Path | None:
         """The newest complete checkpoint to resume from (Ray's or the run folder's), or None."""
         return self.checkpointer.resume_point(
-            self.reporter.restored_from(), resume=self.cfg.checkpoint.resume
+            self.reporter.restored_from(),
+            resume=self.cfg.checkpoint.resume,
+            local=not self.reporter.authoritative,
         )
 
     def load_checkpoint(self, path: Path) -> None:

@@ -219,3 +219,14 @@ def test_lr_schedule_against_transformers(schedule):
         else:
             assert ours(step) == pytest.approx(theirs(step), abs=1e-12), step
     assert theirs(0) == 0.0 and ours(0) > 0
+
+
+def test_each_checkpoint_file_is_uploaded_by_the_rank_that_wrote_it():
+    from launcher.ray_train import _rank_of_file
+
+    assert _rank_of_file("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert _rank_of_file("zero_pp_rank_12_mp_rank_00_model_states.pt") == 12  # ZeRO-3
+    assert _rank_of_file("bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt") == 2
+    assert _rank_of_file("data_state_rank00007.json") == 7
+    for shared in ("mp_rank_00_model_states.pt", "meta.json", "config.yaml"):
+        assert _rank_of_file(shared) == 0

@@ -83,7 +83,10 @@ def test_checkpoint_dir_publishes_atomically_and_keeps_last_k(tmp_path):
     ck = CheckpointDir(tmp_path, keep_last=2)
     for step in (1, 2, 3):
         tmp = ck.prepare(step)
-        (tmp / "payload").write_text(str(step))
+        (tmp / "engine" / "state").mkdir(parents=True)  # what a complete checkpoint holds
+        (tmp / "engine" / "state" / "mp_rank_00_model_states.pt").write_text(str(step))
+        for r in range(2):
+            (tmp / f"data_state_rank{r:05d}.json").write_text("{}")
         ck.publish(step, _meta(step=step))
     assert ck.latest().name == "step_00000003"
     assert sorted(p.name for p in ck.root.glob("step_*")) == ["step_00000002", "step_00000003"]

@@ -1,10 +1,9 @@
 """Ray side of training: start or join Ray, build the TorchTrainer (Ray Train V2), name the run,
-apply the failure and checkpoint policy, and watch the run from the driver.
+apply the failure policy, count failures, and watch the run from the driver.
 
-Checkpoint bytes live in the run folder (``RUN/checkpoints``, written by the workers through
-:mod:`mlctl.checkpoint`); Ray holds the registry: every rank reports a small pointer checkpoint
-(``mlctl_checkpoint.json``) after each published save, so Ray's restart logic and its
-re-run-with-the-same-name restoration hand the workers the latest complete checkpoint.
+Checkpoints live in the run folder (``RUN/checkpoints``, written and found by the workers through
+:mod:`mlctl.checkpoint`); a restarted worker group, or a re-run of the same command, resumes from
+the newest complete one there.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ import copy
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -26,7 +27,6 @@ from mlctl.engine import Reporter
 
 log = logging.getLogger(__name__)
 
-POINTER = "mlctl_checkpoint.json"
 # Variables every worker needs, whatever the cluster's defaults.
 WORKER_ENV = (
     "DS_ACCELERATOR",
@@ -34,47 +34,120 @@ WORKER_ENV = (
     "TRANSFORMERS_OFFLINE",
     "TOKENIZERS_PARALLELISM",
     "OMP_NUM_THREADS",
-    "MLCTL_FAULT",
 )
 
 
+# What identifies a run: the keys that shape the model and its training trajectory. Everything else
+# (train.max_steps, eval/log/checkpoint cadence, metrics, where Ray runs, failure budget, resources
+# per worker) can change between two invocations of the same run: raising max_steps extends it.
+# NOTE: a whole section counts, minus the listed keys, so a key added to these sections later
+# shapes the name unless it is listed here.
+RUN_IDENTITY_SECTIONS = ("model", "loss", "data", "train", "deepspeed")
+RUN_IDENTITY_IGNORED = {
+    "data": ("prepare",),  # what `mlctl prepare` reads; training sees only the shards
+    "train": ("max_steps", "log_every", "log_pair_ids"),
+}
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """The config keys the run name is derived from (see ``RUN_IDENTITY_SECTIONS``); plus
+    ``ray.num_workers``, which sets the global batch and the data split."""
+    d = cfg.to_dict()
+    out: dict[str, Any] = {}
+    for section in RUN_IDENTITY_SECTIONS:
+        out[section] = {k: v for k, v in d[section].items() if k not in RUN_IDENTITY_IGNORED.get(section, ())}
+    out["ray"] = {"num_workers": d["ray"]["num_workers"]}
+    return out
+
+
 def run_name(cfg: Config) -> str:
-    """Deterministic from what shapes the training (not from where it runs), so re-running the same
-    command after the driver died finds and resumes the same run."""
+    """``ray.name``, or derived from :func:`run_identity`, so re-running a command (after the
+    driver died, or with more steps or another eval/log/checkpoint cadence) resumes the same run."""
     if cfg.ray.name:
         return cfg.ray.name
-    d = cfg.to_dict()
-    for key in ("address", "storage_path", "name", "max_failures"):
-        d["ray"].pop(key, None)
-    d.pop("metrics", None)
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return f"mlctl-{digest}"
 
 
+def is_object_store(storage_path: str) -> bool:
+    """``s3://...``, ``gs://...`` and other URIs: checkpoints go through Ray's persistence."""
+    return "://" in storage_path
+
+
 def run_dir_of(cfg: Config) -> Path:
+    """The run folder: under the storage path, or, when that is an object store, a local working
+    folder (metrics.jsonl, endpoints, attempts, checkpoints staged before upload) in the temp dir."""
+    if is_object_store(cfg.ray.storage_path):
+        return Path(tempfile.gettempdir()) / "mlctl-runs" / run_name(cfg)
     return Path(cfg.ray.storage_path).expanduser().resolve() / run_name(cfg)
 
 
 class RayReporter(Reporter):
-    """Reports a pointer checkpoint from every rank; reads the one Ray restored, if any."""
+    """Reports each published checkpoint's step and figures to Ray (``ray.train.report``).
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    NOTE: no checkpoint goes with it: the run folder is the one record of the latest checkpoint
+    (mlctl.checkpoint finds the newest complete one). Ray's registry used to hold a pointer too; it
+    is written asynchronously and could lag the folder by one save, so two records had to be
+    reconciled on every resume."""
 
     def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:
         import ray.train
 
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / f"rank{self.rank:05d}.{POINTER}").write_text(
-                json.dumps({"path": str(path), "step": step, "rank": self.rank})
-            )
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+
+
+def _rank_of_file(name: str) -> int:
+    """The rank that wrote a checkpoint file: DeepSpeed's ``zero_pp_rank_R_...`` shards and
+    ``data_state_rankR.json`` are per rank; the rest (model states without ZeRO-3, meta.json,
+    config.yaml) is rank 0's."""
+    m = re.search(r"zero_pp_rank_(\d+)_", name) or re.fullmatch(r"data_state_rank(\d+)\.json", name)
+    return int(m.group(1)) if m else 0
+
+
+class ObjectStoreReporter(Reporter):
+    """Checkpoints without a shared filesystem: every rank hands its own files of each published
+    checkpoint to Ray (``ray.train.report(checkpoint=...)``), which uploads them into one folder
+    under the storage URI and, on a restart or a re-run with the same name, hands the newest one
+    back; a worker downloads it and resumes from it. Ray's registry is then the one record of the
+    latest checkpoint (the local run folder is only the staging area)."""
+
+    authoritative = True
+
+    def __init__(self, rank: int, run_dir: Path):
+        self.rank, self.run_dir = rank, Path(run_dir)
+
+    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        from mlctl.checkpoint import TMP_PREFIX
+
+        # Rank 0 renamed the folder on its own node; other nodes still hold it under the temp name.
+        src = path if path.is_dir() else path.with_name(TMP_PREFIX + path.name)
+        stage = Path(tempfile.mkdtemp(prefix=f".upload-rank{self.rank:05d}-", dir=self.run_dir))
+        try:
+            for f in sorted(src.rglob("*")):
+                if f.is_file() and _rank_of_file(f.name) == self.rank:
+                    dest = stage / f.relative_to(src)
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.link(f, dest)  # no copy of the bytes on disk before the upload
+                    except OSError:
+                        shutil.copy2(f, dest)
             ray.train.report(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=f"ray_step_{step:08d}",
+                checkpoint=ray.train.Checkpoint.from_directory(str(stage)),
+                checkpoint_dir_name=path.name,
             )
+            # NOTE: the controller registers reports when it next polls the workers; a worker killed
+            # before that would take the registration with it and the restart would start over.
+            # Waiting for the commit makes "saved" mean "Ray will hand it back".
+            ray.train.get_all_reported_checkpoints(
+                consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
+            )
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
     def restored_from(self) -> Path | None:
         import ray.train
@@ -82,17 +155,12 @@ class RayReporter(Reporter):
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
-        with ckpt.as_directory() as d:
-            pointers = sorted(Path(d).glob(f"*.{POINTER}"))
-            if not pointers:
-                return None
-            path = Path(json.loads(pointers[0].read_text())["path"])
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(
-                f"Ray restored a checkpoint pointing at {path}, which is not there; "
-                "is the run's storage path shared by all nodes?"
-            )
-        return path
+        dest = self.run_dir / "restored" / f"rank{self.rank:05d}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.mkdir(parents=True)
+        ckpt.to_directory(str(dest))
+        log.info("downloaded checkpoint %s to %s", ckpt.path, dest)
+        return dest
 
 
 def quiet_ray_logs() -> None:
@@ -130,8 +198,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     setup_worker_logging(loop_config["run_dir"], ctx.get_world_rank())
     cfg = config_from_dict(loop_config["config"])
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
-    spec = loop_config.get("fault") or json.loads(os.environ.get("MLCTL_FAULT") or "null")
-    fault = _fault_hook(spec, ctx.get_world_rank())
     if isinstance(cfg.ray.num_workers, list) and ctx.get_world_rank() == 0:
         # Say how many workers this attempt got, so a shrunk (or regrown) run is visible in the log.
         print(
@@ -147,39 +213,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         local_rank=ctx.get_local_rank(),
         node=node,
         run_name=loop_config["run_name"],
-        reporter=RayReporter(ctx.get_world_rank()),
-        fault_hook=fault,
+        reporter=(
+            ObjectStoreReporter(ctx.get_world_rank(), Path(loop_config["run_dir"]))
+            if loop_config.get("object_store")
+            else RayReporter()
+        ),
         # Ray knows which GPU it gave this worker; its local rank need not index it.
         device=ray.train.torch.get_device(),
     )
     trainer.setup()
     trainer.fit()
-
-
-def _fault_hook(spec: dict[str, Any] | None, rank: int):
-    """Fault injection for the tests. ``{"step": N, "rank": R, "marker": PATH}`` SIGKILLs rank R's
-    process when it finishes step N, once per run (the marker file remembers it fired);
-    ``"always": true`` fires on every attempt; ``"sleep": S`` slows every step by S seconds."""
-    if not spec:
-        return None
-
-    def hook(event: str, step: int) -> None:
-        if event == "step" and spec.get("sleep"):
-            time.sleep(float(spec["sleep"]))
-        if "step" not in spec:
-            return
-        marker = Path(spec["marker"])
-        if (
-            event == spec.get("event", "step")
-            and rank == spec.get("rank", 0)
-            and step == spec["step"]
-            and (spec.get("always") or not marker.exists())
-        ):
-            with open(marker, "a") as f:
-                f.write(f"{step}\n")
-            os.kill(os.getpid(), 9)
-
-    return hook
 
 
 class RunWatcher(threading.Thread):
@@ -298,6 +341,36 @@ class RunWatcher(threading.Thread):
         self.join(timeout=10)
 
 
+def failure_counter():
+    """(callback, read): a Ray Train callback that counts worker-group failures, and a function
+    returning the count. The callback runs in Ray Train's controller, another process, so the
+    count lives in a small actor both sides can reach."""
+    import ray
+    from ray.train import UserCallback
+
+    @ray.remote(num_cpus=0)
+    class Count:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self) -> None:
+            self.n += 1
+
+        def get(self) -> int:
+            return self.n
+
+    count = Count.remote()
+
+    class CountFailures(UserCallback):
+        def __init__(self, count) -> None:
+            self.count = count
+
+        def after_exception(self, run_context, worker_exceptions) -> None:
+            ray.get(self.count.add.remote())
+
+    return CountFailures(count), lambda: int(ray.get(count.get.remote(), timeout=30))
+
+
 def preflight(cfg: Config) -> Config:
     """Driver-side checks that would otherwise fail on every worker (and be retried by Ray), and
     paths made absolute: Ray workers do not run in the driver's working directory."""
@@ -332,7 +405,7 @@ def _scaling_workers(cfg: Config) -> int | tuple[int, int]:
     return (n[0], n[1]) if isinstance(n, list) else n
 
 
-def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | None = None) -> Path:
+def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
     """Run (or resume) training under Ray; returns the run folder. Raises RuntimeError with the
     failure count and the last good checkpoint when the run fails for good."""
     if not cfg.ray.address:
@@ -346,6 +419,7 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
 
     name = run_name(cfg)  # from the config as given, before paths are made absolute
     run_dir = run_dir_of(cfg)
+    object_store = is_object_store(cfg.ray.storage_path)
     cfg = preflight(copy.deepcopy(cfg))
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -384,13 +458,14 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
             )
         started_here = True
     print(f"[mlctl] run {name}: {run_dir}", flush=True)
+    count_cb, failures_so_far = failure_counter()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": cfg.to_dict(),
             "run_dir": str(run_dir),
             "run_name": name,
-            "fault": fault,
+            "object_store": object_store,
         },
         scaling_config=ScalingConfig(
             # NOTE: a (min, max) range is Ray Train V2's; mypy sees the V1 signature of this name.
@@ -404,9 +479,13 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         torch_config=TorchConfig(backend="nccl" if cfg.ray.gpus_per_worker > 0 else "gloo"),
         run_config=RunConfig(
             name=name,
-            storage_path=str(run_dir.parent),
+            storage_path=cfg.ray.storage_path if object_store else str(run_dir.parent),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=[count_cb],
+            # Ray keeps (and prunes) the registry only where it is the record: object stores.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)
+            if object_store
+            else None,
             # NOTE: Ray Train's console lines below ERROR (resource requests, worker group start,
             # "checkpoint created", "failed to send resource request ... safe to ignore" with a
             # traceback on a busy machine) stay in its log files; the driver shows progress, and a
@@ -418,14 +497,19 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
     watcher.start()
     try:
         trainer.fit()
+        recovered = failures_so_far()
     except Exception as e:  # Ray wraps worker errors; say what a user needs to act on
         from mlctl.checkpoint import CheckpointDir
 
+        last = (
+            f"the newest one Ray registered under {cfg.ray.storage_path}"
+            if object_store
+            else CheckpointDir(run_dir).latest(quiet=True)
+        )
         try:
-            last = CheckpointDir(run_dir).latest()
-        except FileNotFoundError:
-            last = None
-        failures = _count_failures(e, cfg.ray.max_failures)
+            failures: int | str = failures_so_far()
+        except Exception:  # the count is a courtesy; never hide the real error behind it
+            failures = "an unknown number of"
         raise RuntimeError(
             f"training failed after {failures} worker failure(s) (max_failures={cfg.ray.max_failures}); "
             f"last good checkpoint: {last or 'none'}; cause: {_root_cause(e)}"
@@ -437,6 +521,7 @@ def launch(cfg: Config, *, fault: dict[str, Any] | None = None, num_cpus: int | 
         retract_service_discovery(run_dir)  # Prometheus stops scraping workers that are gone
         if started_here:
             ray.shutdown()
+    print(f"[mlctl] run {name} finished; {recovered} worker failure(s) recovered", flush=True)
     return run_dir
 
 
@@ -454,11 +539,6 @@ def _embedded_ray_auth() -> None:
 
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-
-
-def _count_failures(error: BaseException, max_failures: int) -> int:
-    # Ray gives up after max_failures restarts, i.e. on failure number max_failures + 1.
-    return max_failures + 1 if max_failures >= 0 else -1
 
 
 def _root_cause(error: BaseException) -> str:

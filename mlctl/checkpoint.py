@@ -1,38 +1,82 @@
-"""Checkpoint layout, atomic publication and compatibility checks.
+"""Checkpoints and resume: layout, atomic publication, the resume point, compatibility checks.
 
 Layout of a run folder::
 
     RUN/config.yaml                      resolved config
-    RUN/checkpoints/latest               name of the newest complete checkpoint (written last)
+    RUN/attempts                         worker-group starts of this run (restarts = attempts - 1)
+    RUN/checkpoints/latest               name of the newest published checkpoint (written last)
     RUN/checkpoints/step_00000040/
         engine/                          DeepSpeed save_checkpoint(..., tag="state"): model, optimizer,
                                          scheduler, ZeRO shards of every rank
         data_state_rank00000.json        loader position of each rank
-        rng_rank00000.pt                 python / numpy / torch RNG states of each rank
         meta.json                        step, samples, restarts, model, tokenizer hash, world size, ...
         config.yaml
 
 Every rank writes into ``.tmp-step_XXXXXXXX``; once all ranks are done, rank 0 writes meta.json,
 renames the folder to its final name (atomic on one filesystem) and then rewrites ``latest``
-(temp file + rename). A kill at any point before that leaves ``latest`` on the previous, complete
-checkpoint; leftovers of an interrupted save are removed on the next save.
+(temp file + rename). A kill at any point before the rename leaves the previous checkpoint as the
+newest complete one; leftovers of an interrupted save are removed on the next save.
+
+The resume point is the newest *complete* checkpoint (meta.json readable, engine state and every
+rank's data state present). ``latest`` is the fast path; when it is missing, unreadable or names a
+damaged folder, the folders themselves are scanned and the newest complete one is used, with a
+warning: a damaged checkpoint costs the steps since the one before it, never the run.
+
+No RNG state is saved: every step reseeds torch from :func:`step_seed` and the loader's order is
+a pure function of (seed, epoch, position), so a resumed step is the same step bitwise.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+log = logging.getLogger(__name__)
+
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+# A published folder being replaced by a redo of the same step is moved aside under this prefix
+# and deleted only once its replacement is in place.
+OLD_PREFIX = ".old-"
+ENGINE_TAG = "state"
+_STEP_DIR = re.compile(r"^(?:\.old-)?step_(\d{8})$")
 
 
 def step_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def data_state_name(rank: int) -> str:
+    return f"data_state_rank{rank:05d}.json"
+
+
+def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Per-(seed, step, rank, micro-batch) seed: dropout and MLM masks do not depend on history, so
+    a resumed run redoes a step exactly as the uninterrupted run did.
+
+    NOTE: ``SeedSequence`` hashes the four numbers together; a linear mix such as
+    ``seed * a + step * b + rank * c + micro`` gives the same seed to different tuples (rank 1,
+    micro 0 and rank 0, micro 31 with c = 31), so two ranks would draw identical masks."""
+    words = np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) | (int(words[1]) >> 1)  # 63 bits: a valid torch seed
+
+
+@dataclass
+class TrainState:
+    """What the loop counts; restored from ``meta.json``."""
+
+    step: int = 0  # optimizer steps done
+    samples_seen: int = 0  # pairs, all ranks together
+    tokens_seen: int = 0
+    restarts: int = 0
 
 
 class CheckpointMismatch(ValueError):
@@ -62,6 +106,29 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def incomplete_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (missing meta.json, engine state, a rank's data state),
+    or None when it is complete."""
+    path = Path(path)
+    if not path.is_dir():
+        return "the folder is missing"
+    try:
+        meta = CheckpointMeta.load(path / "meta.json")
+    except FileNotFoundError:
+        return "meta.json is missing"
+    except (OSError, ValueError, TypeError) as e:
+        return f"meta.json is unreadable ({e})"
+    tag = path / "engine" / ENGINE_TAG
+    if not any(tag.glob("*model_states.pt")):
+        return f"no DeepSpeed model state under {tag}"
+    missing = [
+        data_state_name(r) for r in range(meta.world_size) if not (path / data_state_name(r)).is_file()
+    ]
+    if missing:
+        return f"data state missing: {', '.join(missing)}"
+    return None
+
+
 class CheckpointDir:
     """The ``checkpoints`` folder of one run."""
 
@@ -85,34 +152,98 @@ class CheckpointDir:
         return tmp
 
     def publish(self, step: int, meta: CheckpointMeta) -> Path:
-        """Rank 0, after every rank finished writing: meta, rename, then the ``latest`` pointer."""
+        """Rank 0, after every rank finished writing: meta, rename, then the ``latest`` pointer.
+
+        A redone step (after a restart) replaces its older copy without ever leaving no complete
+        copy: the old folder is moved aside, the new one renamed in, and only then the old one
+        deleted. A kill between the two renames leaves ``.old-step_X``, which :meth:`latest` still
+        finds."""
         tmp = self.tmp_path(step)
         (tmp / "meta.json").write_text(meta.to_json())
         final = self.final_path(step)
-        if final.exists():  # a redone step after a restart: replace the older copy
-            shutil.rmtree(final)
+        aside = self.root / f"{OLD_PREFIX}{final.name}"
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(final, aside)
         os.replace(tmp, final)
         pointer_tmp = self.root / f"{TMP_PREFIX}{LATEST}"
         pointer_tmp.write_text(final.name + "\n")
         os.replace(pointer_tmp, self.root / LATEST)
+        shutil.rmtree(aside, ignore_errors=True)  # also one left by a publication killed midway
         self.prune()
         return final
 
+    def _published(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every published or set-aside folder, newest first (a published folder
+        before a set-aside copy of the same step)."""
+        out = []
+        for p in self.root.glob("*step_*"):
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), not p.name.startswith(OLD_PREFIX), p))
+        return [(s, p) for s, _, p in sorted(out, key=lambda t: (t[0], t[1]), reverse=True)]
+
     def prune(self) -> None:
-        done = sorted(p for p in self.root.glob("step_*") if p.is_dir())
-        latest = self.latest()
-        for old in done[: max(0, len(done) - self.keep_last)]:
+        """Keep the newest ``keep_last`` folders, and never the resume point."""
+        latest = self.latest(quiet=True)
+        for _, old in self._published()[self.keep_last :]:
             if latest is None or old != latest:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def latest(self) -> Path | None:
+    def latest(self, quiet: bool = False) -> Path | None:
+        """The newest complete checkpoint, or None when there is none.
+
+        ``latest`` is trusted when it names a complete folder and nothing newer is complete. When
+        it is missing, unreadable or names a damaged folder, the newest complete folder is used
+        instead and a warning says why; a fresh start only when no folder is complete."""
         pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-        return path
+        named: Path | None = None
+        problem = ""
+        try:
+            text = pointer.read_text().strip()
+            if _STEP_DIR.match(text) and not text.startswith(OLD_PREFIX):
+                named = self.root / text
+            else:
+                problem = f"{pointer} holds {text[:40]!r}, not a checkpoint name"
+        except FileNotFoundError:
+            problem = f"{pointer} is missing"
+        except (OSError, UnicodeDecodeError) as e:
+            problem = f"{pointer} is unreadable ({e})"
+        if named is not None:
+            reason = incomplete_reason(named)
+            if reason is None:
+                newer = [p for s, p in self._published() if s > _step_of(named)]
+                if not any(incomplete_reason(p) is None for p in newer):
+                    return named
+            else:
+                problem = f"{pointer} names {named.name}, which is damaged: {reason}"
+        published = self._published()
+        skipped = []
+        for _, path in published:
+            reason = incomplete_reason(path)
+            if reason is None:
+                if (problem or skipped) and not quiet:
+                    log.warning(
+                        "%s; resuming from %s, the newest complete checkpoint",
+                        "; ".join([problem] * bool(problem) + skipped),
+                        path,
+                    )
+                return path
+            if named is None or path != named:  # the pointer's own damage is already in `problem`
+                skipped.append(f"skipped {path.name}: {reason}")
+        if published and not quiet:
+            log.warning(
+                "%s; no checkpoint in %s is complete (%s): starting from scratch",
+                problem or "no complete checkpoint",
+                self.root,
+                "; ".join(f"{p.name}: {incomplete_reason(p)}" for _, p in published),
+            )
+        return None
+
+
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else -1
 
 
 def check_compatible(
@@ -137,5 +268,135 @@ def check_compatible(
         raise CheckpointMismatch(f"cannot resume from {where}: " + "; ".join(problems))
 
 
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+def count_attempt(run_dir: Path, rank: int) -> int:
+    """Rank 0 bumps ``RUN/attempts`` (worker-group starts of this run); every rank reads it.
+
+    A checkpoint only knows the restarts before it was written; two failures between two saves
+    would count once. This counter sees every start."""
+    import torch.distributed as dist
+
+    path = Path(run_dir) / "attempts"
+    if rank == 0:
+        try:
+            n = int(path.read_text().strip()) + 1 if path.is_file() else 1
+        except ValueError:
+            log.warning("%s is not a number; counting attempts from 1 again", path)
+            n = 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".attempts.tmp")
+        tmp.write_text(f"{n}\n")
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return int(path.read_text().strip())
+
+
+class Checkpointer:
+    """Saves and restores one rank's share of a run: the DeepSpeed engine (model, optimizer,
+    scheduler), the loader position and the train state. Every rank calls every method (the saves
+    and loads are collective)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        identity: dict[str, Any],
+    ):
+        """``identity``: ``model``, ``tokenizer_hash``, ``zero_stage``, ``manifest_hash`` and
+        ``config_fingerprint`` of this run, written into meta.json and checked on load."""
+        self.dir = CheckpointDir(run_dir, keep_last)
+        self.rank, self.world_size = rank, world_size
+        self.identity = identity
+
+    def save(self, engine, loader, state: TrainState, cfg) -> Path:
+        """Write step ``state.step`` and publish it once every rank has written its part."""
+        import torch.distributed as dist
+
+        step = state.step
+        if self.rank == 0:
+            self.dir.prepare(step)
+        dist.barrier()
+        tmp = self.dir.tmp_path(step)
+        tmp.mkdir(parents=True, exist_ok=True)  # a node without the shared run folder has its own
+        engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False)
+        (tmp / data_state_name(self.rank)).write_text(json.dumps(loader.state_dict()))
+        dist.barrier()
+        if self.rank == 0:
+            cfg.save(tmp / "config.yaml")
+            meta = CheckpointMeta(
+                step=step,
+                samples_seen=state.samples_seen,
+                tokens_seen=state.tokens_seen,
+                restarts=state.restarts,
+                world_size=self.world_size,
+                **self.identity,
+            )
+            self.dir.publish(step, meta)
+        dist.barrier()
+        return self.dir.final_path(step)
+
+    def resume_point(
+        self, restored: Path | None = None, *, resume: bool = True, local: bool = True
+    ) -> Path | None:
+        """The checkpoint to resume from, or None for a fresh start.
+
+        ``restored``: a checkpoint handed back by the launcher (Ray's, downloaded from an object
+        store). ``local``: whether the run folder's newest complete checkpoint counts too (the
+        newer complete one of the two wins); off where the object store is the one record."""
+        if restored is None and not resume:
+            return None
+        candidates = []
+        if restored is not None:
+            reason = incomplete_reason(restored)
+            if reason is None:
+                candidates.append(restored)
+            elif self.rank == 0:
+                log.warning("Ray restored %s, which cannot be used (%s)", restored, reason)
+        newest_here = self.dir.latest(quiet=self.rank != 0) if local else None
+        if newest_here is not None:
+            candidates.append(newest_here)
+        if restored is not None and not candidates:
+            raise FileNotFoundError(
+                f"Ray restored a checkpoint pointing at {restored}, which is not usable here and the "
+                "run folder has no complete checkpoint; is the run's storage path shared by all nodes?"
+            )
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: CheckpointMeta.load(p / "meta.json").step)
+
+    def load(self, path: Path, engine, loader) -> TrainState:
+        """Restore engine, loader position and counts from ``path`` (refusing a checkpoint of
+        another model, tokenizer or, under ZeRO >= 1, world size)."""
+        meta = CheckpointMeta.load(path / "meta.json")
+        check_compatible(
+            meta,
+            model=self.identity["model"],
+            tokenizer_hash=self.identity["tokenizer_hash"],
+            world_size=self.world_size,
+            zero_stage=self.identity["zero_stage"],
+            where=path,
+        )
+        manifest_hash = self.identity["manifest_hash"]
+        if meta.manifest_hash and meta.manifest_hash != manifest_hash:
+            log.warning(
+                "%s was trained on other shards (manifest %s, now %s); the data position starts over",
+                path,
+                meta.manifest_hash,
+                manifest_hash,
+            )
+        load_path, _ = engine.load_checkpoint(
+            str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no engine state under {path / 'engine'}")
+        if meta.world_size == self.world_size and meta.manifest_hash == manifest_hash:
+            loader.load_state_dict(json.loads((path / data_state_name(self.rank)).read_text()))
+        return TrainState(
+            step=meta.step,
+            samples_seen=meta.samples_seen,
+            tokens_seen=meta.tokens_seen,
+            restarts=meta.restarts + 1,
+        )

@@ -1,4 +1,5 @@
-"""The training worker: DeepSpeed engine, the ML-CTL step, checkpoints and resume.
+"""The training worker: DeepSpeed engine, the ML-CTL step and the loop (checkpoint I/O and the
+resume point live in :mod:`mlctl.checkpoint`).
 
 Runs under Ray (launcher/) or on its own in a process group set up by torch.distributed's usual
 environment variables (the tests do that). One optimizer step = ``grad_accum`` micro-batches; each
@@ -14,23 +15,20 @@ import json
 import logging
 import math
 import os
-import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from mlctl.checkpoint import CheckpointDir, CheckpointMeta, check_compatible
+from mlctl.checkpoint import Checkpointer, TrainState, count_attempt, step_seed
 from mlctl.config import Config
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
-from mlctl.losses import contrastive_loss
+from mlctl.losses import contrastive_loss, inbatch_accuracy
 from mlctl.model import MLCTLModel, mask_tokens
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,11 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 def lr_lambda(cfg: Config) -> Callable[[int], float]:
-    """Multiplier of the peak rate: linear warmup, then constant (the paper), linear or cosine decay."""
+    """Multiplier of the peak rate: linear warmup, then constant (the paper), linear or cosine decay.
+
+    NOTE: after warmup this is transformers' ``get_{constant,linear,cosine}_schedule_with_warmup``
+    exactly (tests/test_checkpoint.py checks it); their warmup is one step behind (step 0 runs at
+    lr 0, a wasted step), so this stays rather than change the trained trajectory."""
     warmup, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
 
     def f(step: int) -> float:
@@ -102,39 +104,17 @@ def file_hash(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Train state
-
-
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps done
-    samples_seen: int = 0  # pairs, all ranks together
-    tokens_seen: int = 0
-    restarts: int = 0
-
-
-def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
-    """Per-(step, rank, micro-batch) seed: dropout and MLM masks do not depend on history, so a
-    resumed run redoes a step exactly as the uninterrupted run did."""
-    return (seed * 1_000_003 + step * 1009 + rank * 31 + micro) % (2**63 - 1)
-
-
-# --------------------------------------------------------------------------------------------------
 # The worker
 
 
 class Reporter:
-    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone)."""
+    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone).
+
+    ``authoritative``: the reporter's store, not the run folder, is the record of the latest
+    checkpoint (an object store that Ray uploads to); resume then starts only from what
+    :meth:`restored_from` hands back."""
+
+    authoritative = False
 
     def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:  # noqa: B027
         pass
@@ -155,7 +135,6 @@ class Trainer:
         node: str | None = None,
         run_name: str = "",
         reporter: Reporter | None = None,
-        fault_hook: Callable[[str, int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         device: torch.device | str | None = None,
     ):
@@ -165,13 +144,11 @@ class Trainer:
         self.node = node or socket.gethostname()
         self.run_name = run_name or self.run_dir.name
         self.reporter = reporter or Reporter()
-        # Tests inject faults here: fault_hook(event, step), events "step" and "save".
-        self.fault_hook = fault_hook or (lambda event, step: None)
         self.clock = clock
         # The device the launcher assigned (Ray: ray.train.torch.get_device()); see setup().
         self.assigned_device = device
         self.state = TrainState()
-        self.ckpt = CheckpointDir(self.run_dir, cfg.checkpoint.keep_last)
+        self.checkpointer: Checkpointer  # set up once the tokenizer and shards are known
         self.metrics: Any = None  # MetricsExporter once set up
         self.last_save_time = clock()
         self.last_metrics: dict[str, float] = {}  # the latest step's figures, reported with checkpoints
@@ -240,16 +217,25 @@ class Trainer:
         if torch.device(self.engine.device) != self.device:
             raise RuntimeError(f"DeepSpeed placed the model on {self.engine.device}, expected {self.device}")
         self.model: MLCTLModel = self.engine.module
+        self.checkpointer = Checkpointer(
+            self.run_dir,
+            rank=self.rank,
+            world_size=self.world_size,
+            keep_last=cfg.checkpoint.keep_last,
+            identity={
+                "model": cfg.model.name_or_path,
+                "tokenizer_hash": self.tokenizer_hash,
+                "zero_stage": cfg.deepspeed.zero_stage,
+                "manifest_hash": self.manifest_hash,
+                "config_fingerprint": cfg.fingerprint(),
+            },
+        )
         self._setup_metrics()
 
     def _setup_metrics(self) -> None:
-        try:
-            from mlctl.metrics import MetricsExporter
-        except ImportError:  # monitoring not installed in this build
-            return
         from dataclasses import replace
 
-        from mlctl.metrics import endpoint_addresses
+        from mlctl.metrics import MetricsExporter, endpoint_addresses
 
         node_ip = _node_ip()
         bind, host = endpoint_addresses(self.cfg.metrics.bind, node_ip)
@@ -283,112 +269,31 @@ class Trainer:
             tmp.write_text(json.dumps(info))
             os.replace(tmp, ep_dir / f"rank{self.rank:05d}.json")
 
-    # ---- checkpoints -------------------------------------------------------------------------
+    # ---- checkpoints (the I/O lives in mlctl.checkpoint) ------------------------------------
 
     def save_checkpoint(self) -> Path:
         t0 = time.perf_counter()
         step = self.state.step
-        if self.rank == 0:
-            self.ckpt.prepare(step)
-        dist.barrier()
-        tmp = self.ckpt.tmp_path(step)
-        self.engine.save_checkpoint(str(tmp / "engine"), tag="state", save_latest=False)
-        self.fault_hook("save", step)
-        (tmp / f"data_state_rank{self.rank:05d}.json").write_text(json.dumps(self.loader.state_dict()))
-        torch.save(rng_state(), tmp / f"rng_rank{self.rank:05d}.pt")
-        dist.barrier()
-        final = self.ckpt.final_path(step)
-        if self.rank == 0:
-            self.cfg.save(tmp / "config.yaml")
-            meta = CheckpointMeta(
-                step=step,
-                samples_seen=self.state.samples_seen,
-                tokens_seen=self.state.tokens_seen,
-                restarts=self.state.restarts,
-                model=self.cfg.model.name_or_path,
-                tokenizer_hash=self.tokenizer_hash,
-                world_size=self.world_size,
-                zero_stage=self.cfg.deepspeed.zero_stage,
-                manifest_hash=self.manifest_hash,
-                config_fingerprint=self.cfg.fingerprint(),
-            )
-            self.ckpt.publish(step, meta)
-        dist.barrier()
+        final = self.checkpointer.save(self.engine, self.loader, self.state, self.cfg)
         seconds = time.perf_counter() - t0
         self.last_save_time = self.clock()
         if self.metrics is not None:
             self.metrics.log_checkpoint(seconds, step)
-        last = self.last_metrics
-        self.reporter.checkpoint(final, step, {"step": step, **last})
+        self.reporter.checkpoint(final, step, {"step": step, **self.last_metrics})
         if self.rank == 0:
             log.info("checkpoint %s written in %.1fs", final, seconds)
         return final
 
     def find_resume_point(self) -> Path | None:
-        """The newest complete checkpoint to resume from, or None for a fresh start.
-
-        Under Ray a restarted worker gets the checkpoint Ray registered last; Ray registers reports
-        asynchronously, so a kill right after a save can leave its registry one checkpoint behind.
-        The run folder's ``latest`` pointer is written last by the save itself, so the newer of the
-        two wins."""
-        restored = self.reporter.restored_from()
-        if restored is None and not self.cfg.checkpoint.resume:
-            return None
-        candidates = [p for p in (restored, self.ckpt.latest()) if p is not None]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda p: CheckpointMeta.load(p / "meta.json").step)
-
-    def _count_attempt(self) -> int:
-        """Rank 0 bumps ``RUN/attempts`` (worker-group starts of this run); every rank reads it."""
-        path = self.run_dir / "attempts"
-        if self.rank == 0:
-            try:
-                n = int(path.read_text().strip()) + 1 if path.is_file() else 1
-            except ValueError:
-                log.warning("%s is not a number; counting attempts from 1 again", path)
-                n = 1
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".attempts.tmp")
-            tmp.write_text(f"{n}\n")
-            os.replace(tmp, path)
-        dist.barrier()
-        return int(path.read_text().strip())
+        """The newest complete checkpoint to resume from (Ray's or the run folder's), or None."""
+        return self.checkpointer.resume_point(
+            self.reporter.restored_from(),
+            resume=self.cfg.checkpoint.resume,
+            local=not self.reporter.authoritative,
+        )
 
     def load_checkpoint(self, path: Path) -> None:
-        meta = CheckpointMeta.load(path / "meta.json")
-        check_compatible(
-            meta,
-            model=self.cfg.model.name_or_path,
-            tokenizer_hash=self.tokenizer_hash,
-            world_size=self.world_size,
-            zero_stage=self.cfg.deepspeed.zero_stage,
-            where=path,
-        )
-        if meta.manifest_hash and meta.manifest_hash != self.manifest_hash:
-            log.warning(
-                "%s was trained on other shards (manifest %s, now %s); the data position starts over",
-                path,
-                meta.manifest_hash,
-                self.manifest_hash,
-            )
-        load_path, _ = self.engine.load_checkpoint(
-            str(path / "engine"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
-        )
-        if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no engine state under {path / 'engine'}")
-        data_state = path / f"data_state_rank{self.rank:05d}.json"
-        if meta.world_size == self.world_size and meta.manifest_hash == self.manifest_hash:
-            self.loader.load_state_dict(json.loads(data_state.read_text()))
-        rng = path / f"rng_rank{self.rank:05d}.pt"
-        if rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=False))
-        self.state = TrainState(
-            step=meta.step,
-            samples_seen=meta.samples_seen,
-            tokens_seen=meta.tokens_seen,
-            restarts=meta.restarts + 1,
-        )
+        self.state = self.checkpointer.load(path, self.engine, self.loader)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -442,7 +347,6 @@ class Trainer:
             samples += len(batch["pair_ids"])
             tokens += int(batch["num_tokens"])
             pair_ids.extend(batch["pair_ids"])
-        self.fault_hook("step", self.state.step)
         # One collective for all logged figures; the save-now flag rides along (rank 0's clock rules).
         due = float(self.rank == 0 and self._time_save_due())
         # float64: token counts of a large global batch stay exact (float32 would round past 2**24).
@@ -494,12 +398,12 @@ class Trainer:
 
     def fit(self) -> TrainState:
         cfg = self.cfg
+        # Counted before the checkpoint is read, so an attempt that fails while loading counts too.
+        attempts = count_attempt(self.run_dir, self.rank)
         resume = self.find_resume_point()
         if resume is not None:
             self.load_checkpoint(resume)
-        # A checkpoint only knows the restarts before it was written; two failures between two
-        # saves would count once. The run folder's attempt counter sees every worker-group start.
-        self.state.restarts = max(self.state.restarts, self._count_attempt() - 1)
+        self.state.restarts = max(self.state.restarts, attempts - 1)
         if resume is not None and self.rank == 0:
             log.info("resumed from %s at step %d (restart %d)", resume, self.state.step, self.state.restarts)
         if self.metrics is not None:
@@ -683,19 +587,9 @@ def _masked_term(
 
 
 def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """Share of this rank's rows whose nearest neighbour in the global batch (other side) is their
-    translation, both directions averaged. Its mean over ranks is the global-batch accuracy."""
-    from mlctl.distributed import all_gather_with_grad
-
-    with torch.no_grad():
-        xn = torch.nn.functional.normalize(x.float(), dim=-1)
-        yn = torch.nn.functional.normalize(y.float(), dim=-1)
-        gx = all_gather_with_grad(xn) if world_size > 1 else xn
-        gy = all_gather_with_grad(yn) if world_size > 1 else yn
-        target = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
-        a = ((xn @ gy.T).argmax(1) == target).float().mean()
-        b = ((yn @ gx.T).argmax(1) == target).float().mean()
-        return (a + b) / 2  # stays on the device: train_step all-reduces it there
+    """This rank's share of the global-batch in-batch accuracy (:func:`mlctl.losses.inbatch_accuracy`),
+    on the CPU for the step's packed all-reduce."""
+    return inbatch_accuracy(x, y, rank=rank, world_size=world_size).cpu()
 
 
 def _node_ip() -> str:

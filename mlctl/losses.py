@@ -174,13 +174,18 @@ def cz_nce(
     )
 
 
-def inbatch_accuracy(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction of rows whose nearest neighbour among the other side's rows is their translation
-    (both directions averaged). Call on gathered rows for the global-batch figure."""
+def inbatch_accuracy(
+    x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None
+) -> torch.Tensor:
+    """Fraction of this rank's rows whose nearest neighbour among the other side's rows of the
+    global batch is their translation (both directions averaged). Its mean over ranks is the
+    global-batch accuracy; with ``world_size`` 1 it is the accuracy of the batch itself."""
     with torch.no_grad():
         xn = F.normalize(x.float(), dim=-1)
         yn = F.normalize(y.float(), dim=-1)
-        sim = xn @ yn.T
-        target = torch.arange(sim.shape[0], device=sim.device)
-        acc = (sim.argmax(1) == target).float().mean() + (sim.argmax(0) == target).float().mean()
-        return acc / 2
+        gx = all_gather_with_grad(xn, group) if world_size > 1 else xn
+        gy = all_gather_with_grad(yn, group) if world_size > 1 else yn
+        target = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
+        a = ((xn @ gy.T).argmax(1) == target).float().mean()
+        b = ((yn @ gx.T).argmax(1) == target).float().mean()
+        return (a + b) / 2

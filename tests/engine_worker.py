@@ -1,7 +1,7 @@
 """Run one standalone training process (world size 1, gloo) for the engine tests.
 
 usage: python tests/engine_worker.py RUN_DIR FAULT_JSON key=value ...
-FAULT_JSON: {"event": "save"|"step", "step": N} makes the process die with os._exit(9) there.
+FAULT_JSON: a fault spec of tests/fault_injection.py (e.g. {"event": "save", "step": N}), or null.
 """
 
 import json
@@ -25,18 +25,15 @@ def main() -> None:
     )
     import logging
 
+    from fault_injection import install
+
     from mlctl.config import load_config
     from mlctl.engine import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fault = json.loads(fault_json)
-
-    def hook(event: str, step: int) -> None:
-        if fault and event == fault["event"] and step == fault["step"]:
-            os._exit(9)
-
+    install(json.loads(fault_json))
     cfg = load_config(None, overrides)
-    trainer = Trainer(cfg, run_dir, rank=0, world_size=1, fault_hook=hook)
+    trainer = Trainer(cfg, run_dir, rank=0, world_size=1)
     trainer.setup()
     state = trainer.fit()
     print("FINAL", json.dumps(state.__dict__))

@@ -83,7 +83,10 @@ def test_checkpoint_dir_publishes_atomically_and_keeps_last_k(tmp_path):
     ck = CheckpointDir(tmp_path, keep_last=2)
     for step in (1, 2, 3):
         tmp = ck.prepare(step)
-        (tmp / "payload").write_text(str(step))
+        (tmp / "engine" / "state").mkdir(parents=True)  # what a complete checkpoint holds
+        (tmp / "engine" / "state" / "mp_rank_00_model_states.pt").write_text(str(step))
+        for r in range(2):
+            (tmp / f"data_state_rank{r:05d}.json").write_text("{}")
         ck.publish(step, _meta(step=step))
     assert ck.latest().name == "step_00000003"
     assert sorted(p.name for p in ck.root.glob("step_*")) == ["step_00000002", "step_00000003"]
@@ -130,7 +133,7 @@ def _base(model_dir, shards, **extra) -> list[str]:
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_model_dir, tiny_shards):
     run = tmp_path / "run"
     out = _worker(run, {"event": "save", "step": 8}, *_base(tiny_model_dir, tiny_shards))
-    assert out.returncode == 9, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.returncode == -9, out.stdout[-2000:] + out.stderr[-2000:]
     ck = CheckpointDir(run)
     assert ck.latest().name == "step_00000004"  # the save at step 8 never got published
     assert ck.tmp_path(8).exists()
@@ -142,12 +145,31 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_mod
 
 
 @pytest.mark.slow
+def test_damaged_newest_checkpoint_and_pointer_fall_back_to_the_one_before(
+    tmp_path, tiny_model_dir, tiny_shards
+):
+    run = tmp_path / "run"
+    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards))
+    assert out.returncode == 0, out.stderr[-3000:]
+    ck = CheckpointDir(run)
+    for f in (ck.root / "step_00000008" / "engine" / "state").glob("*model_states.pt"):
+        f.unlink()  # e.g. a disk that filled up, or a copy that stopped halfway
+    (ck.root / "latest").write_text("garbage\n")
+    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards, **{"train.max_steps": 10}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "no DeepSpeed model state" in out.stderr and "resuming from" in out.stderr
+    assert "resumed from" in out.stderr and "step_00000004 at step 4" in out.stderr
+    assert json.loads(out.stdout.split("FINAL", 1)[1])["step"] == 10
+    assert ck.latest().name == "step_00000010"
+
+
+@pytest.mark.slow
 def test_every_restart_counts_even_between_the_same_two_checkpoints(tmp_path, tiny_model_dir, tiny_shards):
     run = tmp_path / "run"
     args = _base(tiny_model_dir, tiny_shards, **{"train.max_steps": 6, "checkpoint.every_steps": 2})
     for _ in range(2):  # two crashes at step 3, both after the step-2 checkpoint and before the next
         out = _worker(run, {"event": "step", "step": 2}, *args)
-        assert out.returncode == 9, out.stderr[-3000:]
+        assert out.returncode == -9, out.stderr[-3000:]
     out = _worker(run, None, *args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(restart 2)" in out.stderr

@@ -12,6 +12,7 @@ be equal bitwise (CPU, fixed seeds, same world size; gloo's two-rank sum is exac
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -33,6 +34,16 @@ EVERY = 4
 # Ray Train's controller logs every worker-group failure it handles with this tag.
 FAILURE_SEEN = r"\[FailurePolicy\]"
 TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module (README numbers)
+
+
+def slow_steps(seconds: float) -> dict[str, str]:
+    """Driver environment that makes every worker's step ``seconds`` longer (tests/fault_injection.py,
+    reaching the workers through Ray's RAY_RUNTIME_ENV_HOOK), so a test can scrape or kill mid-run."""
+    return {
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
+        "MLCTL_TEST_FAULT": json.dumps({"sleep": seconds}),
+    }
 
 
 def overrides(model_dir: Path, shards: Path, **extra) -> list[str]:
@@ -161,7 +172,7 @@ def prometheus_query(cluster: NetnsCluster, node: int, base: str, expr: str) -> 
 def two_node_run(tmp_path_factory, cluster, tiny_model_dir, tiny_shards):
     """The two-node run, with a real Prometheus on node 2 following the run's discovery file.
 
-    Steps are slowed (MLCTL_FAULT sleep) only so that Prometheus scrapes each worker several
+    Steps are slowed (the test-only fault hook's sleep) only so that Prometheus scrapes each worker several
     times; the sleep does not touch the numbers. `metrics.bind` keeps its default (127.0.0.1): on a
     networked node the workers must serve and advertise the node address instead.
     """
@@ -192,7 +203,7 @@ def two_node_run(tmp_path_factory, cluster, tiny_model_dir, tiny_shards):
     log = storage.parent / "driver.log"
     argv = train_argv(cluster, storage, "two", tiny_model_dir, tiny_shards)
     t0 = time.monotonic()
-    driver = cluster.popen(0, argv, log, MLCTL_FAULT=json.dumps({"sleep": 1.5}))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.5))
     TIMES["driver start -> first step logged"] = wait_for(r"step 1/", log, driver, timeout=400)
     driver.wait(timeout=400)
     TIMES["two-node run, total"] = time.monotonic() - t0
@@ -253,7 +264,7 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
     log = tmp_path / "driver.log"
     argv = train_argv(cluster, storage, "fail", tiny_model_dir, tiny_shards)
     # Slowed steps leave time to kill the node between the checkpoint at step 4 and the end.
-    driver = cluster.popen(0, argv, log, MLCTL_FAULT=json.dumps({"sleep": 1.0}))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.0))
     latest = storage / "fail" / "checkpoints" / "latest"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not latest.exists():
@@ -303,7 +314,7 @@ def test_elastic_run_continues_on_the_surviving_node(tmp_path, cluster, tiny_mod
         tiny_shards,
         **{"ray.num_workers": "[1,2]", "deepspeed.zero_stage": 0},
     )
-    driver = cluster.popen(0, argv, log, MLCTL_FAULT=json.dumps({"sleep": 1.0}))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.0))
     latest = storage / "elastic" / "checkpoints" / "latest"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not latest.exists():

@@ -48,6 +48,18 @@ def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str
     return [f"{k}={v}" for k, v in base.items()]
 
 
+@pytest.fixture
+def faults(monkeypatch):
+    """``faults(spec)``: the next ``launch`` in this test runs its workers with that fault spec
+    (tests/fault_injection.py, through Ray's RAY_RUNTIME_ENV_HOOK)."""
+
+    def arm(spec: dict) -> None:
+        monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
+        monkeypatch.setenv("MLCTL_TEST_FAULT", json.dumps(spec))
+
+    return arm
+
+
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
     states = torch.load(
@@ -115,7 +127,10 @@ def clean_run(tmp_path_factory, tiny_model_dir, tiny_shards):
 
     t = threading.Thread(target=scraper, daemon=True)
     t.start()
-    run_dir = launch(cfg, fault={"sleep": 0.4})
+    with pytest.MonkeyPatch.context() as mp:  # module scope: no function-scoped monkeypatch
+        mp.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
+        mp.setenv("MLCTL_TEST_FAULT", json.dumps({"sleep": 0.4}))
+        run_dir = launch(cfg)
     t.join(timeout=5)
     return {"run_dir": run_dir, "scrapes": scrapes, "errors": errors}
 
@@ -160,14 +175,16 @@ def test_uninterrupted_run_exports_metrics(clean_run):
 
 
 def test_worker_sigkill_resumes_without_losing_pairs_and_matches_bitwise(
-    tmp_path, clean_run, tiny_model_dir, tiny_shards
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, capsys
 ):
     from launcher.ray_train import launch
 
     kill_step = random.Random().randint(EVERY + 1, MAX_STEPS - 1)  # after the first checkpoint
     cfg = load_config(None, overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "killed"}))
-    run_dir = launch(cfg, fault={"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    run_dir = launch(cfg)
     assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
+    assert "finished; 1 worker failure(s) recovered" in capsys.readouterr().out
 
     m = meta(run_dir)
     assert m["step"] == MAX_STEPS
@@ -214,8 +231,9 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     marker = f"{os.getpid()}-{time.time_ns()}"
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "MLCTL_FAULT": json.dumps({"sleep": 0.5}),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
+        "MLCTL_TEST_FAULT": json.dumps({"sleep": 0.5}),
         "MLCTL_TEST_MARKER": marker,
     }
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
@@ -257,16 +275,91 @@ def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     assert second_attempt and second_attempt[0] == first + 1
 
 
-def test_more_failures_than_allowed_reports_count_and_checkpoint(tmp_path, tiny_model_dir, tiny_shards):
+def test_more_failures_than_allowed_reports_count_and_checkpoint(
+    tmp_path, tiny_model_dir, tiny_shards, faults
+):
     from launcher.ray_train import launch
 
     cfg = load_config(
         None,
         overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "doomed", "ray.max_failures": 1}),
     )
+    faults({"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
     with pytest.raises(RuntimeError) as info:
-        launch(cfg, fault={"step": 6, "rank": 0, "marker": str(tmp_path / "fired"), "always": True})
+        launch(cfg)
     msg = str(info.value)
     assert "2 worker failure(s)" in msg and "max_failures=1" in msg
     assert str(tmp_path / "doomed" / "checkpoints" / "step_00000004") in msg
     assert (tmp_path / "fired").read_text().split() == ["6", "6"]
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A local S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields the storage URI
+    the launcher takes and the pyarrow filesystem to look into it."""
+    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
+    import logging
+    import socket
+
+    import boto3
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    for k, v in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        monkeypatch.setenv(k, v)  # the embedded Ray's workers inherit them
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mlctl-test")
+        uri = f"s3://mlctl-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+        fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
+        yield {"uri": uri, "fs": fs, "root": "mlctl-test/runs"}
+    finally:
+        server.stop()
+
+
+def test_object_store_checkpoints_survive_a_killed_worker(
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3
+):
+    """No shared filesystem: checkpoints go to S3 through Ray's persistence, a SIGKILLed worker's
+    replacement downloads the newest one, and the run ends with the uninterrupted run's weights."""
+    import io
+    import shutil
+    import uuid
+
+    from launcher.ray_train import launch
+
+    name = f"s3-{uuid.uuid4().hex[:8]}"  # the local working folder lives in the temp dir
+    kill_step = 6
+    cfg = load_config(
+        None,
+        overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": name, "ray.storage_path": s3["uri"]}),
+    )
+    faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
+    run_dir = launch(cfg)
+    try:
+        assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
+        # The replacement workers resumed from the copy they downloaded, not from a local folder.
+        restored = json.loads((run_dir / "restored" / "rank00001" / "meta.json").read_text())
+        assert restored["step"] == EVERY
+        fs, base = s3["fs"], f"{s3['root']}/{name}/step_{MAX_STEPS:08d}"
+        with fs.open_input_file(f"{base}/meta.json") as f:
+            m = json.loads(f.read())
+        assert m["step"] == MAX_STEPS and m["restarts"] == 1
+        with fs.open_input_file(f"{base}/engine/state/mp_rank_00_model_states.pt") as f:
+            weights = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=False)["module"]
+        for r in range(2):  # every rank uploaded its own shard and data state
+            assert fs.get_file_info(f"{base}/data_state_rank{r:05d}.json").size > 0
+        a = final_weights(clean_run["run_dir"])
+        different = [k for k in a if not torch.equal(a[k], weights[k])]
+        assert not different, f"weights differ after kill + resume through S3: {different[:5]}"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)

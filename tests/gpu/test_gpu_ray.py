@@ -3,6 +3,7 @@ checkpoint, the run resumed by Ray and finished. Reuses test_train_ray's configu
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -16,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 STEPS, EVERY = 30, 10
 
 
-def test_ray_gpu_run_survives_a_killed_worker(tmp_path, tiny_model_dir, tiny_shards):
+def test_ray_gpu_run_survives_a_killed_worker(tmp_path, monkeypatch, tiny_model_dir, tiny_shards):
     from launcher.ray_train import launch
 
     workers = min(2, cuda_devices())
@@ -37,7 +38,10 @@ def test_ray_gpu_run_survives_a_killed_worker(tmp_path, tiny_model_dir, tiny_sha
             },
         ),
     )
-    run_dir = launch(cfg, fault={"step": kill_step, "rank": workers - 1, "marker": str(tmp_path / "fired")})
+    spec = {"step": kill_step, "rank": workers - 1, "marker": str(tmp_path / "fired")}
+    monkeypatch.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")  # tests/fault_injection.py
+    monkeypatch.setenv("MLCTL_TEST_FAULT", json.dumps(spec))
+    run_dir = launch(cfg)
     assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
     m = meta(run_dir)
     assert m["step"] == STEPS and m["restarts"] == 1

@@ -1,0 +1,68 @@
+"""The one in-batch accuracy (mlctl.losses.inbatch_accuracy): single process against a count by
+hand, and gathered over a real gloo group against the single-process figure on the whole batch."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlctl.losses import inbatch_accuracy
+
+B, D = 4, 6
+
+
+def _batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(n, D, generator=g)
+    y = x + 0.9 * torch.randn(n, D, generator=g)  # noisy enough that some rows miss
+    return x, y
+
+
+def _by_hand(x: torch.Tensor, y: torch.Tensor) -> float:
+    xn, yn = torch.nn.functional.normalize(x, dim=-1), torch.nn.functional.normalize(y, dim=-1)
+    hits = 0
+    for i in range(len(x)):
+        hits += int(max(range(len(y)), key=lambda j: float(xn[i] @ yn[j])) == i)
+        hits += int(max(range(len(x)), key=lambda j: float(yn[i] @ xn[j])) == i)
+    return hits / (2 * len(x))
+
+
+def test_single_process_counts_nearest_neighbours():
+    x, y = _batch(3 * B)
+    want = _by_hand(x, y)
+    assert 0 < want < 1  # the batch has hits and misses, so a wrong target would show
+    assert float(inbatch_accuracy(x, y)) == pytest.approx(want)
+
+
+def _worker(rank: int, world_size: int, port: int, q) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        x, y = _batch(world_size * B)
+        rows = slice(rank * B, (rank + 1) * B)
+        q.put((rank, float(inbatch_accuracy(x[rows], y[rows], rank=rank, world_size=world_size))))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_mean_over_ranks_is_the_global_batch_accuracy():
+    world_size = 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, q)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    x, y = _batch(world_size * B)
+    assert sum(got.values()) / world_size == pytest.approx(_by_hand(x, y))

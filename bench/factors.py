@@ -5,7 +5,7 @@
 Trains ``configs/paper-proof`` settings (``configs/paper.yaml``'s method on the proof data, see
 bench/alignment.py) with the given overrides, in a thin single-process loop over mlctl's own
 pieces: :class:`~mlctl.model.MLCTLModel`, :func:`mlctl.model.mask_tokens`, the loss composition
-:func:`mlctl.engine.contrastive_terms` (the function ``Trainer.micro_step`` calls), the streaming
+:func:`mlctl.losses.contrastive_terms` (the function ``Trainer.micro_step`` calls), the streaming
 :class:`~mlctl.data.dataset.ShardLoader` and the engine's learning-rate schedule. What it leaves out
 is DeepSpeed and the process group, which do not change the arithmetic on one process (fp32,
 ZeRO-1 on one rank is plain AdamW) but cost a minute of start-up per run on this machine.
@@ -30,9 +30,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 def train_mlctl(cfg, steps: int):
     import torch
 
+    from mlctl.checkpoint import step_seed
     from mlctl.data.dataset import ShardLoader
-    from mlctl.engine import contrastive_terms, lr_lambda, param_groups, step_seed
+    from mlctl.engine import lr_lambda, param_groups
     from mlctl.hub import load_tokenizer
+    from mlctl.losses import contrastive_terms
     from mlctl.model import MLCTLModel, mask_tokens
 
     tok = load_tokenizer(cfg.model.name_or_path)

@@ -268,8 +268,9 @@ class RunWatcher(threading.Thread):
         if self.warned_wait or self.seen or time.monotonic() - self.started < self.wait_warning:
             return
         self.warned_wait = True
-        need = self.cfg.ray.num_workers * self.cfg.ray.cpus_per_worker
-        gpus = self.cfg.ray.num_workers * self.cfg.ray.gpus_per_worker
+        # An elastic run starts once its minimum fits; that is what to compare with the cluster.
+        need = self.cfg.ray.min_workers * self.cfg.ray.cpus_per_worker
+        gpus = self.cfg.ray.min_workers * self.cfg.ray.gpus_per_worker
         have = self.resources() if self.resources else {}
         if have.get("CPU", need) >= need and have.get("GPU", 0.0) >= gpus:
             return  # still starting (model loading, DeepSpeed op build): nothing to act on

@@ -218,7 +218,7 @@ class CheckpointDir:
             else:
                 problem = f"{pointer} names {named.name}, which is damaged: {reason}"
         published = self._published()
-        skipped = []
+        skipped: list[str] = []
         for _, path in published:
             reason = incomplete_reason(path)
             if reason is None:

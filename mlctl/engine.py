@@ -28,7 +28,7 @@ import torch.distributed as dist
 from mlctl.checkpoint import Checkpointer, TrainState, count_attempt, step_seed
 from mlctl.config import Config
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
-from mlctl.losses import contrastive_loss, inbatch_accuracy
+from mlctl.losses import contrastive_terms, inbatch_accuracy
 from mlctl.model import MLCTLModel, mask_tokens
 
 log = logging.getLogger(__name__)
@@ -506,84 +506,6 @@ def _grad_norm(engine) -> float:
     if norm is None:
         return float("nan")
     return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
-
-
-def contrastive_terms(
-    cfg: Config,
-    out: Any,
-    spans: torch.Tensor | None,
-    rank: int,
-    world_size: int,
-    source_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The contrastive part of the loss, and the (x, y) rows the in-batch accuracy is read from.
-
-    ``model.word_level=false``: CL(s). Otherwise ``multilevel_weight * CL(MLP(s, w)) +
-    sentence_weight * CL(s)`` (the paper: 1 and 0). With a sentence term, pairs without an anchor
-    (their span starts at 0: real anchors never cover [CLS], see mlctl.data.collate) are left out of
-    the multi-level term and feed the sentence term only; without one they keep the paper code's
-    behaviour (the whole side stands in for the word), so no pair is silently dropped.
-    """
-    lc = cfg.loss
-    kw = dict(
-        cross_zero=lc.kind == "cz_nce",
-        same_language_negatives=lc.same_language_negatives,
-        rank=rank,
-        world_size=world_size,
-        source_ids=source_ids,
-    )
-    b = out.sentence.shape[0] // 2
-    s = out.sentence
-    if not cfg.model.word_level:
-        return contrastive_loss(s[:b], s[b:], lc.temperature, **kw), s[:b], s[b:]
-    f = out.fused
-    cl = torch.zeros((), device=s.device)
-    if lc.multilevel_weight > 0:
-        if lc.sentence_weight > 0 and spans is not None:
-            anchored = spans[:b, 0] > 0
-            cl = cl + lc.multilevel_weight * _masked_term(f[:b], f[b:], anchored, lc.temperature, kw)
-        else:
-            cl = cl + lc.multilevel_weight * contrastive_loss(f[:b], f[b:], lc.temperature, **kw)
-    if lc.sentence_weight > 0:
-        cl = cl + lc.sentence_weight * contrastive_loss(s[:b], s[b:], lc.temperature, **kw)
-    # The accuracy figure follows what retrieval reads once a sentence term trains s.
-    rows = s if lc.sentence_weight > 0 else f
-    return cl, rows[:b], rows[b:]
-
-
-def _masked_term(
-    x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, temperature: float, kw: dict[str, Any]
-) -> torch.Tensor:
-    """Contrastive loss over the pairs with ``keep`` set, of the whole global batch.
-
-    Ranks hold different numbers of kept pairs, so the gathered loss's equal-slice form does not
-    apply: every rank gathers all rows (autograd-aware) and computes the same global loss. The
-    gather's backward sums the N identical gradients and the data-parallel mean divides by N again,
-    so the parameter gradient is exactly that of the global loss.
-    NOTE: fewer than 2 kept pairs give 0 * sum(x, y): the fusion MLP still gets a (zero) gradient on
-    every rank, so the ranks' gradient buckets stay alike (see MLCTLModel._mlm_loss).
-    """
-    from mlctl.distributed import all_gather_with_grad
-
-    world_size = kw["world_size"]
-    if world_size > 1:
-        x, y = all_gather_with_grad(x), all_gather_with_grad(y)
-        flag = keep.to(torch.int64)  # gloo has no bool all_gather
-        flags = [torch.zeros_like(flag) for _ in range(world_size)]
-        dist.all_gather(flags, flag)
-        keep = torch.cat(flags).bool()
-    sids = kw.get("source_ids")
-    if sids is not None:
-        sids = torch.as_tensor(sids, dtype=torch.int64, device=keep.device).reshape(-1)
-        if world_size > 1:
-            parts = [torch.zeros_like(sids) for _ in range(world_size)]
-            dist.all_gather(parts, sids)
-            sids = torch.cat(parts)
-        sids = sids[keep]
-    if int(keep.sum()) < 2:
-        return (x.sum() + y.sum()) * 0.0
-    local = {**kw, "rank": 0, "world_size": 1, "source_ids": sids}
-    return contrastive_loss(x[keep], y[keep], temperature, **local)
 
 
 def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:

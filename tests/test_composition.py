@@ -1,4 +1,4 @@
-"""The contrastive loss composition of a training step (mlctl.engine.contrastive_terms).
+"""The contrastive loss composition of a training step (mlctl.losses.contrastive_terms).
 
 word_level=false: CL(s). word_level=true: multilevel_weight * CL(MLP(s, w)) + sentence_weight * CL(s),
 where a pair without an anchor (span starting at 0) feeds only the sentence term once there is one.
@@ -15,8 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mlctl.config import load_config
-from mlctl.engine import contrastive_terms
-from mlctl.losses import contrastive_loss
+from mlctl.losses import contrastive_loss, contrastive_terms
 from mlctl.model import EncoderOutput
 
 B, H = 4, 6

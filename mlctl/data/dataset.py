@@ -159,13 +159,13 @@ class _Reader:
 
     def take(self, n: int) -> list[dict]:
         """The readable records among the next ``n`` positions (fewer at the end of the order)."""
-        out = []
+        out: list[dict] = []
         for _ in range(n):
             rec = next(self._it, _HOLE)
             if rec is None:
                 self.skipped["corrupt_sample"] = self.skipped.get("corrupt_sample", 0) + 1
             elif rec is not _HOLE:
-                out.append(rec)
+                out.append(rec)  # type: ignore[arg-type]  # a decoded record
         return out
 
 
@@ -350,7 +350,7 @@ class ShardLoader:
             # GPU the worker sees, not the local rank).
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
             dist.broadcast_object_list(box, src=0, device=dev)
-            result = box[0]
+            result: dict = box[0]  # type: ignore[assignment]  # rank 0 filled it
         else:
             result = self._check_manifest()
         if "error" in result:  # raised on every rank, so none waits for the others in a collective
@@ -362,7 +362,9 @@ class ShardLoader:
     def _check_manifest(self) -> dict:
         """Valid shards as (name, records, bytes, sha256): one stat per shard for a current manifest,
         a tar header scan for the shards of an older one (no ``bytes``)."""
-        valid, skipped, legacy = [], {}, 0
+        valid: list = []
+        skipped: dict[str, int] = {}
+        legacy = 0
         entries = self.manifest.get("shards")
         if not isinstance(entries, list):
             return {"error": f"{self.root / 'manifest.json'}: key 'shards' must be a list of shards"}

@@ -116,3 +116,46 @@ def test_report_on_a_file_of_garbage(files, capsys):
     (run / "metrics.jsonl").write_bytes(b"\x00\xff garbage\nnot json\n")
     assert main(["report", str(run)]) == 2
     assert "holds no training steps" in error_line(capsys)
+
+
+@pytest.fixture()
+def small_mount(tmp_path: Path):
+    """``mount(options)``: a 16 KiB tmpfs at a fresh folder (read-only with ``ro``), unmounted after."""
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        where = tmp_path / f"mnt{len(mounted)}"
+        where.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("no `mount` here")
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size=16k,{options}", "tmpfs", str(where)], capture_output=True
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    "options, expected", [("rw", "No space left on device"), ("ro", "Read-only file system")]
+)
+def test_prepare_into_a_full_or_read_only_folder(
+    files, tiny_model_dir, capsys, small_mount, options, expected
+):
+    out = small_mount(options) / "shards"
+    lines = "".join(f"Hello world number {i}\tHallo Welt Nummer {i}\n" for i in range(3000))
+    (files / "many.tsv").write_text(lines)
+    args = prepare_args(files, tiny_model_dir, "many.tsv")
+    args[args.index("--out") + 1] = str(out)
+    assert main(args) == 2
+    line = error_line(capsys)
+    assert line.startswith("mlctl prepare: error:") and expected in line and str(out.parent) in line, line

@@ -603,12 +603,18 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg, tokenizer = config_from_args(args)
         m = prepare(cfg, tokenizer, getattr(args, "address", ""))
     except InputError as e:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if cfg is not None and e.filename is None and e.errno is not None:
+            # A write to an open file (a full disk) names no path; the output folder is where it was.
+            raise OSError(e.errno, e.strerror, str(cfg.out)) from e
+        raise
     c = m["counts"]
     print(
         f"{c['kept']:,} of {c['read']:,} pairs kept in {len(m['shards'])} shard(s) under {cfg.out}; "

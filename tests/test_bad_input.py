@@ -56,6 +56,7 @@ def prepare_args(files: Path, tok: Path, inp: str, out: str = "out") -> list[str
         ("missing.tsv", "out", "input file not found: {files}/missing.tsv"),
         ("trunc.tsv.gz", "out", "{files}/trunc.tsv.gz: truncated or corrupt gzip file"),
         ("pairs.tsv", "afile", "{files}/afile"),
+        ("empty.tsv", "out", "nothing to train on from {files}/empty.tsv: no pairs in the input"),
     ],
 )
 def test_prepare_stops_with_the_file_named(files, tiny_model_dir, capsys, inp, out, expected):

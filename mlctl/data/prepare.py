@@ -621,4 +621,10 @@ def run(args: argparse.Namespace) -> int:
         f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
         f"dropped {c['dropped']}"
     )
+    if c["kept"] == 0:
+        # Shards with nothing in them would only fail later, in every training worker.
+        inputs = ", ".join(i.path for i in cfg.inputs)
+        why = "no pairs in the input" if c["read"] == 0 else f"every pair was dropped ({c['dropped']})"
+        print(f"mlctl prepare: error: nothing to train on from {inputs}: {why}", file=sys.stderr)
+        return 2
     return 0

@@ -203,7 +203,8 @@ QUIET_LOGGERS = ("transformers", "deepspeed", "DeepSpeed", "ray.train", "torch.d
 
 def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
     """Logging of one training worker: everything at INFO into ``RUN_DIR/logs/rankNNNNN.log``; on
-    the console (which Ray forwards to the driver) only warnings of rank 0 and errors of any rank.
+    the console (which Ray forwards to the driver) only warnings and notices of rank 0 and errors of
+    any rank.
 
     NOTE: what is silenced on the console and why. The driver already shows progress, endpoints and
     evaluation (from metrics.jsonl), so the workers' INFO lines would repeat them once per rank.
@@ -224,8 +225,17 @@ def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
     to_file.setFormatter(fmt)
     console = logging.StreamHandler()
     console.setFormatter(logging.Formatter(f"rank {rank} %(levelname)s %(name)s: %(message)s"))
-    console.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
-    console.addFilter(lambda r: r.name != "py.warnings" and not r.name.startswith(QUIET_LOGGERS))
+    # Rank 0 also shows the few INFO records marked ``extra={"notice": True}``: what a user must see
+    # happen (a resume and where from, an elastic run's worker count).
+    floor = logging.WARNING if rank == 0 else logging.ERROR
+    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    console.addFilter(
+        lambda r: (
+            (r.levelno >= floor or getattr(r, "notice", False))
+            and r.name != "py.warnings"
+            and not r.name.startswith(QUIET_LOGGERS)
+        )
+    )
     root.addHandler(to_file)
     root.addHandler(console)
     root.setLevel(logging.INFO)

@@ -200,10 +200,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
     if isinstance(cfg.ray.num_workers, list) and ctx.get_world_rank() == 0:
         # Say how many workers this attempt got, so a shrunk (or regrown) run is visible in the log.
-        print(
-            f"[mlctl] elastic: training on {ctx.get_world_size()} worker(s) "
-            f"(ray.num_workers={cfg.ray.num_workers})",
-            flush=True,
+        log.info(
+            "[mlctl] elastic: training on %d worker(s) (ray.num_workers=%s)",
+            ctx.get_world_size(),
+            cfg.ray.num_workers,
+            extra={"notice": True},  # on the driver's console (launcher.monitoring)
         )
     trainer = Trainer(
         cfg,
@@ -345,9 +346,12 @@ class RunWatcher(threading.Thread):
 def failure_counter():
     """(callback, read): a Ray Train callback that counts worker-group failures, and a function
     returning the count. The callback runs in Ray Train's controller, another process, so the
-    count lives in a small actor both sides can reach."""
+    count lives in a small actor both sides can reach. The actor is pinned to the driver's node: a
+    worker node that dies must not take the count (and with it the controller's callback) along,
+    and when the driver's node dies the run is gone anyway."""
     import ray
     from ray.train import UserCallback
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     @ray.remote(num_cpus=0)
     class Count:
@@ -360,14 +364,24 @@ def failure_counter():
         def get(self) -> int:
             return self.n
 
-    count = Count.remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    count = Count.options(scheduling_strategy=here).remote()
 
     class CountFailures(UserCallback):
         def __init__(self, count) -> None:
             self.count = count
 
         def after_exception(self, run_context, worker_exceptions) -> None:
-            ray.get(self.count.add.remote())
+            # Runs in Ray Train's controller, whose own console lines the driver keeps below ERROR:
+            # this line is how a user (and the tests) see a failure being handled.
+            ranks = ", ".join(str(r) for r in sorted(worker_exceptions or {})) or "?"
+            cause = next(iter((worker_exceptions or {}).values()), None)
+            first = (str(cause).strip().splitlines() or [type(cause).__name__])[-1][:200]
+            print(f"[mlctl] worker group failed (rank {ranks}): {first}; Ray Train handles it", flush=True)
+            try:
+                ray.get(self.count.add.remote(), timeout=30)
+            except Exception as e:  # never let the bookkeeping fail the run it is counting
+                print(f"[mlctl] could not count this failure: {e}", flush=True)
 
     return CountFailures(count), lambda: int(ray.get(count.get.remote(), timeout=30))
 

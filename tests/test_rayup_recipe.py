@@ -20,9 +20,16 @@ shipped, except:
 
 What each host's ~/.bashrc sets (Ray sources it before every command; cluster/ray-cluster.env
 keeps these values): MLCTL_DIR (this checkout with its venv), MLCTL_IFACE=eth0, and
-MLCTL_RAY_START_ARGS="--num-cpus=1 --num-gpus=0" (one CPU per host forces one worker per host); and
-for this machine only: RAY_TMPDIR, a short folder per host (real hosts each have their own /tmp),
-PYTHONPATH (the checkout under test) and the variables `make` exports.
+MLCTL_RAY_START_ARGS="--num-cpus=1 --num-gpus=0 --temp-dir=$RAY_TMPDIR/ray" (one CPU per host forces
+one worker per host); and for this machine only: RAY_TMPDIR, a short folder per host (real hosts each
+have their own /tmp), PYTHONPATH (the checkout under test) and the variables `make` exports. The client runs with a home,
+RAY_TMPDIR and TMPDIR of its own: Ray's cluster state file (cluster-mlctl.state) and config cache
+land there and go with the cluster folder; the test removes Ray's SSH ControlPath folder in /tmp.
+
+After `ray exec` trained two workers, one per host, `ray down` must stop the head; it does not reach
+the worker (the local provider only marks it terminated), whose raylet must exit by itself once it
+has lost the head. The teardown kills what is left (the worker's agents and log monitor), sshd
+included, by `ip netns pids`, also when the test fails.
 
 Runs in `make test-cluster` (MLCTL_TEST_CLUSTER=1); skipped otherwise, and without sshd/rsync.
 """

@@ -334,4 +334,8 @@ if __name__ == "__main__":
     # `python tests/netns.py stop-ray`: what the test hosts of tests/test_rayup_recipe.py run for `ray stop`.
     if sys.argv[1:] != ["stop-ray"]:
         sys.exit("usage: netns.py stop-ray")
+    # Outside a namespace of this helper this would be the real `ray stop` (or another's): refuse.
+    here = _ip("netns", "identify", str(os.getpid()), check=False).stdout.strip()
+    if not here.startswith(PREFIX):
+        sys.exit("netns.py stop-ray: not inside a test namespace (it would stop the machine's Ray)")
     print(f"stopped {stop_ray_here()} Ray processes in this network namespace")

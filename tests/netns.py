@@ -272,3 +272,70 @@ class NetnsCluster:
         pids = netns_pids(self.namespaces[node])
         kill_netns(self.namespaces[node])
         return pids
+
+
+def is_ray_process(proc) -> bool:
+    """Whether `ray stop` would stop this psutil process (it matches Ray's own list of names)."""
+    from ray.autoscaler._private.constants import RAY_PROCESSES
+
+    args = subprocess.list2cmdline(proc.cmdline())
+    return any(word in (proc.name() if by_name else args) for word, by_name in RAY_PROCESSES)
+
+
+def ray_processes(pids: list[int]) -> list:
+    """The Ray processes among ``pids`` (e.g. ``netns_pids(ns)``: the Ray of one node)."""
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if pid != os.getpid() and is_ray_process(proc):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def ray_processes_here() -> list:
+    """The Ray processes of the caller's network namespace."""
+    own = os.readlink("/proc/self/ns/net")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "ns" / "net") == own:
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return ray_processes(pids)
+
+
+def stop_ray_here(grace: float = 10.0) -> int:
+    """`ray stop` for one namespace "host". The real one stops every Ray process of the machine, and
+    the namespaces share the machine's process table: it would stop every other test's Ray too."""
+    import psutil
+
+    procs = ray_processes_here()
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+if __name__ == "__main__":
+    # `python tests/netns.py stop-ray`: what the test hosts of tests/test_rayup_recipe.py run for `ray stop`.
+    if sys.argv[1:] != ["stop-ray"]:
+        sys.exit("usage: netns.py stop-ray")
+    # Outside a namespace of this helper this would be the real `ray stop` (or another's): refuse.
+    here = _ip("netns", "identify", str(os.getpid()), check=False).stdout.strip()
+    if not here.startswith(PREFIX):
+        sys.exit("netns.py stop-ray: not inside a test namespace (it would stop the machine's Ray)")
+    print(f"stopped {stop_ray_here()} Ray processes in this network namespace")

@@ -1,7 +1,8 @@
-"""Static checks of the cluster recipes that cannot run here (no Slurm, Kubernetes or Docker daemon
-in CI): they parse, and they agree with each other and with how mlctl serves metrics. What these do
-NOT prove is written in cluster/README.md; the recipes' runtime behaviour is exercised by
-tests/test_multinode.py (same Ray commands, same flags, in network namespaces)."""
+"""Static checks of the cluster recipes (no Slurm, SSH hosts, Kubernetes or Docker daemon in `make
+test`): they parse, and they agree with each other and with how mlctl serves metrics. What these do
+NOT prove is written in cluster/README.md. The Ray commands and flags run in tests/test_multinode.py;
+`make test-cluster` runs slurm.sbatch (tests/test_slurm_recipe.py) and ray-cluster.yaml
+(tests/test_rayup_recipe.py) for real."""
 
 from __future__ import annotations
 
@@ -33,10 +34,50 @@ def test_ray_up_config_uses_the_venv_and_ray_exec():
     text = (CLUSTER / "ray-cluster.yaml").read_text()
     cfg = yaml.safe_load(text)
     assert cfg["provider"]["type"] == "local"
+    env = ". ~/.mlctl/ray-cluster.env && "
+    for cmd in cfg["setup_commands"] + cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
+        # ssh passes no environment: every command reads the cluster's settings first.
+        assert cmd.startswith(env), cmd
     for cmd in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]:
-        assert cmd.startswith("~/mlctl/.venv/bin/ray "), cmd
+        assert cmd[len(env) :].startswith('"$MLCTL_DIR/.venv/bin/ray" '), cmd
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if " start " in c]
+    assert len(starts) == 2 and all(c.endswith(" $MLCTL_RAY_START_ARGS") for c in starts), starts
+    assert "--address=$RAY_HEAD_IP:6379" in starts[1]
+    # The env file and the token reach every host (the head's autoscaler copies them on to workers).
+    assert cfg["file_mounts"]["~/.mlctl/ray-cluster.env"] == "cluster/ray-cluster.env"
+    assert "~/.mlctl/ray_auth_token" in cfg["file_mounts"]
     assert "ray submit" not in re.sub(r"\(`ray submit`[^)]*\)", "", text)
-    assert "ray exec cluster/ray-cluster.yaml" in text
+    assert "ray exec cluster/ray-cluster.yaml '. ~/.mlctl/ray-cluster.env && " in text
+
+
+def test_ray_up_env_file_sets_token_auth_and_the_node_address(tmp_path):
+    env = CLUSTER / "ray-cluster.env"
+    bash = shutil.which("bash")
+    assert subprocess.run([bash, "-n", str(env)], capture_output=True).returncode == 0
+    show = (
+        'echo "$MLCTL_DIR|$RAY_AUTH_MODE|$RAY_AUTH_TOKEN_PATH|${GLOO_SOCKET_IFNAME:-}|$MLCTL_RAY_START_ARGS"'
+    )
+
+    def run(**variables: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [bash, "-c", f". {env} && {show}"],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(tmp_path), **variables},
+        )
+
+    def source(**variables: str) -> list[str]:
+        out = run(**variables)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().split("|")
+
+    assert source() == [f"{tmp_path}/mlctl", "token", f"{tmp_path}/.mlctl/ray_auth_token", "", ""]
+    # What a host's ~/.bashrc exported is kept; an interface adds this host's address on it.
+    got = source(MLCTL_DIR="/opt/mlctl", MLCTL_IFACE="lo", MLCTL_RAY_START_ARGS="--num-gpus=4")
+    assert got[0] == "/opt/mlctl" and got[3] == "lo"
+    assert got[4].split() == ["--node-ip-address=127.0.0.1", "--num-gpus=4"]
+    out = run(MLCTL_IFACE="no-such-if0")
+    assert out.returncode != 0 and "MLCTL_IFACE=no-such-if0" in out.stderr
 
 
 def test_kuberay_manifest_matches_the_dockerfile_and_scrapes_every_rank():

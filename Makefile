@@ -43,11 +43,12 @@ test-gpu: setup
 	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 # cluster/slurm.sbatch under a real Slurm (slurmctld + one slurmd per network namespace); needs root.
-# Installs Debian's slurm-wlm and munge when missing. See cluster/README.md.
+# Installs Debian's slurm-wlm and munge when missing. Also builds cluster/Dockerfile when a Docker daemon
+# answers (tests/test_docker_image.py; skipped otherwise). See cluster/README.md.
 test-cluster: setup
 	@command -v slurmd >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
-	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py $(PYTEST_ARGS)
+	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py tests/test_docker_image.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check mlctl launcher tests bench

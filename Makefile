@@ -43,16 +43,18 @@ test-gpu: setup
 	DS_ACCELERATOR=cuda $(BIN)/python -m pytest -m gpu tests/gpu $(PYTEST_ARGS)
 
 # The cluster recipes for real: cluster/slurm.sbatch under a real Slurm (slurmctld + one slurmd per
-# network namespace), and cluster/ray-cluster.yaml through `ray up`/`ray exec`/`ray down` with one
-# sshd per namespace; needs root. Installs Debian's slurm-wlm, munge, openssh-server and rsync when
-# missing (the package's own sshd service is not started: each test runs its own). See cluster/README.md.
+# network namespace, including a requeue at the time limit), cluster/ray-cluster.yaml through
+# `ray up`/`ray exec`/`ray down` with one sshd per namespace, and cluster/Dockerfile when a Docker
+# daemon answers (tests/test_docker_image.py; skipped otherwise); needs root. Installs Debian's
+# slurm-wlm, munge, openssh-server and rsync when missing (the package's own sshd service is not
+# started: each test runs its own). See cluster/README.md.
 test-cluster: setup
 	@command -v slurmd >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null)
 	@{ [ -x /usr/sbin/sshd ] && command -v rsync >/dev/null 2>&1; } || [ "$$(id -u)" != 0 ] || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync >/dev/null)
 	@[ "$$(id -u)" != 0 ] || install -d -m 755 /run/sshd
-	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py tests/test_rayup_recipe.py $(PYTEST_ARGS)
+	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py tests/test_rayup_recipe.py tests/test_docker_image.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check mlctl launcher tests bench

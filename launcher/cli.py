@@ -47,7 +47,7 @@ def _quote(value: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.ray_train import launch
+    from launcher.ray_train import Stopped, launch
 
     cfg = resolve(args)
     try:
@@ -55,5 +55,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         print(f"mlctl train: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:  # launch() said where the run resumes from
+        return 128 + e.signum
     print(f"[mlctl] done: {run_dir}")
     return 0

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -414,6 +415,16 @@ def preflight(cfg: Config) -> Config:
     return cfg
 
 
+class Stopped(BaseException):
+    """SIGTERM reached the driver (a scheduler's stop: Slurm's time-limit warning through
+    cluster/slurm.sbatch, a preemption). A BaseException, like KeyboardInterrupt, so that no
+    ``except Exception`` reports it as a training failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 def _scaling_workers(cfg: Config) -> int | tuple[int, int]:
     """``ScalingConfig.num_workers``: an int, or ``(min, max)`` for Ray Train V2 elastic training."""
     n = cfg.ray.num_workers
@@ -510,9 +521,38 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
     )
     watcher = RunWatcher(run_dir, cfg, resources=ray.cluster_resources)
     watcher.start()
+    # NOTE: set after ray.init, whose core worker installs a SIGTERM handler that dumps a stack trace
+    # and dies. This one unwinds like Ctrl-C instead: the finally below retracts the scrape targets
+    # and shuts down what this process started, and Ray ends the run's workers with the driver. It
+    # raises KeyboardInterrupt because that is what Ray's blocking get (inside trainer.fit) lets
+    # through; any other exception raised by a handler there is printed and dropped. Main thread
+    # only (Python's rule); the previous handler comes back when launch() returns.
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = (
+        signal.signal(signal.SIGTERM, on_sigterm)
+        if threading.current_thread() is threading.main_thread()
+        else False
+    )
     try:
         trainer.fit()
         recovered = failures_so_far()
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
+        from mlctl.checkpoint import CheckpointDir
+
+        newest = None if object_store else CheckpointDir(run_dir).latest(quiet=True)
+        where = (
+            f"from {newest}" if newest else "from its newest checkpoint" if object_store else "from the start"
+        )
+        stopped = Stopped(terminated[0])
+        print(f"[mlctl] run {name} stopped by {stopped}; the same command resumes it {where}", flush=True)
+        raise stopped from None
     except Exception as e:  # Ray wraps worker errors; say what a user needs to act on
         from mlctl.checkpoint import CheckpointDir
 
@@ -536,6 +576,8 @@ def launch(cfg: Config, *, num_cpus: int | None = None) -> Path:
         retract_service_discovery(run_dir)  # Prometheus stops scraping workers that are gone
         if started_here:
             ray.shutdown()
+        if previous is not False:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     print(f"[mlctl] run {name} finished; {recovered} worker failure(s) recovered", flush=True)
     return run_dir
 

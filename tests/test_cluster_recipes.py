@@ -23,6 +23,8 @@ def test_slurm_script_is_valid_bash_and_waits_for_nodes():
     text = (CLUSTER / "slurm.sbatch").read_text()
     directives = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
     assert "--requeue" in directives and any(d.startswith("--signal=B:USR1@") for d in directives)
+    # The trap stops the driver and every node's Ray before it requeues (tests/test_slurm_recipe.py runs it).
+    assert "trap requeue USR1" in text and "scontrol requeue" in text and "stop_ray" in text
     assert 'source "$VENV/bin/activate"' in text
     for flag in ("--num-cpus=", "--num-gpus=", "--node-ip-address=", "--temp-dir="):
         assert flag in text, flag

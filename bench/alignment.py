@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training/eval process")
     p.add_argument("--work", default=str(ROOT / "runs" / "alignment"), help="runs and prepared shards")
     p.add_argument("--out", default=None, help="JSON results (default WORK/results.json)")
-    p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of the sentence-transformers arms")
+    p.add_argument(
+        "--peer-lr", type=float, default=5e-5, help="learning rate of the sentence-transformers arms"
+    )
     p.add_argument("--label", default="", help="store a single arm's result under this name (factor runs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every mlctl arm (e.g. train.lr=3e-5)")
     args = p.parse_args(argv)

@@ -321,7 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"s{args.steps}-b{args.batch}-seed{args.seed}"
 
     def save() -> None:
-        out_json.write_text(json.dumps(results, indent=1))
+        # NOTE: arms of one bench often run as separate commands at the same time; each adds its
+        # own keys to what is on disk now, so one run's save never drops another's finished arm.
+        on_disk = json.loads(out_json.read_text()) if out_json.is_file() else {}
+        results.update({k: v for k, v in on_disk.items() if k not in results})
+        tmp = out_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**on_disk, **results}, indent=1))
+        tmp.replace(out_json)
 
     if "untrained" not in results:
         results["untrained"] = {"eval": evaluate(MODEL, paths, args.max_pairs, layers=[-1])}

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         on_disk = json.loads(out_json.read_text()) if out_json.is_file() else {}
         results.update({k: v for k, v in on_disk.items() if k not in results})
         tmp = out_json.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**on_disk, **results}, indent=1))
+        tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out_json)
 
     if "untrained" not in results:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def train_mlctl(cfg, steps: int):
+def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream"):
     import torch
 
     from mlctl.checkpoint import step_seed
@@ -49,13 +49,18 @@ def train_mlctl(cfg, steps: int):
         shuffle_buffer=cfg.data.shuffle_buffer,
         bucket_by_length=cfg.data.bucket_by_length,
         bucket_size=cfg.data.bucket_size,
+        similar_batches=cfg.data.similar_batches,
     )
     opt = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     model.train()
-    it = iter(loader)
+    it = (
+        iter(loader)
+        if pairs is None
+        else pair_batches(model, tok, pairs, cfg.data.batch_size, mode, cfg.data.seed)
+    )
     t0 = time.perf_counter()
     for step in range(steps):
         batch = next(it)
@@ -68,7 +73,7 @@ def train_mlctl(cfg, steps: int):
                 model.config.vocab_size, cfg.loss.mlm_probability, generator=gen,
             )  # fmt: skip
         out = model(batch["input_ids"], batch["attention_mask"], spans, mlm_ids, mlm_labels)
-        cl, _, _ = contrastive_terms(cfg, out, spans, 0, 1)
+        cl, _, _ = contrastive_terms(cfg, out, spans, 0, 1, source_ids=batch.get("source_ids"))
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros(())
         loss = cl + cfg.loss.mlm_weight * mlm
         opt.zero_grad()
@@ -82,6 +87,61 @@ def train_mlctl(cfg, steps: int):
     return model.eval(), tok, time.perf_counter() - t0
 
 
+def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str, seed: int):
+    """``pairs`` cut into batches: ``random`` (their seeded order), ``nn`` (each batch one pair and
+    its nearest unbatched neighbours by the starting encoder's English vectors: hard negatives) or
+    ``lex`` (mlctl.data.grouping on the English token ids, per pool of ``POOL`` pairs as the loader
+    groups its blocks)."""
+    import random
+
+    import torch
+
+    from mlctl.evaluate import encode_texts
+
+    n = len(pairs) // batch
+    order = list(range(n * batch))
+    if mode == "nn":
+        with torch.no_grad():
+            v = torch.nn.functional.normalize(encode_texts(model.eval(), tok, [p[0] for p in pairs]), dim=-1)
+        model.train()
+        free = torch.ones(len(pairs), dtype=torch.bool)
+        rnd = random.Random(seed)
+        groups = []
+        for _ in range(n):
+            left = free.nonzero().squeeze(1)
+            seed_row = int(left[rnd.randrange(len(left))])
+            sims = v[left] @ v[seed_row]
+            take = left[sims.topk(batch).indices]
+            free[take] = False
+            groups.append(take.tolist())
+        rnd.shuffle(groups)
+        order = [i for g in groups for i in g]
+    if mode == "lex":
+        import numpy as np
+
+        from mlctl.data.grouping import similar_batches
+
+        pool = int(os.environ.get("POOL", "2048"))
+        rows = [np.asarray(tok(p[0], add_special_tokens=False)["input_ids"]) for p in pairs]
+        order = []
+        for start in range(0, n * batch, pool):
+            rng = np.random.default_rng([seed, start])
+            part = list(range(start, min(start + pool, n * batch)))
+            groups = similar_batches([rows[i] for i in part], batch, rng)
+            groups = [groups[i] for i in rng.permutation(len(groups))]
+            order += [part[i] for g in groups for i in g]
+    for b in range(n):
+        chunk = [pairs[i] for i in order[b * batch : (b + 1) * batch]]
+        enc = tok(
+            [p[0] for p in chunk] + [p[1] for p in chunk],
+            padding=True, truncation=True, max_length=64, return_tensors="pt",
+        )  # fmt: skip
+        # Identical English sides are the same sentence, not a negative.
+        ids = {t: k for k, t in enumerate(dict.fromkeys(p[0].strip().lower() for p in chunk))}
+        sids = torch.tensor([ids[p[0].strip().lower()] for p in chunk], dtype=torch.int64)
+        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "source_ids": sids}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("name")
@@ -90,6 +150,12 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--max-pairs", type=int, default=300)
     p.add_argument("--langs", default="de,fr,es")
+    p.add_argument(
+        "--batches",
+        default="stream",
+        choices=["stream", "random", "nn", "lex"],
+        help="stream: the shard loader; random / nn: MNRL's pairs in random or nearest-neighbour batches",
+    )
     p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of NAME=mnrl")
     p.add_argument("--out", default=str(ROOT / "runs" / "factors.json"))
     args = p.parse_args()
@@ -125,7 +191,10 @@ def main() -> int:
         model, tok, _ = load_encoder(str(run), [-1])
     else:
         cfg = load_config(str(ROOT / "configs" / "proof.yaml"), [*base, *args.overrides])
-        model, tok, secs = train_mlctl(cfg, args.steps)
+        pairs = None
+        if args.batches != "stream":
+            pairs = alignment.shard_pairs(work / "shards-5000-keep-no-anchor", args.steps * args.batch, 0)
+        model, tok, secs = train_mlctl(cfg, args.steps, pairs, args.batches)
     rep = evaluate_files(model, tok, paths, progress=False, max_pairs=args.max_pairs)
     res = {
         "overrides": args.overrides,

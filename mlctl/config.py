@@ -67,6 +67,8 @@ class LossConfig:
     kind: Literal["cz_nce", "info_nce"] = "cz_nce"
     temperature: float = 0.07
     same_language_negatives: bool = True
+    # Additive margin (cosine units) taken off the positive's similarity; 0 is the paper's loss.
+    margin: float = 0.0
     mlm_weight: float = 0.1
     mlm_probability: float = 0.15
     # With model.word_level: loss = multilevel_weight * CL(MLP(s, w)) + sentence_weight * CL(s).
@@ -81,6 +83,8 @@ class LossConfig:
         for key in ("multilevel_weight", "sentence_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"loss.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.margin < 2:
+            raise ConfigError(f"loss.margin must be in [0, 2) (cosine units), got {self.margin}")
         if self.mlm_weight < 0:
             raise ConfigError(f"loss.mlm_weight must be >= 0, got {self.mlm_weight}")
         if not 0 <= self.mlm_probability < 1:
@@ -136,6 +140,9 @@ class DataConfig:
     # (bench/RESULTS.md); batches stay random in order and exact to resume.
     bucket_by_length: bool = True
     bucket_size: int = 0  # samples sorted together when bucketing; 0 means 8 batches
+    # Cut each shuffle block into batches of pairs whose source sides share words (hard in-batch
+    # negatives; mlctl.data.grouping). Replaces length bucketing; the block is shuffle_buffer pairs.
+    similar_batches: bool = False
     seed: int = 0
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
@@ -146,6 +153,11 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.similar_batches and self.bucket_by_length:
+            raise ConfigError(
+                "data.similar_batches and data.bucket_by_length both choose how a block is cut into "
+                "batches: set bucket_by_length: false to use similar_batches"
+            )
 
 
 @dataclass

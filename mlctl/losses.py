@@ -47,6 +47,7 @@ def _loss_rows(
     same_language_negatives: bool,
     sid_anchor: torch.Tensor | None = None,
     sid_cands: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> torch.Tensor:
     """Per-anchor loss for ``anchors`` [b, D] (global rows offset..offset+b) against the global
     same-language rows ``cands_same`` [n, D] and translations ``cands_other`` [n, D]; with source
@@ -56,6 +57,8 @@ def _loss_rows(
     sim_other = anchors @ cands_other.T / temperature  # [b, n]; the positive is column idx
     sim_same = anchors @ cands_same.T / temperature  # [b, n]; column idx is the anchor itself
     pos = sim_other.gather(1, idx[:, None]).squeeze(1)
+    # Additive margin: the positive must beat every negative by ``margin`` in cosine, not just tie.
+    pos_m = pos - margin / temperature if margin else pos
     rows = torch.arange(b, device=anchors.device)
     neg_inf = torch.finfo(sim_same.dtype).min
     sim_same = sim_same.clone()
@@ -71,7 +74,7 @@ def _loss_rows(
         sim_other = sim_other.masked_fill(same_src, neg_inf)
         sim_same = sim_same.masked_fill(same_src, neg_inf)
         has_neg = (~same_src).any(1)  # a cross-language negative survives (same-language ones too)
-    cz = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1) - pos
+    cz = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1) - pos_m
     if has_neg is not None:
         # NOTE: with every negative masked, logsumexp over finfo.min entries is a huge negative
         # number, not a loss; such an anchor has nothing to contrast, so it contributes 0.
@@ -95,6 +98,7 @@ def contrastive_loss(
     world_size: int = 1,
     group=None,
     source_ids: torch.Tensor | None = None,
+    margin: float = 0.0,
 ) -> torch.Tensor:
     """Symmetric contrastive loss of this rank's rows ``x``, ``y`` [b, D] (mean over its 2b anchors).
 
@@ -129,8 +133,9 @@ def contrastive_loss(
         if sid.shape[0] != x.shape[0]:
             raise ValueError(f"source_ids has {sid.shape[0]} entries for {x.shape[0]} pairs")
         gsid = all_gather_with_grad(sid, group) if world_size > 1 else sid  # ints: no gradient flows
-    lx = _loss_rows(xn, gx, gy, offset, temperature, cross_zero, same_language_negatives, sid, gsid)
-    ly = _loss_rows(yn, gy, gx, offset, temperature, cross_zero, same_language_negatives, sid, gsid)
+    common = (offset, temperature, cross_zero, same_language_negatives)
+    lx = _loss_rows(xn, gx, gy, *common, sid, gsid, margin)
+    ly = _loss_rows(yn, gy, gx, *common, sid, gsid, margin)
     return torch.cat([lx, ly]).mean()
 
 
@@ -220,6 +225,7 @@ def contrastive_terms(
         rank=rank,
         world_size=world_size,
         source_ids=source_ids,
+        margin=lc.margin,
     )
     b = out.sentence.shape[0] // 2
     s = out.sentence
@@ -235,6 +241,7 @@ def contrastive_terms(
             cl = cl + lc.multilevel_weight * contrastive_loss(f[:b], f[b:], lc.temperature, **kw)
     if lc.sentence_weight > 0:
         cl = cl + lc.sentence_weight * contrastive_loss(s[:b], s[b:], lc.temperature, **kw)
+
     # The accuracy figure follows what retrieval reads once a sentence term trains s.
     rows = s if lc.sentence_weight > 0 else f
     return cl, rows[:b], rows[b:]

@@ -11,8 +11,18 @@ import torch
 from mlctl.losses import contrastive_loss, cz_nce, info_nce
 
 
-def reference_loss(x, y, temperature: float, cross_zero: bool, same_language_negatives: bool = True) -> float:
-    """The method.md formulas, one anchor at a time, in float64 numpy (no shared code with losses.py)."""
+def reference_loss(
+    x,
+    y,
+    temperature: float,
+    cross_zero: bool,
+    same_language_negatives: bool = True,
+    margin: float = 0.0,
+) -> float:
+    """The method.md formulas, one anchor at a time, in float64 numpy (no shared code with losses.py).
+
+    ``margin`` is taken off the positive's cosine.
+    """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = x.shape[0]
@@ -23,7 +33,7 @@ def reference_loss(x, y, temperature: float, cross_zero: bool, same_language_neg
     total = 0.0
     for anchors, others in ((x, y), (y, x)):
         for i in range(n):
-            p = cos(anchors[i], others[i]) / temperature
+            p = (cos(anchors[i], others[i]) - margin) / temperature
             terms = [cos(anchors[i], others[j]) / temperature for j in range(n) if j != i]
             if same_language_negatives:
                 terms += [cos(anchors[i], anchors[j]) / temperature for j in range(n) if j != i]
@@ -138,3 +148,16 @@ def test_bad_shapes_and_batches_raise():
     # A world size without a process group would silently use the wrong rows.
     with pytest.raises(ValueError, match="initialised"):
         contrastive_loss(torch.randn(3, 4), torch.randn(3, 4), rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("cross_zero", [False, True], ids=["info_nce", "cz_nce"])
+@pytest.mark.parametrize("margin", [0.1, 0.3])
+def test_additive_margin_matches_reference(cross_zero, margin):
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    y = x + 0.5 * torch.randn(6, 8, generator=g, dtype=torch.float64)
+    got = contrastive_loss(x, y, 0.05, cross_zero=cross_zero, margin=margin).item()
+    want = reference_loss(x.numpy(), y.numpy(), 0.05, cross_zero, margin=margin)
+    assert _rel(got, want) < 1e-9
+    # The margin makes the task harder: a strictly larger loss than without it.
+    assert got > contrastive_loss(x, y, 0.05, cross_zero=cross_zero).item() + 1e-6

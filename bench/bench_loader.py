@@ -17,17 +17,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def loader_rate(shards: Path, batch: int, workers: int, batches: int, similar: bool = False) -> float:
+def loader_rate(shards: Path, batch: int, workers: int, batches: int) -> float:
     from mlctl.data.dataset import ShardLoader
 
-    # similar_batches groups each block of shuffle_buffer pairs (the proof config's 2,048).
-    lo = ShardLoader(
-        shards,
-        batch_size=batch,
-        num_workers=workers,
-        shuffle_buffer=2048 if similar else 1000,
-        similar_batches=similar,
-    )
+    lo = ShardLoader(shards, batch_size=batch, num_workers=workers, shuffle_buffer=1000)
     it = iter(lo)
     for _ in range(max(2, workers * 2)):  # start-up (worker processes, first blocks) is not throughput
         next(it)
@@ -90,17 +83,14 @@ def main() -> None:
 
     one = loader_rate(shards, args.batch, 0, args.batches)
     two = loader_rate(shards, args.batch, 2, args.batches)
-    similar = loader_rate(shards, args.batch, 0, args.batches, similar=True)
     consume = train_rate(shards, args.batch, args.steps, args.model)
     print(f"cores: {os.cpu_count()}, shards: {shards}, batch {args.batch}")
     print(f"loader, 1 worker (in-process)      : {one:10,.0f} samples/s")
     print(f"loader, 2 worker processes (total) : {two:10,.0f} samples/s  ({two / 2:,.0f} per worker)")
-    print(f"loader, similar batches, 1 worker  : {similar:10,.0f} samples/s  ({similar / one:.2f}x of plain)")
     print(
         f"training worker consumes (1 thread): {consume:10,.1f} samples/s  (MiniLM step, batch {args.batch})"
     )
     print(f"ratio loader worker / training worker: {one / consume:,.0f}x  (target >= 20x)")
-    print(f"ratio with similar batches            : {similar / consume:,.0f}x  (target >= 20x)")
 
 
 if __name__ == "__main__":

@@ -140,9 +140,6 @@ class DataConfig:
     # (bench/RESULTS.md); batches stay random in order and exact to resume.
     bucket_by_length: bool = True
     bucket_size: int = 0  # samples sorted together when bucketing; 0 means 8 batches
-    # Cut each shuffle block into batches of pairs whose source sides share words (hard in-batch
-    # negatives; mlctl.data.grouping). Replaces length bucketing; the block is shuffle_buffer pairs.
-    similar_batches: bool = False
     seed: int = 0
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
@@ -153,11 +150,6 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
-        if self.similar_batches and self.bucket_by_length:
-            raise ConfigError(
-                "data.similar_batches and data.bucket_by_length both choose how a block is cut into "
-                "batches: set bucket_by_length: false to use similar_batches"
-            )
 
 
 @dataclass

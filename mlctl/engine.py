@@ -191,7 +191,6 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer,
             bucket_by_length=cfg.data.bucket_by_length,
             bucket_size=cfg.data.bucket_size,
-            similar_batches=cfg.data.similar_batches,
             expected_tokenizer_hash=self.tokenizer_hash,
         )
         self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")

@@ -148,11 +148,6 @@ def test_value_checks_name_the_key():
         load_config(overrides=["loss.temperature=0"])
     with pytest.raises(ConfigError, match=r"loss\.margin must be in \[0, 2\)"):
         load_config(overrides=["loss.margin=-0.1"])
-    # Two ways of cutting a block into batches: choosing both is an error, not a silent pick.
-    with pytest.raises(ConfigError, match=r"set bucket_by_length: false to use similar_batches"):
-        load_config(overrides=["data.similar_batches=true", "data.bucket_by_length=true"])
-    cfg = load_config(overrides=["data.similar_batches=true", "data.bucket_by_length=false"])
-    assert cfg.data.similar_batches and not cfg.data.bucket_by_length
 
 
 @pytest.mark.parametrize(

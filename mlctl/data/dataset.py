@@ -28,9 +28,6 @@ Partition design
   bucket size when bucketing). Within a block the samples are permuted with ``rng(seed, e, c, block)``;
   with bucketing, each bucket of the permuted block is sorted by length, cut into batches and the
   block's batches are shuffled. A block is a pure function of (seed, epoch, consumer, block index).
-* With ``similar_batches`` a block is cut into batches of lexically similar pairs instead
-  (:mod:`mlctl.data.grouping`: greedy groups by idf-weighted token overlap of the source side, from
-  the block's permutation), and the batches are shuffled; still a pure function of the block.
 * One anchor per pair per epoch: a hash of (seed, epoch, pair id) picks it (:func:`draw_anchor`).
 * State = (epoch, batches this rank has yielded in the epoch). Restoring it re-opens the one shard
   that holds the start of the current block, skips within it, rebuilds the block and drops the
@@ -57,7 +54,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mlctl.data.collate import collate
-from mlctl.data.grouping import similar_batches
 from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
 
 log = logging.getLogger(__name__)
@@ -98,10 +94,8 @@ class _Plan:
         bucket_size: int,
         pad_id: int,
         checks: dict[str, tuple[int | None, str | None]] | None = None,
-        similar_batches: bool = False,
     ) -> None:
-        self.checks = checks or {}
-        self.similar = similar_batches  # shard name -> (bytes, sha256) from the manifest
+        self.checks = checks or {}  # shard name -> (bytes, sha256) from the manifest
         self.root, self.shards, self.b, self.consumers, self.seed = root, shards, batch_size, consumers, seed
         self.pad_id = pad_id
         self.total = sum(n for _, n in shards)
@@ -218,9 +212,6 @@ def _block_batches(
         records = records + [records[i % len(records)] for i in range(want - len(records))]
     rng = np.random.default_rng([plan.seed, epoch, consumer, block])
     recs = [records[i] for i in rng.permutation(len(records))]
-    if plan.similar:
-        groups = similar_batches([r["src"] for r in recs], plan.b, rng)
-        return [[recs[i] for i in groups[j]] for j in rng.permutation(len(groups))]
     if plan.bucket:
         batches: list[list[dict]] = []
         for s in range(0, len(recs), plan.bucket):
@@ -300,7 +291,6 @@ class ShardLoader:
         shuffle_buffer: int = 1000,
         bucket_by_length: bool = False,
         bucket_size: int = 0,
-        similar_batches: bool = False,
         expected_tokenizer_hash: str | None = None,
     ) -> None:
         self.root = Path(shards_dir)
@@ -339,7 +329,6 @@ class ShardLoader:
             bucket_size,
             int(tok.get("pad_id", 0)),
             {name: (size, sha) for name, _, size, sha in valid},
-            similar_batches,
         )
         if self.plan.nb == 0:
             raise ValueError(

@@ -215,6 +215,9 @@ def main() -> int:
         choices=["stream", "random", "nn", "lex"],
         help="stream: the shard loader; random / nn: MNRL's pairs in random or nearest-neighbour batches",
     )
+    p.add_argument(
+        "--pairs-seed", type=int, default=0, help="which seeded sample of pairs random/nn/lex/mnrl train"
+    )
     p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of NAME=mnrl")
     p.add_argument("--out", default=str(ROOT / "runs" / "factors.json"))
     args = p.parse_args()
@@ -242,8 +245,10 @@ def main() -> int:
         model, tok, _ = load_encoder(cfg.model.name_or_path, cfg.model.pool_layers)
         secs = 0.0
     elif args.name == "mnrl":
-        pairs = alignment.shard_pairs(work / "shards-5000-keep-no-anchor", args.steps * args.batch, 0)
-        run = work / f"factor-mnrl-s{args.steps}-lr{args.peer_lr:g}"
+        pairs = alignment.shard_pairs(
+            work / "shards-5000-keep-no-anchor", args.steps * args.batch, args.pairs_seed
+        )
+        run = work / f"factor-mnrl-s{args.steps}-lr{args.peer_lr:g}-p{args.pairs_seed}"
         secs = alignment.train_peer("mnrl", pairs, args.batch, run, 0, args.peer_lr)
         from mlctl.evaluate import load_encoder
 
@@ -252,7 +257,9 @@ def main() -> int:
         cfg = load_config(str(ROOT / "configs" / "proof.yaml"), [*base, *args.overrides])
         pairs = None
         if args.batches != "stream":
-            pairs = alignment.shard_pairs(work / "shards-5000-keep-no-anchor", args.steps * args.batch, 0)
+            pairs = alignment.shard_pairs(
+                work / "shards-5000-keep-no-anchor", args.steps * args.batch, args.pairs_seed
+            )
         model, tok, secs = train_mlctl(cfg, args.steps, pairs, args.batches)
     rep = evaluate_files(model, tok, paths, progress=False, max_pairs=args.max_pairs)
     res = {

@@ -2,7 +2,8 @@
 
 For ``n`` pairs (x_i, y_i), the anchor x_i has the positive sim(x_i, y_i) and the negatives
 sim(x_i, y_j) and, unless switched off, sim(x_i, x_j), j != i (2n - 2 in all); y_i likewise.
-sim is cosine / temperature.
+sim is cosine / temperature. An additive margin m (``margin``, LaBSE's additive-margin softmax)
+scores the positive as (cosine - m) / temperature; 0 is the paper's loss.
 
 Source ids (optional, int64 [n]): pairs that share one are translations of the same source sentence
 (a multiway corpus gives every translation of an English line the same id). For an anchor, every

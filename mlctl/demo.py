@@ -125,8 +125,12 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
         manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
     counts = manifest.get("counts", {})
     dropped = sorted((counts.get("dropped") or {}).items(), key=lambda kv: -kv[1])
+    # Readers skip some entries before they become pairs (po plural forms, untranslated strings), so
+    # kept + skipped adds up to the entries in the input, not to the pairs read.
+    entries = int(counts.get("kept", 0)) + sum(n for _, n in dropped)
     print(
-        f"[demo] shards: {counts.get('kept')} pairs kept of {counts.get('read')} read; skipped: "
+        f"[demo] shards: {counts.get('kept')} pairs kept of {entries} input entries "
+        f"({counts.get('read')} read as pairs); skipped: "
         + (", ".join(f"{reason} {n}" for reason, n in dropped) or "none"),
         flush=True,
     )

@@ -1,6 +1,7 @@
 """Factor study: which part of the ML-CTL recipe costs retrieval accuracy, one factor at a time.
 
     python bench/factors.py NAME [key=value ...] [--steps 30] [--batch 64] [--max-pairs 300]
+        [--batches stream|random|nn|lex] [--pairs-seed 0]
 
 Trains ``configs/paper-proof`` settings (``configs/paper.yaml``'s method on the proof data, see
 bench/alignment.py) with the given overrides, in a thin single-process loop over mlctl's own
@@ -10,6 +11,8 @@ pieces: :class:`~mlctl.model.MLCTLModel`, :func:`mlctl.model.mask_tokens`, the l
 is DeepSpeed and the process group, which do not change the arithmetic on one process (fp32,
 ZeRO-1 on one rank is plain AdamW) but cost a minute of start-up per run on this machine.
 ``NAME=mnrl`` trains sentence-transformers' MultipleNegativesRankingLoss on the same pairs instead.
+``--batches`` other than ``stream`` trains MNRL's own seeded sample of pairs (``--pairs-seed``) in
+batches cut three ways (see :func:`pair_batches`) instead of the shard loader's stream.
 Results go to ``runs/factors.json`` under NAME, evaluated with :mod:`mlctl.evaluate`.
 """
 
@@ -32,8 +35,6 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream"):
-    import torch
-
     from mlctl.checkpoint import step_seed
     from mlctl.data.dataset import ShardLoader
     from mlctl.engine import lr_lambda, param_groups
@@ -157,8 +158,6 @@ def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str
     ``lex`` (:func:`similar_batches` on the English token ids, per pool of ``POOL`` pairs)."""
     import random
 
-    import torch
-
     from mlctl.evaluate import encode_texts
 
     n = len(pairs) // batch
@@ -223,7 +222,6 @@ def main() -> int:
     args = p.parse_args()
 
     import alignment
-    import torch
 
     from mlctl.config import load_config
     from mlctl.evaluate import evaluate_files

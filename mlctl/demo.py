@@ -127,7 +127,7 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     dropped = sorted((counts.get("dropped") or {}).items(), key=lambda kv: -kv[1])
     # Readers skip some entries before they become pairs (po plural forms, untranslated strings), so
     # kept + skipped adds up to the entries in the input, not to the pairs read.
-    entries = int(counts.get("kept", 0)) + sum(n for _, n in dropped)
+    entries = int(counts.get("kept", 0)) + int(counts.get("dropped_total", 0))
     print(
         f"[demo] shards: {counts.get('kept')} pairs kept of {entries} input entries "
         f"({counts.get('read')} read as pairs); skipped: "

@@ -242,7 +242,6 @@ def contrastive_terms(
             cl = cl + lc.multilevel_weight * contrastive_loss(f[:b], f[b:], lc.temperature, **kw)
     if lc.sentence_weight > 0:
         cl = cl + lc.sentence_weight * contrastive_loss(s[:b], s[b:], lc.temperature, **kw)
-
     # The accuracy figure follows what retrieval reads once a sentence term trains s.
     rows = s if lc.sentence_weight > 0 else f
     return cl, rows[:b], rows[b:]

@@ -8,11 +8,10 @@ reference), on one process and on a real 2-rank gloo group.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import exit_rank, free_port
 
 from mlctl.config import load_config
 from mlctl.losses import contrastive_loss, contrastive_terms
@@ -81,12 +80,6 @@ def test_sentence_level_only():
     assert torch.equal(got, contrastive_loss(s[:B], s[B:], 0.07))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(rank: int, world_size: int, port: int, out: dict) -> None:
     import torch.distributed as dist
 
@@ -102,8 +95,10 @@ def _worker(rank: int, world_size: int, port: int, out: dict) -> None:
         # What the data-parallel step does to parameter gradients: mean over ranks.
         grads = [ls.grad / world_size, lf.grad / world_size]
         out[rank] = (float(loss), [g.clone() for g in grads], rows)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.slow
@@ -114,7 +109,7 @@ def test_two_ranks_equal_one_process():
     want.backward()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
         results = dict(out)
     # mean over ranks of each rank's loss = the global loss (the sentence term's gathered form);
     # the anchored term is computed whole on each rank, so its mean is itself.

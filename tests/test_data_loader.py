@@ -457,18 +457,17 @@ def _gloo_worker(rank: int, port: int, shards: str, out_dir: str, workers: int) 
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
+    from ranks import exit_rank
+
+    exit_rank()
 
 
 def _spawn_gloo(shards: Path, out: Path, workers: int = 0) -> list[dict]:
-    import socket
-
     import torch.multiprocessing as mp
+    from ranks import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out.mkdir()
-    mp.spawn(_gloo_worker, args=(port, str(shards), str(out), workers), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), str(shards), str(out), workers), nprocs=2, join=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 

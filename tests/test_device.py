@@ -5,20 +5,14 @@ does on a GPU node, made visible on a CPU machine. Also the device choice itself
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import exit_rank, free_port
 
 from mlctl.distributed import training_device
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, model: str, shards: str, run_dir: str, out: str) -> None:
@@ -64,7 +58,9 @@ def _worker(rank: int, world: int, port: int, model: str, shards: str, run_dir: 
     finally:
         trainer.loader.close()
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.slow
@@ -74,7 +70,7 @@ def test_step_collectives_stay_on_the_engine_device(world, tmp_path, tiny_model_
         _worker,
         args=(
             world,
-            _free_port(),
+            free_port(),
             str(tiny_model_dir),
             str(tiny_shards),
             str(tmp_path / "run"),
@@ -106,7 +102,7 @@ def test_strict_device_rejects_what_nccl_would(tmp_path):
 
     from mlctl.distributed import all_reduce_mean
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         with StrictDevice("cpu"):
             assert torch.equal(all_reduce_mean(torch.ones(2)), torch.ones(2))  # on the device: fine

@@ -11,25 +11,19 @@ Each check also asserts that a gradient N times too large or too small would fai
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import exit_rank, free_port
 
 from mlctl.distributed import all_gather_with_grad, all_reduce_mean
 from mlctl.losses import cz_nce, info_nce
 
 B, D, D_IN, TEMP = 3, 8, 5, 0.1
 LOSSES = {"info_nce": info_nce, "cz_nce": cz_nce}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _global_data(world_size: int, dtype=torch.float64) -> dict[str, torch.Tensor]:
@@ -87,12 +81,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                     grads.append(p.grad / world_size)
                 res[f"{name}/model/{dtype}"] = (loss.detach(), grads)
         torch.save(res, Path(out_dir) / f"rank{rank}.pt")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 def _run(world_size: int, out_dir: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world_size, _free_port(), str(out_dir)), nprocs=world_size, join=True)
+    mp.spawn(_worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=True)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
 
 

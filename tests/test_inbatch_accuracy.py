@@ -3,12 +3,11 @@ hand, and gathered over a real gloo group against the single-process figure on t
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import exit_rank, free_port
 
 from mlctl.losses import inbatch_accuracy
 
@@ -45,16 +44,18 @@ def _worker(rank: int, world_size: int, port: int, q) -> None:
         x, y = _batch(world_size * B)
         rows = slice(rank * B, (rank + 1) * B)
         q.put((rank, float(inbatch_accuracy(x[rows], y[rows], rank=rank, world_size=world_size))))
+        q.close()
+        q.join_thread()  # the put is sent by a feeder thread that exit_rank would not wait for
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.slow
 def test_mean_over_ranks_is_the_global_batch_accuracy():
     world_size = 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, q)) for r in range(world_size)]

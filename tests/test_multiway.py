@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import exit_rank, free_port
 
 from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.clean import normalize
@@ -131,16 +131,15 @@ def _gloo_worker(rank: int, port: int, out_dir: str, tmp: str) -> None:
         loss.backward()
         res = {"loss": loss.item(), "gx": xr.grad.tolist(), "gy": yr.grad.tolist()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()
 
 
 @pytest.mark.slow
 def test_gathered_two_ranks_equal_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_worker, args=(port, str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     x, y, sids = _fixture_batch(tmp_path / "single")
     x.requires_grad_(True)

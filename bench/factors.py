@@ -236,6 +236,12 @@ def main() -> int:
         f"train.warmup_steps={max(1, args.steps // 5)}",
         f"data.batch_size={args.batch}",
     ]
+
+    def pair_sample() -> list[tuple[str, str]]:  # MNRL's seeded sample, also what random/nn/lex cut
+        return alignment.shard_pairs(
+            work / "shards-5000-keep-no-anchor", args.steps * args.batch, args.pairs_seed
+        )
+
     if args.name.startswith("untrained"):
         from mlctl.evaluate import load_encoder
 
@@ -243,9 +249,7 @@ def main() -> int:
         model, tok, _ = load_encoder(cfg.model.name_or_path, cfg.model.pool_layers)
         secs = 0.0
     elif args.name == "mnrl":
-        pairs = alignment.shard_pairs(
-            work / "shards-5000-keep-no-anchor", args.steps * args.batch, args.pairs_seed
-        )
+        pairs = pair_sample()
         run = work / f"factor-mnrl-s{args.steps}-lr{args.peer_lr:g}-p{args.pairs_seed}"
         secs = alignment.train_peer("mnrl", pairs, args.batch, run, 0, args.peer_lr)
         from mlctl.evaluate import load_encoder
@@ -253,11 +257,7 @@ def main() -> int:
         model, tok, _ = load_encoder(str(run), [-1])
     else:
         cfg = load_config(str(ROOT / "configs" / "proof.yaml"), [*base, *args.overrides])
-        pairs = None
-        if args.batches != "stream":
-            pairs = alignment.shard_pairs(
-                work / "shards-5000-keep-no-anchor", args.steps * args.batch, args.pairs_seed
-            )
+        pairs = None if args.batches == "stream" else pair_sample()
         model, tok, secs = train_mlctl(cfg, args.steps, pairs, args.batches)
     rep = evaluate_files(model, tok, paths, progress=False, max_pairs=args.max_pairs)
     res = {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import exit_rank, free_port
 
 from mlctl.data.dataset import ShardLoader
 from mlctl.data.shards import ShardWriter, split_member
@@ -457,14 +458,11 @@ def _gloo_worker(rank: int, port: int, shards: str, out_dir: str, workers: int) 
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
     finally:
         dist.destroy_process_group()
-    from ranks import exit_rank
-
     exit_rank()
 
 
 def _spawn_gloo(shards: Path, out: Path, workers: int = 0) -> list[dict]:
     import torch.multiprocessing as mp
-    from ranks import free_port
 
     out.mkdir()
     mp.spawn(_gloo_worker, args=(free_port(), str(shards), str(out), workers), nprocs=2, join=True)

@@ -58,8 +58,8 @@ def _worker(rank: int, world: int, port: int, model: str, shards: str, run_dir: 
     finally:
         trainer.loader.close()
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
     exit_rank()
 
 

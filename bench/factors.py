@@ -54,6 +54,8 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream"):
         shuffle_buffer=cfg.data.shuffle_buffer,
         bucket_by_length=cfg.data.bucket_by_length,
         bucket_size=cfg.data.bucket_size,
+        code_switch=cfg.data.code_switch,
+        switch_anchors=not cfg.model.word_level,
     )
     opt = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=True
@@ -152,6 +154,37 @@ def similar_batches(
     return groups
 
 
+def usual_words(langs: Sequence[str]) -> dict[str, list[str]]:
+    """English word -> its translations in ``langs`` from the paper's mlctl-usual-words lists."""
+    import alignment
+
+    folder = alignment.DATA / "dict" / "mlctl-usual-words"
+    en = (folder / "en.txt").read_text(encoding="utf-8").splitlines()
+    cols = [(folder / f"{lg}.txt").read_text(encoding="utf-8").splitlines() for lg in langs]
+    table: dict[str, list[str]] = {}
+    for i, w in enumerate(en):
+        outs = [c[i].strip() for c in cols if c[i].strip()]
+        if w.strip() and outs:
+            table.setdefault(w.strip().lower(), []).extend(outs)
+    return table
+
+
+def code_switch(text: str, table: dict[str, list[str]], p: float, rnd) -> str:
+    """``text`` with each word found in ``table`` replaced, with probability ``p``, by one of its
+    translations (CoSDA-ML style code-switching)."""
+    import re
+
+    def swap(m):
+        outs = table.get(m.group(0).lower())
+        return rnd.choice(outs) if outs and rnd.random() < p else m.group(0)
+
+    return re.sub(r"[A-Za-z]+", swap, text)
+
+
+CS_TABLE: dict[str, list[str]] = {}
+CS_P = 0.0
+
+
 def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str, seed: int):
     """``pairs`` cut into batches: ``random`` (their seeded order), ``nn`` (each batch one pair and
     its nearest unbatched neighbours by the starting encoder's English vectors: hard negatives) or
@@ -188,10 +221,12 @@ def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str
             groups = similar_batches([rows[i] for i in part], batch, rng)
             groups = [groups[i] for i in rng.permutation(len(groups))]
             order += [part[i] for g in groups for i in g]
+    cs_rnd = random.Random(seed + 7)
     for b in range(n):
         chunk = [pairs[i] for i in order[b * batch : (b + 1) * batch]]
+        srcs = [code_switch(p[0], CS_TABLE, CS_P, cs_rnd) if CS_P > 0 else p[0] for p in chunk]
         enc = tok(
-            [p[0] for p in chunk] + [p[1] for p in chunk],
+            srcs + [p[1] for p in chunk],
             padding=True, truncation=True, max_length=64, return_tensors="pt",
         )  # fmt: skip
         # Identical English sides are the same sentence, not a negative.
@@ -217,6 +252,8 @@ def main() -> int:
     p.add_argument(
         "--pairs-seed", type=int, default=0, help="which seeded sample of pairs random/nn/lex/mnrl train"
     )
+    p.add_argument("--code-switch", type=float, default=0.0, help="prototype: word swap probability")
+    p.add_argument("--cs-langs", default="ar,es,fr,ru,zh")
     p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of NAME=mnrl")
     p.add_argument("--out", default=str(ROOT / "runs" / "factors.json"))
     args = p.parse_args()
@@ -226,6 +263,9 @@ def main() -> int:
     from mlctl.config import load_config
     from mlctl.evaluate import evaluate_files
 
+    global CS_TABLE, CS_P
+    if args.code_switch > 0:
+        CS_TABLE, CS_P = usual_words(args.cs_langs.split(",")), args.code_switch
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = ROOT / "runs" / "alignment"
     paths = [str(alignment.DATA / "dev" / f"{lg}.tsv.gz") for lg in args.langs.split(",")]

@@ -107,6 +107,8 @@ class PrepareConfig:
     src_lang: str = "en"
     tgt_lang: str = ""
     dictionaries: list[str] = field(default_factory=list)
+    # [SRC-]TGT=PATH dictionaries listing the source words the loader may code-switch (mlctl.data.switch)
+    code_switch: list[str] = field(default_factory=list)
     out: str = ""
     samples_per_shard: int = 10000
     max_tokens: int = 128
@@ -141,6 +143,9 @@ class DataConfig:
     bucket_by_length: bool = True
     bucket_size: int = 0  # samples sorted together when bucketing; 0 means 8 batches
     seed: int = 0
+    # Probability that a source word listed by prepare's code_switch dictionaries is replaced by a
+    # translation (0: off). Needs shards prepared with data.prepare.code_switch.
+    code_switch: float = 0.0
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
 
     def __post_init__(self) -> None:
@@ -150,6 +155,8 @@ class DataConfig:
             )
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.code_switch <= 1.0:
+            raise ConfigError(f"data.code_switch is a probability in [0, 1], got {self.code_switch}")
 
 
 @dataclass

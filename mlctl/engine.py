@@ -192,6 +192,8 @@ class Trainer:
             bucket_by_length=cfg.data.bucket_by_length,
             bucket_size=cfg.data.bucket_size,
             expected_tokenizer_hash=self.tokenizer_hash,
+            code_switch=cfg.data.code_switch,
+            switch_anchors=not cfg.model.word_level,  # no word-level term reads the anchor spans
         )
         self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
 

@@ -8,6 +8,8 @@ import hashlib
 import numpy as np
 import torch
 
+from mlctl.data.switch import apply_switch, switch_rng
+
 
 def draw_anchor(anchors: list, seed: int, epoch: int, pair_id: str) -> int:
     """Index of this epoch's anchor: a hash of (seed, epoch, pair id), so it does not depend on which
@@ -27,25 +29,52 @@ def source_id_int(meta: dict) -> int:
     return int.from_bytes(bytes.fromhex(sid), "big", signed=True)
 
 
-def collate(samples: list[dict], pad_id: int, seed: int, epoch: int) -> dict:
-    """Batch of B records -> the dict the engine consumes (see :class:`~mlctl.data.dataset.ShardLoader`)."""
+def collate(
+    samples: list[dict],
+    pad_id: int,
+    seed: int,
+    epoch: int,
+    switch: float = 0.0,
+    max_tokens: int = 512,
+    keep_anchor: bool = True,
+) -> dict:
+    """Batch of B records -> the dict the engine consumes (see :class:`~mlctl.data.dataset.ShardLoader`).
+    With ``switch`` > 0, source words the record lists under ``switch`` are code-switched
+    (:mod:`mlctl.data.switch`), never growing a row past ``max_tokens`` and, with ``keep_anchor``, never
+    the drawn anchor; without it (no word-level term reads the spans) the anchor word may be switched
+    too, and a switched row's span is its whole side."""
     b = len(samples)
-    rows = [s["src"] for s in samples] + [s["tgt"] for s in samples]
+    srcs = []
+    spans = np.zeros((2 * b, 2), dtype=np.int64)
+    switched = 0
+    for i, s in enumerate(samples):
+        meta, src = s["meta"], s["src"]
+        anchors = meta["anchors"]
+        a = anchors[draw_anchor(anchors, seed, epoch, meta["id"])] if anchors else None
+        keep = tuple(a["src_span"]) if a is not None else None
+        if switch > 0 and meta.get("switch"):
+            rng = switch_rng(seed, epoch, meta["id"])
+            src, k, shift = apply_switch(
+                src, meta["switch"], switch, rng, keep if keep_anchor else None, max_tokens
+            )
+            switched += k
+            if k and not keep_anchor:
+                a = None
+            elif keep is not None:
+                keep = (keep[0] + shift, keep[1] + shift)
+        srcs.append(src)
+        if a is not None:
+            spans[i], spans[b + i] = keep, a["tgt_span"]
+        else:  # prepared with keep_no_anchor (or switched, unprotected): the "word" is the whole side
+            spans[i] = (0, len(src) - 1)
+            spans[b + i] = (0, len(s["tgt"]) - 1)
+    rows = srcs + [s["tgt"] for s in samples]
     t = max(len(r) for r in rows)
     ids = np.full((2 * b, t), pad_id, dtype=np.int64)
     mask = np.zeros((2 * b, t), dtype=np.int64)
-    spans = np.zeros((2 * b, 2), dtype=np.int64)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
-    for i, s in enumerate(samples):
-        anchors = s["meta"]["anchors"]
-        if anchors:
-            a = anchors[draw_anchor(anchors, seed, epoch, s["meta"]["id"])]
-            spans[i], spans[b + i] = a["src_span"], a["tgt_span"]
-        else:  # prepared with keep_no_anchor: the "word" is the whole side
-            spans[i] = (0, len(s["src"]) - 1)
-            spans[b + i] = (0, len(s["tgt"]) - 1)
     return {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
@@ -56,4 +85,5 @@ def collate(samples: list[dict], pad_id: int, seed: int, epoch: int) -> dict:
         "langs": [f"{s['meta']['src_lang']}-{s['meta']['tgt_lang']}" for s in samples],
         "epoch": epoch,
         "num_tokens": int(mask.sum()),
+        "switched_words": switched,
     }

@@ -29,6 +29,7 @@ Partition design
   with bucketing, each bucket of the permuted block is sorted by length, cut into batches and the
   block's batches are shuffled. A block is a pure function of (seed, epoch, consumer, block index).
 * One anchor per pair per epoch: a hash of (seed, epoch, pair id) picks it (:func:`draw_anchor`).
+  Code-switching (``code_switch`` > 0, :mod:`mlctl.data.switch`) draws from the same kind of hash.
 * State = (epoch, batches this rank has yielded in the epoch). Restoring it re-opens the one shard
   that holds the start of the current block, skips within it, rebuilds the block and drops the
   batches already yielded: the cost is bounded by one shard plus one block, whatever came before.
@@ -94,8 +95,13 @@ class _Plan:
         bucket_size: int,
         pad_id: int,
         checks: dict[str, tuple[int | None, str | None]] | None = None,
+        switch: float = 0.0,
+        max_tokens: int = 512,
+        keep_anchor: bool = True,
     ) -> None:
         self.checks = checks or {}  # shard name -> (bytes, sha256) from the manifest
+        # code-switching (mlctl.data.switch)
+        self.switch, self.max_tokens, self.keep_anchor = switch, max_tokens, keep_anchor
         self.root, self.shards, self.b, self.consumers, self.seed = root, shards, batch_size, consumers, seed
         self.pad_id = pad_id
         self.total = sum(n for _, n in shards)
@@ -234,7 +240,9 @@ def consumer_batches(plan: _Plan, consumer: int, epoch: int, start_batch: int, s
             want = min(plan.block, plan.nb * plan.b - bl * plan.block)
             batches = _block_batches(plan, epoch, consumer, bl, reader.take(want))
             for batch in batches[skip_in_block:]:
-                out = collate(batch, plan.pad_id, plan.seed, epoch)
+                out = collate(
+                    batch, plan.pad_id, plan.seed, epoch, plan.switch, plan.max_tokens, plan.keep_anchor
+                )
                 out["_skipped"] = dict(skipped)  # read-time skips travel with the batch out of workers
                 yield out
             skip_in_block = 0
@@ -277,7 +285,10 @@ class ShardLoader:
 
     ``iter(loader)`` yields dicts with ``input_ids``/``attention_mask`` ``[2B, T]`` (source rows then
     target rows), ``spans`` ``[2B, 2]``, ``pair_ids``, ``source_ids`` ``[B]`` (int64 source-sentence
-    ids), ``langs``, ``epoch``, ``num_tokens``."""
+    ids), ``langs``, ``epoch``, ``num_tokens``, ``switched_words``.
+
+    ``code_switch`` > 0 swaps source words for translations (:mod:`mlctl.data.switch`); the drawn
+    anchor is kept unless ``switch_anchors`` (for a recipe without the word-level term)."""
 
     def __init__(
         self,
@@ -292,6 +303,8 @@ class ShardLoader:
         bucket_by_length: bool = False,
         bucket_size: int = 0,
         expected_tokenizer_hash: str | None = None,
+        code_switch: float = 0.0,
+        switch_anchors: bool = False,
     ) -> None:
         self.root = Path(shards_dir)
         mpath = self.root / "manifest.json"
@@ -313,6 +326,14 @@ class ShardLoader:
                 f"bad loader settings: batch_size={batch_size}, rank={rank}, "
                 f"world_size={world_size}, num_workers={num_workers}"
             )
+        if not 0.0 <= code_switch <= 1.0:
+            raise ValueError(f"code_switch is a probability in [0, 1], got {code_switch}")
+        if code_switch > 0 and not self.manifest.get("code_switch"):
+            raise ValueError(
+                f"code_switch={code_switch} but the shards in {self.root} were prepared without "
+                "code-switch dictionaries: re-run `mlctl prepare` with data.prepare.code_switch "
+                "(--code-switch TGT=PATH), or set data.code_switch: 0"
+            )
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers, self.seed = num_workers, seed
         self.skipped: dict[str, int] = {}
@@ -329,6 +350,9 @@ class ShardLoader:
             bucket_size,
             int(tok.get("pad_id", 0)),
             {name: (size, sha) for name, _, size, sha in valid},
+            code_switch,
+            int(self.manifest.get("max_tokens") or 512),
+            not switch_anchors,
         )
         if self.plan.nb == 0:
             raise ValueError(

@@ -17,6 +17,10 @@ Several language pairs in one run: give each input its languages (``PATH:FORMAT:
 ``PrepareInput.src_lang/tgt_lang`` in a config) and each pair its dictionary (``--dictionary
 de=PATH`` or ``--dictionary en-de=PATH``); a bare ``--dictionary PATH`` is for ``--src-lang`` -
 ``--tgt-lang``. A dictionary given as a folder is the paper's word-list format.
+
+Code-switching (``--code-switch TGT=PATH``, repeatable): dictionaries from the source language into
+other languages, used only to list, per record, the source words the loader may swap for a
+translation (:mod:`mlctl.data.switch`); they never make anchors.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from mlctl.data.readers import (
     read_input,
 )
 from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
+from mlctl.data.switch import switch_candidates
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +98,14 @@ def parse_dictionary_spec(spec: str, src_lang: str, tgt_lang: str) -> tuple[str,
 _W: dict = {}  # per-process state, filled by _init_worker (inherited through fork when workers > 1)
 
 
-def _init_worker(tokenizer: str, dicts: dict, max_tokens: int, truncate: bool, keep_no_anchor: bool) -> None:
+def _init_worker(
+    tokenizer: str,
+    dicts: dict,
+    max_tokens: int,
+    truncate: bool,
+    keep_no_anchor: bool,
+    switch: dict | None = None,
+) -> None:
     from tokenizers import Tokenizer
 
     from mlctl.hub import load_tokenizer
@@ -103,8 +115,18 @@ def _init_worker(tokenizer: str, dicts: dict, max_tokens: int, truncate: bool, k
     backend.no_truncation()
     backend.no_padding()
     _W.update(
-        backend=backend, dicts=dicts, max_tokens=max_tokens, truncate=truncate, keep_no_anchor=keep_no_anchor
-    )
+        backend=backend, dicts=dicts, max_tokens=max_tokens, truncate=truncate, keep_no_anchor=keep_no_anchor,
+        switch=switch or {}, phrase_ids={},
+    )  # fmt: skip
+
+
+def _phrase_ids(phrase: str) -> list[int]:
+    """Token ids of a code-switch translation, without special tokens (cached per worker)."""
+    cache = _W["phrase_ids"]
+    ids = cache.get(phrase)
+    if ids is None:
+        ids = cache[phrase] = _W["backend"].encode(phrase, add_special_tokens=False).ids
+    return ids
 
 
 def _token_anchors(chars, text_s, text_t, ms: SpanMapper, mt: SpanMapper) -> list[dict]:
@@ -123,7 +145,7 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
     enc = backend.encode_batch([p[0] for p in chunk] + [p[1] for p in chunk])
     n = len(chunk)
     out: list[tuple] = []
-    truncate, keep_empty = _W["truncate"], _W["keep_no_anchor"]
+    truncate, keep_empty, switch = _W["truncate"], _W["keep_no_anchor"], _W["switch"]
     for k, (src, tgt, sl, tl, where) in enumerate(chunk):
         es, et = enc[k], enc[n + k]
         # NOTE: len(encoding) is free; .ids/.offsets build Python lists, so they are only fetched for
@@ -138,7 +160,8 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
             out.append(("drop", "no_anchor"))
             continue
         ids_s, ids_t = es.ids, et.ids
-        off_s, off_t = (es.offsets, et.offsets) if chars else ([], [])
+        sw = switch.get(sl)
+        off_s, off_t = (es.offsets if chars or sw else []), (et.offsets if chars else [])
         truncated = long_s or long_t
         # truncation keeps the closing special token so the sequence still looks like the model expects
         if long_s:
@@ -150,6 +173,8 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
             out.append(("drop", "no_anchor"))
             continue
         meta = {"src_lang": sl, "tgt_lang": tl, "src": src, "tgt": tgt, "anchors": anchors, "source": where}
+        if sw:
+            meta["switch"] = switch_candidates(src, sw, SpanMapper(off_s), _phrase_ids)
         out.append(("keep", meta, npy_bytes(ids_s), npy_bytes(ids_t), truncated))
     return out
 
@@ -196,6 +221,21 @@ def _load_dictionaries(cfg: PrepareConfig, pairs) -> dict[tuple[str, str], Dicti
             "dropped for lack of anchors (give --dictionary TGT=PATH, or --keep-no-anchor)"
         )
     return dicts
+
+
+def _load_switch(cfg: PrepareConfig) -> dict[str, list[Dictionary]]:
+    """Code-switch dictionaries by source language, one :class:`Dictionary` per (source, target)."""
+    by_pair: dict[tuple[str, str], Dictionary] = {}
+    for spec in cfg.code_switch:
+        head = spec.partition("=")[0]
+        if "=" not in spec or "/" in head:
+            raise InputError(f"code-switch dictionary {spec}: write TGT=PATH or SRC-TGT=PATH")
+        src, tgt, path = parse_dictionary_spec(spec, cfg.src_lang, "")
+        by_pair[(src, tgt)] = load_dictionary(path, src, tgt, into=by_pair.get((src, tgt)))
+    out: dict[str, list[Dictionary]] = {}
+    for (src, _), d in by_pair.items():
+        out.setdefault(src, []).append(d)
+    return out
 
 
 def source_id(src: str) -> str:
@@ -400,6 +440,13 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
         raise InputError(f"max_tokens must be >= 4, got {cfg.max_tokens}")
     inputs = _resolve_inputs(cfg)
     dicts = _load_dictionaries(cfg, _language_pairs(inputs))
+    switch = _load_switch(cfg)
+    srcs = {s for s, _ in _language_pairs(inputs)}
+    if switch and not srcs & set(switch):
+        raise InputError(
+            f"code-switch dictionaries translate from {', '.join(sorted(switch))}, but the inputs' "
+            f"source language is {', '.join(sorted(srcs))}: nothing could be switched"
+        )
     tok = load_tokenizer(tokenizer)
     if tok.pad_token_id is None:
         raise InputError(f"tokenizer {tokenizer!r} has no pad token; the loader pads with it")
@@ -412,9 +459,9 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     writer = ShardWriter(out, cfg.samples_per_shard)
     shuffler = _Shuffler(out / ".shuffle", cfg.seed)
     progress = _Progress()
-    kept = truncated = n_anchors = 0
+    kept = truncated = n_anchors = n_switch = with_switch = 0
     t0 = time.perf_counter()
-    init_args = (tokenizer, dicts, cfg.max_tokens, cfg.truncate, cfg.keep_no_anchor)
+    init_args = (tokenizer, dicts, cfg.max_tokens, cfg.truncate, cfg.keep_no_anchor, switch)
     try:
         chunks = _chunks(_cleaned(inputs, cfg, counts, stats), CHUNK)
         if address:
@@ -436,6 +483,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
                 kept += 1
                 truncated += was_truncated
                 n_anchors += len(meta["anchors"])
+                n_switch += len(meta.get("switch", ()))
+                with_switch += bool(meta.get("switch"))
                 per["kept"] += 1
                 per["anchors"] += len(meta["anchors"])
                 per["with_anchor"] += bool(meta["anchors"])
@@ -475,6 +524,13 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
             "truncated": truncated,
         },
         "anchors_per_pair": round(n_anchors / kept, 4) if kept else 0.0,
+        "code_switch": {
+            f"{d.src_lang}-{d.tgt_lang}": {"sources": d.sources, "entries": len(d)}
+            for ds in switch.values()
+            for d in ds
+        },
+        "switch_words_per_pair": round(n_switch / kept, 4) if kept else 0.0,
+        "switch_pair_coverage": round(with_switch / kept, 4) if kept else 0.0,
         "anchor_coverage": round(with_anchor / mined, 4) if mined else 0.0,
         "language_pairs": {
             lp: {
@@ -529,6 +585,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[[SRC-]TGT=]PATH",
         help="bilingual dictionary: TSV file or folder of word lists {lang}.txt (repeatable)",
     )
+    parser.add_argument(
+        "--code-switch",
+        action="append",
+        default=[],
+        metavar="[SRC-]TGT=PATH",
+        help="dictionary whose translations the loader may swap into source sides "
+        "(data.code_switch > 0 at train time); TSV file or word-list folder (repeatable)",
+    )
     parser.add_argument("--tokenizer", default=None, help="tokenizer name, packaged alias or folder")
     parser.add_argument("--out", default=None, help="output folder for shards and manifest.json")
     parser.add_argument("--samples-per-shard", type=int, default=None)
@@ -582,6 +646,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         cfg.inputs = [parse_input_spec(s) for s in args.input]
     if args.dictionary:
         cfg.dictionaries = list(args.dictionary)
+    if getattr(args, "code_switch", None):
+        cfg.code_switch = list(args.code_switch)
     for name in (
         "out",
         "samples_per_shard",

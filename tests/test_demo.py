@@ -35,3 +35,17 @@ def test_summary_counts_add_up(tmp_path, tiny_model_dir, capsys):
     assert skipped == {"po_plural": 1, "po_identical": 1}
     assert entries_n == kept + sum(skipped.values()) == 9
     assert (out / "manifest.json").is_file()
+
+
+def test_demo_switches_into_its_own_languages(tmp_path, tiny_model_dir):
+    """With the recipe's data.code_switch, the demo lists its dictionaries' words for switching."""
+    import json
+
+    mo = tmp_path / "django.mo"
+    _write_mo(mo, [(b"", b"Content-Type: text/plain; charset=UTF-8\n"), (b"Open file", "Datei öffnen".encode())])
+    d = tmp_path / "dict.tsv"
+    d.write_text(DICT, encoding="utf-8")
+    ov = [f"model.name_or_path={tiny_model_dir}", "data.code_switch=0.25"]
+    out = prepare_shards(load_config(overrides=ov), tmp_path / "work", [(mo, "de")], {"de": d})
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["code_switch"]) == ["en-de"] and m["switch_pair_coverage"] == 1.0

@@ -135,7 +135,12 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     print(
         f"[demo] shards: {counts.get('kept')} pairs kept of {entries} input entries "
         f"({counts.get('read')} read as pairs); skipped: "
-        + (", ".join(f"{reason} {n}" for reason, n in dropped) or "none"),
+        + (", ".join(f"{reason} {n}" for reason, n in dropped) or "none")
+        + (
+            f"; code-switchable words per pair {manifest['switch_words_per_pair']:.2f}"
+            if manifest.get("code_switch")
+            else ""
+        ),
         flush=True,
     )
     return out

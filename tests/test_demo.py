@@ -42,7 +42,9 @@ def test_demo_switches_into_its_own_languages(tmp_path, tiny_model_dir):
     import json
 
     mo = tmp_path / "django.mo"
-    _write_mo(mo, [(b"", b"Content-Type: text/plain; charset=UTF-8\n"), (b"Open file", "Datei öffnen".encode())])
+    _write_mo(
+        mo, [(b"", b"Content-Type: text/plain; charset=UTF-8\n"), (b"Open file", "Datei öffnen".encode())]
+    )
     d = tmp_path / "dict.tsv"
     d.write_text(DICT, encoding="utf-8")
     ov = [f"model.name_or_path={tiny_model_dir}", "data.code_switch=0.25"]

@@ -184,3 +184,30 @@ def test_cli_flag_and_word_lists(tiny_model_dir, tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["code_switch"]["en-de"]["sources"] == [str(DATA / "usual-words")]
     assert m["switch_pair_coverage"] > 0
+
+
+def test_switch_is_the_same_with_loader_workers_and_ranks(switch_shards):
+    """The draw hangs on (seed, epoch, pair id) alone: worker processes and the rank split change
+    which consumer reads a pair, never how it is switched."""
+
+    def rows(batches) -> dict[str, list[int]]:
+        out = {}
+        for b in batches:
+            lens = b["attention_mask"].sum(1)
+            for i, pid in enumerate(b["pair_ids"]):
+                out[pid] = b["input_ids"][i, : lens[i]].tolist()
+        return out
+
+    kw = dict(batch_size=B, shuffle_buffer=16, code_switch=0.5)
+    one = rows(itertools.islice(ShardLoader(switch_shards, **kw), 10))
+    two = rows(itertools.islice(ShardLoader(switch_shards, num_workers=2, **kw), 10))
+    split = {}
+    for r in range(2):
+        split.update(rows(itertools.islice(ShardLoader(switch_shards, rank=r, world_size=2, **kw), 5)))
+    assert len(one) == 10 * B
+    plain = rows(itertools.islice(ShardLoader(switch_shards, batch_size=B, shuffle_buffer=16), 10))
+    assert sum(one[k] != plain[k] for k in one) > B  # what is compared below is switched
+    for other in (two, split):
+        common = set(one) & set(other)
+        assert len(common) > B
+        assert all(one[k] == other[k] for k in common)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import prepare_fixture_shards
 
 from mlctl.config import ConfigError, load_config
 from mlctl.data.dataset import ShardLoader
@@ -35,13 +34,21 @@ def _records(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def switch_shards(tmp_path_factory, tiny_model_dir) -> Path:
     """The fixture catalogs with German and Spanish word lists as code-switch dictionaries."""
-    return prepare_fixture_shards(
-        tmp_path_factory.mktemp("switch_shards"),
-        str(tiny_model_dir),
+    from mlctl.config import PrepareConfig, PrepareInput
+
+    out = tmp_path_factory.mktemp("switch_shards")
+    langs = ("de", "fr", "es")
+    cfg = PrepareConfig(
+        inputs=[PrepareInput(str(DATA / f"pairs.en-{lang}.tsv"), "tsv", "en", lang) for lang in langs],
+        dictionaries=[f"{lang}={DATA / f'dict.en-{lang}.tsv'}" for lang in langs],
         code_switch=[f"de={DATA / 'dict.en-de.tsv'}", f"es={DATA / 'dict.en-es.tsv'}"],
+        out=str(out),
+        samples_per_shard=50,
         max_tokens=40,
         truncate=True,
     )
+    prepare(cfg, str(tiny_model_dir))
+    return out
 
 
 def test_apply_switch_spans_keep_and_cap():

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream"):
+def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0.0)):
     from mlctl.checkpoint import step_seed
     from mlctl.data.dataset import ShardLoader
     from mlctl.engine import lr_lambda, param_groups
@@ -65,7 +65,7 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream"):
     it = (
         iter(loader)
         if pairs is None
-        else pair_batches(model, tok, pairs, cfg.data.batch_size, mode, cfg.data.seed)
+        else pair_batches(model, tok, pairs, cfg.data.batch_size, mode, cfg.data.seed, switch)
     )
     t0 = time.perf_counter()
     for step in range(steps):
@@ -181,11 +181,9 @@ def code_switch(text: str, table: dict[str, list[str]], p: float, rnd) -> str:
     return re.sub(r"[A-Za-z]+", swap, text)
 
 
-CS_TABLE: dict[str, list[str]] = {}
-CS_P = 0.0
-
-
-def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str, seed: int):
+def pair_batches(
+    model, tok, pairs: list[tuple[str, str]], batch: int, mode: str, seed: int, switch=({}, 0.0)
+):
     """``pairs`` cut into batches: ``random`` (their seeded order), ``nn`` (each batch one pair and
     its nearest unbatched neighbours by the starting encoder's English vectors: hard negatives) or
     ``lex`` (:func:`similar_batches` on the English token ids, per pool of ``POOL`` pairs)."""
@@ -221,10 +219,11 @@ def pair_batches(model, tok, pairs: list[tuple[str, str]], batch: int, mode: str
             groups = similar_batches([rows[i] for i in part], batch, rng)
             groups = [groups[i] for i in rng.permutation(len(groups))]
             order += [part[i] for g in groups for i in g]
+    cs_table, cs_p = switch  # the text-level code-switching prototype (--code-switch)
     cs_rnd = random.Random(seed + 7)
     for b in range(n):
         chunk = [pairs[i] for i in order[b * batch : (b + 1) * batch]]
-        srcs = [code_switch(p[0], CS_TABLE, CS_P, cs_rnd) if CS_P > 0 else p[0] for p in chunk]
+        srcs = [code_switch(p[0], cs_table, cs_p, cs_rnd) if cs_p > 0 else p[0] for p in chunk]
         enc = tok(
             srcs + [p[1] for p in chunk],
             padding=True, truncation=True, max_length=64, return_tensors="pt",
@@ -263,9 +262,7 @@ def main() -> int:
     from mlctl.config import load_config
     from mlctl.evaluate import evaluate_files
 
-    global CS_TABLE, CS_P
-    if args.code_switch > 0:
-        CS_TABLE, CS_P = usual_words(args.cs_langs.split(",")), args.code_switch
+    switch = (usual_words(args.cs_langs.split(",")), args.code_switch) if args.code_switch > 0 else ({}, 0.0)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = ROOT / "runs" / "alignment"
     paths = [str(alignment.DATA / "dev" / f"{lg}.tsv.gz") for lg in args.langs.split(",")]
@@ -299,7 +296,7 @@ def main() -> int:
     else:
         cfg = load_config(str(ROOT / "configs" / "proof.yaml"), [*base, *args.overrides])
         pairs = None if args.batches == "stream" else pair_sample()
-        model, tok, secs = train_mlctl(cfg, args.steps, pairs, args.batches)
+        model, tok, secs = train_mlctl(cfg, args.steps, pairs, args.batches, switch)
     rep = evaluate_files(model, tok, paths, progress=False, max_pairs=args.max_pairs)
     res = {
         "overrides": args.overrides,

@@ -8,7 +8,7 @@ import hashlib
 import numpy as np
 import torch
 
-from mlctl.data.switch import apply_switch, switch_rng
+from mlctl.data.switch import apply_switch
 
 
 def draw_anchor(anchors: list, seed: int, epoch: int, pair_id: str) -> int:
@@ -16,8 +16,13 @@ def draw_anchor(anchors: list, seed: int, epoch: int, pair_id: str) -> int:
     rank or worker reads the pair, nor on the order it is read in."""
     if len(anchors) <= 1:
         return 0
-    h = hashlib.blake2b(f"{seed}:{epoch}:{pair_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") % len(anchors)
+    return pair_hash(seed, epoch, pair_id) % len(anchors)
+
+
+def pair_hash(seed: int, epoch: int, pair_id: str, salt: str = "") -> int:
+    """64-bit hash of (seed, epoch, pair id[, salt]): every per-pair draw of the loader hangs on it."""
+    key = f"{seed}:{epoch}:{pair_id}" + (f":{salt}" if salt else "")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 def source_id_int(meta: dict) -> int:
@@ -53,7 +58,7 @@ def collate(
         a = anchors[draw_anchor(anchors, seed, epoch, meta["id"])] if anchors else None
         keep = tuple(a["src_span"]) if a is not None else None
         if switch > 0 and meta.get("switch"):
-            rng = switch_rng(seed, epoch, meta["id"])
+            rng = np.random.default_rng(pair_hash(seed, epoch, meta["id"], "switch"))
             src, k, shift = apply_switch(
                 src, meta["switch"], switch, rng, keep if keep_anchor else None, max_tokens
             )

@@ -439,9 +439,10 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     if cfg.max_tokens < 4:
         raise InputError(f"max_tokens must be >= 4, got {cfg.max_tokens}")
     inputs = _resolve_inputs(cfg)
-    dicts = _load_dictionaries(cfg, _language_pairs(inputs))
+    pairs = _language_pairs(inputs)
+    dicts = _load_dictionaries(cfg, pairs)
     switch = _load_switch(cfg)
-    srcs = {s for s, _ in _language_pairs(inputs)}
+    srcs = {s for s, _ in pairs}
     if switch and not srcs & set(switch):
         raise InputError(
             f"code-switch dictionaries translate from {', '.join(sorted(switch))}, but the inputs' "

@@ -18,7 +18,6 @@ Two halves, so the loader never needs the tokenizer:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -66,11 +65,6 @@ def switch_candidates(
             out.append([tok[0], tok[1], options])
         i += n
     return out
-
-
-def switch_rng(seed: int, epoch: int, pair_id: str) -> np.random.Generator:
-    h = hashlib.blake2b(f"{seed}:{epoch}:{pair_id}:switch".encode(), digest_size=8).digest()
-    return np.random.default_rng(int.from_bytes(h, "little"))
 
 
 def apply_switch(

@@ -38,7 +38,7 @@ def train_rate(shards: Path, batch: int, steps: int, model: str) -> float:
     from mlctl.data.dataset import ShardLoader
     from mlctl.hub import load_tokenizer
     from mlctl.losses import contrastive_loss
-    from mlctl.model import MLCTLModel, mask_tokens
+    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
     torch.set_num_threads(1)  # the demo gives each Ray worker one CPU
     tok = load_tokenizer(model)
@@ -52,9 +52,7 @@ def train_rate(shards: Path, batch: int, steps: int, model: str) -> float:
         mids, labels = mask_tokens(
             b["input_ids"], b["attention_mask"], special, tok.mask_token_id, net.config.vocab_size, 0.15
         )
-        out = net(
-            b["input_ids"], b["attention_mask"], spans=b["spans"], mlm_input_ids=mids, mlm_labels=labels
-        )
+        out = net(EncoderInputs.build(b["input_ids"], b["attention_mask"], b["spans"], mids, labels))
         x, y = out.fused[:batch], out.fused[batch:]
         loss = (
             contrastive_loss(x, y, 0.07, cross_zero=True, same_language_negatives=True, rank=0, world_size=1)

@@ -28,7 +28,7 @@ def build_step(model_dir: str, batch: int, max_length: int):
 
     from mlctl.hub import load_tokenizer
     from mlctl.losses import cz_nce, inbatch_accuracy
-    from mlctl.model import MLCTLModel, mask_tokens
+    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
     from mlctl.testing import fixture_texts
 
     tok = load_tokenizer(model_dir)
@@ -45,7 +45,7 @@ def build_step(model_dir: str, batch: int, max_length: int):
 
     def step() -> dict:
         mlm_ids, labels = mask_tokens(ids, mask, special, tok.mask_token_id, len(tok), generator=gen)
-        out = model(ids, mask, mlm_input_ids=mlm_ids, mlm_labels=labels)
+        out = model(EncoderInputs.build(ids, mask, None, mlm_ids, labels))
         x, y = out.sentence[:batch], out.sentence[batch:]
         cl = cz_nce(x, y)
         loss = cl + 0.1 * out.mlm_loss

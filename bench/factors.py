@@ -40,7 +40,7 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0
     from mlctl.engine import lr_lambda, param_groups
     from mlctl.hub import load_tokenizer
     from mlctl.losses import contrastive_terms
-    from mlctl.model import MLCTLModel, mask_tokens
+    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
     tok = load_tokenizer(cfg.model.name_or_path)
     special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
@@ -78,8 +78,11 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0
                 batch["input_ids"], batch["attention_mask"], special, tok.mask_token_id,
                 model.config.vocab_size, cfg.loss.mlm_probability, generator=gen,
             )  # fmt: skip
-        out = model(batch["input_ids"], batch["attention_mask"], spans, mlm_ids, mlm_labels)
-        cl, _, _ = contrastive_terms(cfg, out, spans, 0, 1, source_ids=batch.get("source_ids"))
+        out = model(
+            EncoderInputs.build(batch["input_ids"], batch["attention_mask"], spans, mlm_ids, mlm_labels)
+        )
+        anchored = batch["anchored"] if cfg.model.word_level else None
+        cl, _, _ = contrastive_terms(cfg, out, anchored, 0, 1, source_ids=batch.get("source_ids"))
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros(())
         loss = cl + cfg.loss.mlm_weight * mlm
         opt.zero_grad()

@@ -54,6 +54,11 @@ class ModelConfig:
     # the same layers and weights, no work spent on padding. False, or another architecture: the
     # transformers forward over the padded batch.
     unpad: bool = True
+    # Attention in the unpadded path (mlctl/packed.py): "jagged" hands SDPA the packed tokens as
+    # nested jagged tensors, no mask (CUDA's flash / memory-efficient variable-length kernels);
+    # "grid" scatters them to the padded grid with a key mask (fastest on a CPU); "auto": jagged on
+    # CUDA, grid elsewhere.
+    attention: Literal["auto", "grid", "jagged"] = "auto"
 
     def __post_init__(self) -> None:
         if not self.pool_layers:

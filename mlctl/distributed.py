@@ -78,3 +78,13 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def all_gather_rows(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``tensor`` (equal shapes) concatenated along dim 0, no gradient; identity on
+    one process."""
+    if not is_initialized() or dist.get_world_size(group) == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=0)

@@ -29,7 +29,7 @@ from mlctl.checkpoint import Checkpointer, TrainState, count_attempt, step_seed
 from mlctl.config import Config
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
 from mlctl.losses import contrastive_terms, inbatch_accuracy
-from mlctl.model import MLCTLModel, mask_tokens
+from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,20 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.deepspeed.precision == "bf16":
+        # NOTE: bf16.enabled alone makes DeepSpeed (0.19) accumulate gradients over micro-batches
+        # and all-reduce / reduce-scatter them in bf16 (8 bits of mantissa): sums over many ranks
+        # and micro-batches then lose the small gradients. fp32 for both; accumulation in fp32 is
+        # ZeRO >= 1 only (ZeRO-0 raises "unsupported mix"), so ZeRO-0 keeps bf16 accumulation.
+        ds["communication_data_type"] = "fp32"
+        if cfg.deepspeed.zero_stage >= 1:
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        elif gas > 1:
+            log.warning(
+                "deepspeed.precision=bf16 with zero_stage=0 accumulates %d micro-batches' gradients in "
+                "bf16 (DeepSpeed accumulates in fp32 from ZeRO-1 on); set deepspeed.zero_stage=1",
+                gas,
+            )
     for key, value in cfg.deepspeed.extra.items():
         if isinstance(value, dict) and isinstance(ds.get(key), dict):
             ds[key] = {**ds[key], **value}
@@ -158,16 +172,11 @@ class Trainer:
 
     def setup(self) -> None:
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
         from mlctl.data.dataset import ShardLoader
-        from mlctl.distributed import training_device
 
         cfg = self.cfg
-        # One device per process, from DeepSpeed's accelerator and the launcher's assignment, never
-        # from a default index. Every collective of the step gets tensors on it: under Ray with GPUs
-        # the process group is NCCL-only (TorchConfig(backend="nccl")), and NCCL rejects CPU tensors.
-        self.device = training_device(get_accelerator().device_name(), self.local_rank, self.assigned_device)
+        self.device = self._pick_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL's barriers and DeepSpeed's buffers land here
         if not dist.is_initialized():
@@ -178,7 +187,9 @@ class Trainer:
         self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
 
         torch.manual_seed(cfg.train.seed)  # identical fusion-MLP init on every rank
-        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad)
+        model = MLCTLModel.from_pretrained(
+            cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad, cfg.model.attention
+        )
         self.vocab_size = model.config.vocab_size
 
         self.loader = ShardLoader(
@@ -197,25 +208,7 @@ class Trainer:
         )
         self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
 
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.train.weight_decay),
-            lr=cfg.train.lr,
-            betas=(cfg.train.betas[0], cfg.train.betas[1]),
-            # One kernel over all parameters instead of ~10 passes of elementwise ops (12 vs 120 ms
-            # a step for 22.7M fp32 parameters on one CPU core); what transformers' Trainer
-            # defaults to as well. ZeRO hands it the flat fp32 partitions.
-            fused=True,
-        )
-        schedule = lr_lambda(cfg)
-        self.engine, _, _, _ = deepspeed.initialize(
-            # NOTE: without device_rank DeepSpeed picks cuda:LOCAL_RANK, wrong for a Ray worker
-            # that sees one GPU (cuda:0) with local rank 1.
-            args=SimpleNamespace(device_rank=self.device.index or 0),
-            model=model,
-            optimizer=optimizer,
-            config=deepspeed_config(cfg, self.world_size),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        )
+        self.engine = self._build_engine(model)
         if torch.device(self.engine.device) != self.device:
             raise RuntimeError(f"DeepSpeed placed the model on {self.engine.device}, expected {self.device}")
         self.model: MLCTLModel = self.engine.module
@@ -233,6 +226,42 @@ class Trainer:
             },
         )
         self._setup_metrics()
+
+    def _pick_device(self) -> torch.device:
+        """One device per process, from DeepSpeed's accelerator and the launcher's assignment, never
+        from a default index. Every collective of the step gets tensors on it: under Ray with GPUs
+        the process group is NCCL-only (TorchConfig(backend="nccl")), and NCCL rejects CPU tensors."""
+        from deepspeed.accelerator import get_accelerator
+
+        from mlctl.distributed import training_device
+
+        return training_device(get_accelerator().device_name(), self.local_rank, self.assigned_device)
+
+    def _build_engine(self, model: MLCTLModel) -> Any:
+        """The DeepSpeed engine around ``model``: AdamW, the schedule, ZeRO and precision."""
+        import deepspeed
+
+        cfg = self.cfg
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.train.weight_decay),
+            lr=cfg.train.lr,
+            betas=(cfg.train.betas[0], cfg.train.betas[1]),
+            # One kernel over all parameters instead of ~10 passes of elementwise ops (12 vs 120 ms
+            # a step for 22.7M fp32 parameters on one CPU core); what transformers' Trainer
+            # defaults to as well. ZeRO hands it the flat fp32 partitions.
+            fused=True,
+        )
+        schedule = lr_lambda(cfg)
+        engine, _, _, _ = deepspeed.initialize(
+            # NOTE: without device_rank DeepSpeed picks cuda:LOCAL_RANK, wrong for a Ray worker
+            # that sees one GPU (cuda:0) with local rank 1.
+            args=SimpleNamespace(device_rank=self.device.index or 0),
+            model=model,
+            optimizer=optimizer,
+            config=deepspeed_config(cfg, self.world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        )
+        return engine
 
     def _setup_metrics(self) -> None:
         from dataclasses import replace
@@ -299,14 +328,18 @@ class Trainer:
 
     # ---- the step ----------------------------------------------------------------------------
 
-    def micro_step(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+    def batch_inputs(
+        self, batch: dict[str, Any], micro: int
+    ) -> tuple[EncoderInputs, torch.Tensor | None, torch.Tensor]:
+        """The micro-batch's encoder inputs (MLM copy included), anchor flags and source ids.
+
+        Everything that depends on the data (MLM picks, token positions, lengths) is derived here on
+        the host from the CPU batch, then moved in one go (pinned, non-blocking on CUDA): the step
+        never has to read the device back to learn a shape."""
         cfg = self.cfg
-        ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device)
-        spans = batch["spans"].to(self.device) if cfg.model.word_level else None
-        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
         mlm_ids = mlm_labels = None
         if cfg.loss.mlm_weight > 0:
+            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
             mlm_ids, mlm_labels = mask_tokens(
                 batch["input_ids"],
                 batch["attention_mask"],
@@ -316,11 +349,29 @@ class Trainer:
                 cfg.loss.mlm_probability,
                 generator=gen,
             )
-            mlm_ids, mlm_labels = mlm_ids.to(self.device), mlm_labels.to(self.device)
-        out = self.engine(ids, mask, spans=spans, mlm_input_ids=mlm_ids, mlm_labels=mlm_labels)
+        word_level = cfg.model.word_level
+        inputs = EncoderInputs.build(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["spans"] if word_level else None,
+            mlm_ids,
+            mlm_labels,
+        )
+        anchored = self.to_device(batch["anchored"]) if word_level else None
+        return self.to_device(inputs), anchored, self.to_device(batch["source_ids"])
+
+    def to_device(self, x: Any) -> Any:
+        """A CPU tensor (or EncoderInputs) on the step's device: pinned and non-blocking on CUDA."""
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device)
+
+    def micro_step(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        inputs, anchored, sids = self.batch_inputs(batch, micro)
+        out = self.engine(inputs)
         # Translations of one source sentence (multiway corpora) are never each other's negatives.
-        sids = batch.get("source_ids")
-        cl, x, y = contrastive_terms(cfg, out, spans, self.rank, self.world_size, source_ids=sids)
+        cl, x, y = contrastive_terms(cfg, out, anchored, self.rank, self.world_size, source_ids=sids)
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros((), device=cl.device)
         loss = cl + cfg.loss.mlm_weight * mlm.float()
         self.engine.backward(loss)
@@ -329,11 +380,15 @@ class Trainer:
             "loss": loss.detach(),
             "cl": cl.detach(),
             "mlm": mlm.detach().float(),
-            "acc": _local_inbatch_accuracy(x.detach(), y.detach(), self.rank, self.world_size),
+            # this rank's share of the global-batch accuracy; stays on the device
+            "acc": inbatch_accuracy(x.detach(), y.detach(), rank=self.rank, world_size=self.world_size),
         }
 
     def train_step(self, it) -> dict[str, float]:
-        """One optimizer step (grad_accum micro-batches). Returns rank-averaged figures."""
+        """One optimizer step (grad_accum micro-batches). Returns rank-averaged figures.
+
+        The step reads the device back once: the figures, the gradient norm and the flags go into
+        one all-reduce and one copy to the host at the end."""
         torch.manual_seed(step_seed(self.cfg.train.seed, self.state.step, self.rank, 10_000))
         t0 = time.perf_counter()
         wait = 0.0
@@ -349,25 +404,29 @@ class Trainer:
             samples += len(batch["pair_ids"])
             tokens += int(batch["num_tokens"])
             pair_ids.extend(batch["pair_ids"])
-        # One collective for all logged figures; the save-now flag rides along (rank 0's clock rules).
+        # The save-now and stop flags ride along (rank 0's clock and signals rule).
         due = float(self.rank == 0 and self._time_save_due())
+        stop = float(self.stop_requested())
+        norm = self.engine.get_global_grad_norm()
+        on_device = norm if isinstance(norm, torch.Tensor) else None
+        host_norm = float("nan") if norm is None or on_device is not None else float(norm)
         # float64: token counts of a large global batch stay exact (float32 would round past 2**24).
-        packed = torch.cat(
-            [
-                sums.double() / self.cfg.train.grad_accum,
-                torch.tensor([float(samples), float(tokens), due], dtype=torch.float64, device=self.device),
-            ]
-        )
+        host = torch.tensor([float(samples), float(tokens), due, stop, host_norm], dtype=torch.float64)
+        parts = [sums.double() / self.cfg.train.grad_accum, self.to_device(host)]
+        if on_device is not None:
+            parts.append(on_device.detach().double().reshape(1))
+        packed = torch.cat(parts)
         dist.all_reduce(packed)
         packed = packed.cpu()  # the step's one device-to-host copy
         packed[:4] /= self.world_size
+        grad_norm = float(packed[9] if on_device is not None else packed[8]) / self.world_size
         self.state.step += 1
         self.state.samples_seen += int(packed[4])
         self.state.tokens_seen += int(packed[5])
         step_seconds = time.perf_counter() - t0
         if self.cfg.train.log_pair_ids:
             self._log_pair_ids(pair_ids)
-        out = {
+        return {
             "step": self.state.step,
             "loss": float(packed[0]),
             "contrastive_loss": float(packed[1]),
@@ -378,10 +437,14 @@ class Trainer:
             "step_seconds": step_seconds,
             "data_wait_seconds": wait,
             "lr": float(self.engine.get_lr()[0]),
-            "grad_norm": _grad_norm(self.engine),
+            "grad_norm": grad_norm,
             "save_due": bool(packed[6] > 0),
+            "stop": bool(packed[7] > 0),
         }
-        return out
+
+    def stop_requested(self) -> bool:
+        """Whether this rank was asked to stop (a signal to the driver); see :meth:`fit`."""
+        return False
 
     def _time_save_due(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes
@@ -486,40 +549,34 @@ class Trainer:
         self._skips_logged = dict(skipped)
 
     def evaluate(self) -> dict[str, float]:
-        """Retrieval accuracy on the configured dev pairs (every rank runs it: under ZeRO-3 the
-        forward pass itself is collective); rank 0 logs."""
+        """Retrieval accuracy on the configured dev pairs. Every rank encodes a share of the pairs
+        (under ZeRO-3 the forward is collective anyway), rank 0 scores and logs; other ranks get {}."""
         from mlctl.evaluate import lang_of, load_pairs, retrieval_accuracy_on_pairs
 
         results: dict[str, float] = {}
         self.engine.eval()
-        for path in self.cfg.eval.pairs:
-            lang = lang_of(path)
-            pairs = load_pairs(path, max_pairs=self.cfg.eval.max_pairs)
-            r = retrieval_accuracy_on_pairs(
-                self.model, self.tokenizer, pairs, batch_size=self.cfg.eval.batch_size
-            )
-            results[lang] = r["xx2en"]
-        self.engine.train()
+        try:
+            for path in self.cfg.eval.pairs:
+                pairs = load_pairs(path, max_pairs=self.cfg.eval.max_pairs)
+                r = retrieval_accuracy_on_pairs(
+                    self.model,
+                    self.tokenizer,
+                    pairs,
+                    batch_size=self.cfg.eval.batch_size,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                )
+                if r:
+                    results[lang_of(path)] = r["xx2en"]
+        finally:
+            self.engine.train()
         if self.metrics is not None and results:
             self.metrics.log_eval(self.state.step, results)
-        if self.rank == 0:
+        if results:
             log.info(
                 "eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items())
             )
         return results
-
-
-def _grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    if norm is None:
-        return float("nan")
-    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
-
-
-def _local_inbatch_accuracy(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
-    """This rank's share of the global-batch in-batch accuracy (:func:`mlctl.losses.inbatch_accuracy`),
-    on the CPU for the step's packed all-reduce."""
-    return inbatch_accuracy(x, y, rank=rank, world_size=world_size).cpu()
 
 
 def _node_ip() -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from mlctl.distributed import all_gather_with_grad
@@ -49,37 +48,43 @@ def _loss_rows(
     sid_anchor: torch.Tensor | None = None,
     sid_cands: torch.Tensor | None = None,
     margin: float = 0.0,
+    valid_cands: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-anchor loss for ``anchors`` [b, D] (global rows offset..offset+b) against the global
     same-language rows ``cands_same`` [n, D] and translations ``cands_other`` [n, D]; with source
-    ids ``sid_anchor`` [b] / ``sid_cands`` [n], negatives sharing the anchor's id are masked."""
+    ids ``sid_anchor`` [b] / ``sid_cands`` [n], negatives sharing the anchor's id are masked; with
+    ``valid_cands`` [n] (bool), rows outside the loss are never negatives."""
     b = anchors.shape[0]
-    idx = torch.arange(b, device=anchors.device) + offset
+    rows = torch.arange(b, device=anchors.device)
+    idx = rows + offset
     sim_other = anchors @ cands_other.T / temperature  # [b, n]; the positive is column idx
     sim_same = anchors @ cands_same.T / temperature  # [b, n]; column idx is the anchor itself
     pos = sim_other.gather(1, idx[:, None]).squeeze(1)
     # Additive margin: the positive must beat every negative by ``margin`` in cosine, not just tie.
     pos_m = pos - margin / temperature if margin else pos
-    rows = torch.arange(b, device=anchors.device)
-    neg_inf = torch.finfo(sim_same.dtype).min
-    sim_same = sim_same.clone()
-    if same_language_negatives:
-        sim_same[rows, idx] = neg_inf
-    else:
-        sim_same = torch.full_like(sim_same, neg_inf)
-    sim_other = sim_other.clone()
-    sim_other[rows, idx] = neg_inf
-    has_neg: torch.Tensor | None = None
+    # Columns that are no negative of the anchor: its own pair, pairs of its source sentence, and
+    # rows left out of the loss. Masks, not indexing: every shape stays known on the host.
+    blocked = torch.zeros(sim_other.shape, dtype=torch.bool, device=anchors.device)
+    blocked[rows, idx] = True
+    masked = sid_anchor is not None and sid_cands is not None
     if sid_anchor is not None and sid_cands is not None:
-        same_src = sid_anchor[:, None] == sid_cands[None, :]  # [b, n]; includes the positive column
-        sim_other = sim_other.masked_fill(same_src, neg_inf)
-        sim_same = sim_same.masked_fill(same_src, neg_inf)
-        has_neg = (~same_src).any(1)  # a cross-language negative survives (same-language ones too)
+        blocked |= sid_anchor[:, None] == sid_cands[None, :]
+    if valid_cands is not None:
+        blocked |= ~valid_cands[None, :]
+        masked = True
+    neg_inf = torch.finfo(sim_same.dtype).min
+    sim_other = sim_other.masked_fill(blocked, neg_inf)
+    sim_same = (
+        sim_same.masked_fill(blocked, neg_inf)
+        if same_language_negatives
+        else torch.full_like(sim_same, neg_inf)
+    )
     cz = torch.logsumexp(torch.cat([sim_other, sim_same], dim=1), dim=1) - pos_m
-    if has_neg is not None:
+    if masked:
         # NOTE: with every negative masked, logsumexp over finfo.min entries is a huge negative
-        # number, not a loss; such an anchor has nothing to contrast, so it contributes 0.
-        cz = torch.where(has_neg, cz, torch.zeros_like(cz))
+        # number, not a loss; such an anchor has nothing to contrast, so it contributes 0. (A
+        # cross-language negative survives wherever a same-language one does.)
+        cz = torch.where((~blocked).any(1), cz, torch.zeros_like(cz))
     if cross_zero:
         return cz
     # InfoNCE = log(e^p + S) - p = log(1 + e^(log S - p)) = softplus(CZ-NCE). Written this way it
@@ -100,12 +105,17 @@ def contrastive_loss(
     group=None,
     source_ids: torch.Tensor | None = None,
     margin: float = 0.0,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric contrastive loss of this rank's rows ``x``, ``y`` [b, D] (mean over its 2b anchors).
 
     With ``world_size`` > 1 the rows of every rank are gathered (autograd-aware) first.
     ``source_ids`` (int64 [b], this rank's pairs) masks the negatives that share the anchor's source
     sentence; every rank must pass them or none (they are gathered too).
+    ``valid`` (bool [b]) keeps only those pairs in the loss, as anchors and as negatives: the loss
+    is then the mean over the valid anchors of the global batch (in the gathered form: this rank's
+    share, so that the mean over ranks is that global mean), and 0 when fewer than 2 pairs of the
+    global batch are valid. Every rank must pass it or none.
     """
     if x.shape != y.shape or x.dim() != 2:
         raise ValueError(f"x and y must both be [B, D], got {tuple(x.shape)} and {tuple(y.shape)}")
@@ -130,14 +140,32 @@ def contrastive_loss(
     offset = rank * x.shape[0]
     sid = gsid = None
     if source_ids is not None:
-        sid = torch.as_tensor(source_ids, dtype=torch.int64, device=x.device).reshape(-1)
-        if sid.shape[0] != x.shape[0]:
-            raise ValueError(f"source_ids has {sid.shape[0]} entries for {x.shape[0]} pairs")
+        sid = _ints(source_ids, x.shape[0], "source_ids", x.device)
         gsid = all_gather_with_grad(sid, group) if world_size > 1 else sid  # ints: no gradient flows
+    keep = gkeep = None
+    if valid is not None:
+        keep = _ints(valid, x.shape[0], "valid", x.device).bool()
+        # NOTE: gathered as int64: gloo has no bool all_gather
+        gkeep = all_gather_with_grad(keep.long(), group).bool() if world_size > 1 else keep
     common = (offset, temperature, cross_zero, same_language_negatives)
-    lx = _loss_rows(xn, gx, gy, *common, sid, gsid, margin)
-    ly = _loss_rows(yn, gy, gx, *common, sid, gsid, margin)
-    return torch.cat([lx, ly]).mean()
+    lx = _loss_rows(xn, gx, gy, *common, sid, gsid, margin, gkeep)
+    ly = _loss_rows(yn, gy, gx, *common, sid, gsid, margin, gkeep)
+    per_anchor = torch.cat([lx, ly])
+    if keep is None or gkeep is None:
+        return per_anchor.mean()
+    n_valid = gkeep.sum()  # stays on the device: no host sync
+    weights = torch.cat([keep, keep]).to(per_anchor.dtype)
+    loss = (per_anchor * weights).sum() * world_size / (2 * n_valid).clamp_min(1)
+    # Fewer than 2 valid pairs: nothing to contrast. 0 * (x, y) keeps a (zero) gradient path to
+    # every parameter, so the ranks' gradient buckets stay alike (see MLCTLModel._mlm_loss).
+    return torch.where(n_valid >= 2, loss, (x.sum() + y.sum()).to(loss.dtype) * 0.0)
+
+
+def _ints(values: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
+    out = torch.as_tensor(values, device=device).reshape(-1).to(torch.int64)
+    if out.shape[0] != n:
+        raise ValueError(f"{name} has {out.shape[0]} entries for {n} pairs")
+    return out
 
 
 def info_nce(
@@ -206,7 +234,7 @@ def inbatch_accuracy(
 def contrastive_terms(
     cfg: Config,
     out: Any,
-    spans: torch.Tensor | None,
+    anchored: torch.Tensor | None,
     rank: int,
     world_size: int,
     source_ids: torch.Tensor | None = None,
@@ -214,9 +242,9 @@ def contrastive_terms(
     """The contrastive part of the loss, and the (x, y) rows the in-batch accuracy is read from.
 
     ``model.word_level=false``: CL(s). Otherwise ``multilevel_weight * CL(MLP(s, w)) +
-    sentence_weight * CL(s)`` (the paper: 1 and 0). With a sentence term, pairs without an anchor
-    (their span starts at 0: real anchors never cover [CLS], see mlctl.data.collate) are left out of
-    the multi-level term and feed the sentence term only; without one they keep the paper code's
+    sentence_weight * CL(s)`` (the paper: 1 and 0). ``anchored`` (bool [B], from the batch) says
+    which pairs have an anchor word. With a sentence term, pairs without one are left out of the
+    multi-level term and feed the sentence term only; without one they keep the paper code's
     behaviour (the whole side stands in for the word), so no pair is silently dropped.
     """
     lc = cfg.loss
@@ -235,46 +263,10 @@ def contrastive_terms(
     f = out.fused
     cl = torch.zeros((), device=s.device)
     if lc.multilevel_weight > 0:
-        if lc.sentence_weight > 0 and spans is not None:
-            anchored = spans[:b, 0] > 0
-            cl = cl + lc.multilevel_weight * _masked_term(f[:b], f[b:], anchored, lc.temperature, kw)
-        else:
-            cl = cl + lc.multilevel_weight * contrastive_loss(f[:b], f[b:], lc.temperature, **kw)
+        valid = anchored if lc.sentence_weight > 0 else None
+        cl = cl + lc.multilevel_weight * contrastive_loss(f[:b], f[b:], lc.temperature, valid=valid, **kw)
     if lc.sentence_weight > 0:
         cl = cl + lc.sentence_weight * contrastive_loss(s[:b], s[b:], lc.temperature, **kw)
     # The accuracy figure follows what retrieval reads once a sentence term trains s.
     rows = s if lc.sentence_weight > 0 else f
     return cl, rows[:b], rows[b:]
-
-
-def _masked_term(
-    x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, temperature: float, kw: dict[str, Any]
-) -> torch.Tensor:
-    """Contrastive loss over the pairs with ``keep`` set, of the whole global batch.
-
-    Ranks hold different numbers of kept pairs, so the gathered loss's equal-slice form does not
-    apply: every rank gathers all rows (autograd-aware) and computes the same global loss. The
-    gather's backward sums the N identical gradients and the data-parallel mean divides by N again,
-    so the parameter gradient is exactly that of the global loss.
-    NOTE: fewer than 2 kept pairs give 0 * sum(x, y): the fusion MLP still gets a (zero) gradient on
-    every rank, so the ranks' gradient buckets stay alike (see MLCTLModel._mlm_loss).
-    """
-    world_size = kw["world_size"]
-    if world_size > 1:
-        x, y = all_gather_with_grad(x), all_gather_with_grad(y)
-        flag = keep.to(torch.int64)  # gloo has no bool all_gather
-        flags = [torch.zeros_like(flag) for _ in range(world_size)]
-        dist.all_gather(flags, flag)
-        keep = torch.cat(flags).bool()
-    sids = kw.get("source_ids")
-    if sids is not None:
-        sids = torch.as_tensor(sids, dtype=torch.int64, device=keep.device).reshape(-1)
-        if world_size > 1:
-            parts = [torch.zeros_like(sids) for _ in range(world_size)]
-            dist.all_gather(parts, sids)
-            sids = torch.cat(parts)
-        sids = sids[keep]
-    if int(keep.sum()) < 2:
-        return (x.sum() + y.sum()) * 0.0
-    local = {**kw, "rank": 0, "world_size": 1, "source_ids": sids}
-    return contrastive_loss(x[keep], y[keep], temperature, **local)

@@ -6,7 +6,7 @@ Architecture only: no DeepSpeed, no collectives, no checkpoint policy (those liv
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -24,6 +24,92 @@ class EncoderOutput:
     sentence: torch.Tensor  # [R, H] sentence vectors s
     fused: torch.Tensor | None  # [R, 2H] MLP(concat(s, w)), when anchor spans were given
     mlm_loss: torch.Tensor | None  # scalar, 0.5 * (MLM(x) + MLM(y)), when masked inputs were given
+
+
+def _moved(obj: Any, device: torch.device | str | None, non_blocking: bool, pin: bool) -> Any:
+    """``obj`` (a dataclass) with every tensor field pinned or moved; other fields kept."""
+    changes = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor):
+            changes[f.name] = value.pin_memory() if pin else value.to(device, non_blocking=non_blocking)
+        elif hasattr(value, "to") and hasattr(value, "pin_memory"):  # Packing, MaskedTokens
+            changes[f.name] = value.pin_memory() if pin else value.to(device, non_blocking=non_blocking)
+    return replace(obj, **changes)
+
+
+@dataclass
+class MaskedTokens:
+    """Where the MLM copy was masked, read on the host from its labels.
+
+    Positions are in the order the packed encoder meets them (row-major): every masked token of a
+    source row comes before those of the target rows, so ``x_count`` splits the two sides."""
+
+    keep_last: torch.Tensor  # [clean tokens + M]: what the packed encoder's last layer runs on
+    flat: torch.Tensor  # [M] row * L + col in the call's [2R, L] grid (the padded forward)
+    labels: torch.Tensor  # [M] the original token ids
+    x_count: int  # masked tokens on source rows
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedTokens:
+        return _moved(self, device, non_blocking, pin=False)
+
+    def pin_memory(self) -> MaskedTokens:
+        return _moved(self, None, False, pin=True)
+
+
+@dataclass
+class EncoderInputs:
+    """One encoder call: the clean rows (source rows, then target rows) and, for MLM, their masked
+    copy, with everything that depends on the mask's values derived on the host by :meth:`build`.
+
+    Build it from CPU tensors, then move it with :meth:`to`: the forward never reads the device
+    back (no ``nonzero``, no ``.item()``), so on a GPU the host can run ahead of the kernels."""
+
+    input_ids: torch.Tensor  # [R, L], or [2R, L] with the masked copy after the clean rows
+    attention_mask: torch.Tensor  # same shape
+    rows: int  # R clean rows: 2B for a batch of B pairs
+    clean_tokens: int  # real tokens in the clean rows
+    packing: packed.Packing
+    spans: torch.Tensor | None = None  # [R, 2] inclusive anchor-word spans (word-level term)
+    masked: MaskedTokens | None = None
+
+    @classmethod
+    def build(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        spans: torch.Tensor | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+    ) -> EncoderInputs:
+        """From CPU tensors (it reads them): ``mlm_labels`` holds -100 where nothing was masked."""
+        rows = input_ids.shape[0]
+        ids, mask = input_ids, attention_mask
+        if mlm_input_ids is not None and mlm_labels is not None:
+            ids = torch.cat([input_ids, mlm_input_ids], dim=0)
+            mask = torch.cat([attention_mask, attention_mask], dim=0)
+        packing = packed.Packing.of(mask)
+        clean_tokens = int(attention_mask.bool().sum())
+        masked = None
+        if mlm_input_ids is not None and mlm_labels is not None:
+            labels = torch.cat([torch.full_like(mlm_labels, -100), mlm_labels], dim=0)
+            flat_labels = packing.pack(labels.unsqueeze(-1)).squeeze(-1)
+            at = (flat_labels != -100).nonzero().squeeze(1)  # positions among the packed tokens
+            flat = packing.index[at]
+            source_rows_end = (rows + rows // 2) * packing.length  # masked copies of the x rows
+            masked = MaskedTokens(
+                keep_last=torch.cat([torch.arange(clean_tokens), at]),
+                flat=flat,
+                labels=flat_labels[at],
+                x_count=int((flat < source_rows_end).sum()),
+            )
+        return cls(ids, mask, rows, clean_tokens, packing, spans, masked)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> EncoderInputs:
+        return _moved(self, device, non_blocking, pin=False)
+
+    def pin_memory(self) -> EncoderInputs:
+        return _moved(self, None, False, pin=True)
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -68,7 +154,9 @@ class FusionMLP(nn.Module):
 class MLCTLModel(nn.Module):
     """Wraps a ``*ForMaskedLM`` model whose MLM decoder is tied to the input embeddings."""
 
-    def __init__(self, mlm_model: nn.Module, pool_layers: list[int], unpad: bool = True):
+    def __init__(
+        self, mlm_model: nn.Module, pool_layers: list[int], unpad: bool = True, attention: str = "auto"
+    ):
         super().__init__()
         self.mlm: Any = mlm_model  # a transformers *ForMaskedLM
         cfg: Any = mlm_model.config
@@ -79,6 +167,8 @@ class MLCTLModel(nn.Module):
         # Training runs the encoder on real tokens only where the architecture allows (mlctl.packed).
         why_not = packed.unsupported_reason(self.encoder) if unpad else None
         self.unpad = unpad and why_not is None
+        # How the packed path attends (mlctl.packed): "auto" is the mask-free jagged kernel on CUDA.
+        self.attention: packed.Attention = attention  # type: ignore[assignment]
         if why_not is not None:
             log.info("model.unpad: %s; using the padded transformers forward", why_not)
 
@@ -96,7 +186,11 @@ class MLCTLModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, pool_layers: list[int] | None = None, unpad: bool = True
+        cls,
+        name_or_path: str,
+        pool_layers: list[int] | None = None,
+        unpad: bool = True,
+        attention: str = "auto",
     ) -> MLCTLModel:
         from transformers import AutoModelForMaskedLM
 
@@ -112,7 +206,7 @@ class MLCTLModel(nn.Module):
                 len(missing),
                 ", ".join(sorted(missing)[:6]),
             )
-        return cls(mlm, pool_layers or [1, -1], unpad)
+        return cls(mlm, pool_layers or [1, -1], unpad, attention)
 
     @property
     def encoder(self) -> nn.Module:
@@ -136,79 +230,65 @@ class MLCTLModel(nn.Module):
             raise TypeError(f"{type(self.mlm).__name__} has no MLM head (cls or lm_head)")
         return head(hidden)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        spans: torch.Tensor | None = None,
-        mlm_input_ids: torch.Tensor | None = None,
-        mlm_labels: torch.Tensor | None = None,
-    ) -> EncoderOutput:
-        """One encoder call over ``R`` rows (both sides of the batch: R = 2B, x rows first).
+    def forward(self, inputs: EncoderInputs) -> EncoderOutput:
+        """One encoder call over the ``R`` clean rows of ``inputs`` (R = 2B, x rows first).
 
-        With ``mlm_input_ids`` the masked copy rides in the same call (2R rows); the MLM head runs
+        With a masked copy (``inputs.masked``) it rides in the same call (2R rows); the MLM head runs
         only at masked positions, so its vocabulary projection costs ~15% of a full one.
         """
-        rows = input_ids.shape[0]
-        ids, mask = input_ids, attention_mask
-        with_mlm = mlm_input_ids is not None and mlm_labels is not None
-        if mlm_input_ids is not None and mlm_labels is not None:  # (with_mlm, spelt out for mypy)
-            ids = torch.cat([input_ids, mlm_input_ids], dim=0)
-            mask = torch.cat([attention_mask, attention_mask], dim=0)
-            labels = torch.cat([torch.full_like(mlm_labels, -100), mlm_labels], dim=0)
-        else:
-            labels = torch.full_like(ids, -100)
+        rows = inputs.rows
         run = self._packed_states if self.unpad else self._padded_states
-        clean, masked, targets, masked_rows = run(ids, mask, labels, rows)
-
-        sentence = pool_layers(clean, self.pool_layers, attention_mask.bool())
+        clean, masked = run(inputs)
+        clean_mask = inputs.attention_mask[:rows].bool()
+        sentence = pool_layers(clean, self.pool_layers, clean_mask)
         fused = None
-        if spans is not None:
-            word_mask = span_mask(spans, input_ids.shape[1]) & attention_mask.bool()
-            word = pool_layers(clean, self.pool_layers, word_mask)
+        if inputs.spans is not None:
+            word = pool_layers(
+                clean, self.pool_layers, span_mask(inputs.spans, clean_mask.shape[1]) & clean_mask
+            )
             fused = self.fusion(sentence, word)
         mlm_loss = None
-        if with_mlm:
-            mlm_loss = self._mlm_loss(masked, targets, masked_rows < rows + rows // 2, sentence[:1])
+        if inputs.masked is not None and masked is not None:
+            mlm_loss = self._mlm_loss(masked, inputs.masked, sentence[:1])
         return EncoderOutput(sentence=sentence, fused=fused, mlm_loss=mlm_loss)
 
-    # Both return (clean, masked, targets, masked_rows): ``clean[i]`` the [rows, L, H] states of
-    # layer i for the clean rows (only the pooled layers are filled), then the last layer's states
-    # at the masked positions of the MLM rows [M, H], their labels [M] and their rows [M].
+    # Both return (clean, masked): ``clean[i]`` the [R, L, H] states of layer i for the clean rows
+    # (only the pooled layers are filled), and the last layer's states [M, H] at the masked
+    # positions of the MLM rows (None without them).
 
-    def _padded_states(self, ids, mask, labels, rows):
-        out = self.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    def _padded_states(self, inputs: EncoderInputs):
+        out = self.encoder(
+            input_ids=inputs.input_ids, attention_mask=inputs.attention_mask, output_hidden_states=True
+        )
         hs = out.hidden_states
-        sel = labels != -100
-        row_of = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(sel)
-        return tuple(h[:rows] for h in hs), hs[-1][sel], labels[sel], row_of[sel]
+        masked = None
+        if inputs.masked is not None:
+            masked = hs[-1].flatten(0, 1).index_select(0, inputs.masked.flat)
+        return tuple(h[: inputs.rows] for h in hs), masked
 
-    def _packed_states(self, ids, mask, labels, rows):
-        packing = packed.Packing.of(mask)
-        flat_labels = packing.pack(labels.unsqueeze(-1)).squeeze(-1)
-        sel = flat_labels != -100
-        clean_tokens = int(mask[:rows].sum())  # the clean rows come first, so do their tokens
-        keep = None
-        if bool(sel.any()):
-            masked_at = sel.nonzero().squeeze(1)
-            keep = torch.cat([torch.arange(clean_tokens, device=ids.device), masked_at])
-        states, _ = packed.hidden_states(self.encoder, ids, mask, keep_last=keep, packing=packing)
+    def _packed_states(self, inputs: EncoderInputs, layers: list[int] | None = None):
+        packing = inputs.packing
+        layers = self.pool_layers if layers is None else layers
+        keep = inputs.masked.keep_last if inputs.masked is not None else None
+        states, _ = packed.hidden_states(
+            self.encoder, inputs.input_ids, keep_last=keep, packing=packing, attention=self.attention
+        )
+        n = inputs.clean_tokens
         clean: list[torch.Tensor | None] = [
-            packing.unpack(h[:clean_tokens], rows) if i in self.pool_layers else None
+            packing.unpack(h[:n], inputs.rows) if i in self.pool_layers else None
             for i, h in enumerate(states)
         ]
-        masked = states[-1][clean_tokens:]
-        return clean, masked, flat_labels[sel], packing.index[sel] // packing.length
+        masked = states[-1][n:] if inputs.masked is not None else None
+        return clean, masked
 
-    def _mlm_loss(
-        self, hidden: torch.Tensor, labels: torch.Tensor, is_x: torch.Tensor, fallback: torch.Tensor
-    ) -> torch.Tensor:
+    def _mlm_loss(self, hidden: torch.Tensor, masked: MaskedTokens, fallback: torch.Tensor) -> torch.Tensor:
         """0.5 * (MLM(x) + MLM(y)) from the last-layer states ``hidden`` [M, H] at the masked
-        positions, their ``labels`` [M] and which side each came from. ``fallback`` is any [1, H]
-        input for the head when a side has nothing masked."""
+        positions (source rows' first). ``fallback`` is any [1, H] input for the head when a side
+        has nothing masked."""
         losses = []
-        for side in (is_x, ~is_x):
-            if not bool(side.any()):
+        total = masked.labels.shape[0]
+        for side in (slice(0, masked.x_count), slice(masked.x_count, total)):
+            if side.stop == side.start:
                 # Nothing masked on this side (short rows): still run the head, with weight 0, so
                 # every parameter gets a gradient. Otherwise this rank's gradient buckets differ
                 # from the other ranks' and the data-parallel reduction exchanges mismatched
@@ -216,17 +296,27 @@ class MLCTLModel(nn.Module):
                 losses.append(self._lm_logits(fallback).float().sum() * 0.0)
                 continue
             logits = self._lm_logits(hidden[side])
-            losses.append(F.cross_entropy(logits.float(), labels[side]))
+            losses.append(F.cross_entropy(logits.float(), masked.labels[side]))
         return 0.5 * (losses[0] + losses[1])
 
     @torch.no_grad()
     def encode(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: list[int] | None = None
     ) -> torch.Tensor:
-        """Sentence vectors for inference (no anchor word, no MLP)."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        """Sentence vectors for inference (no anchor word, no MLP). Reads the mask on the host (a
+        sync when it lives on a GPU): :meth:`encode_inputs` takes inputs built on the CPU instead."""
+        inputs = EncoderInputs.build(input_ids.cpu(), attention_mask.cpu()).to(input_ids.device)
+        return self.encode_inputs(inputs, layers)
+
+    @torch.no_grad()
+    def encode_inputs(self, inputs: EncoderInputs, layers: list[int] | None = None) -> torch.Tensor:
+        """Sentence vectors of ``inputs``' rows, pooled over ``layers`` (default: the model's)."""
         use = self._normalise_layers(layers) if layers else self.pool_layers
-        return pool_layers(out.hidden_states, use, attention_mask.bool())
+        if self.unpad:
+            clean, _ = self._packed_states(inputs, use)
+        else:
+            clean, _ = self._padded_states(inputs)
+        return pool_layers(clean, use, inputs.attention_mask[: inputs.rows].bool())
 
 
 def mask_tokens(

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixture_data import DATA, prepare_fixture_shards
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +10,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
 
@@ -38,23 +38,6 @@ def tiny_tokenizer(tiny_model_dir):
     from mlctl.hub import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
-
-
-def prepare_fixture_shards(out: Path, tokenizer: str, samples_per_shard: int = 50, **overrides) -> Path:
-    """`mlctl prepare` on the three fixture catalogs with the hand-written dictionaries in tests/data."""
-    from mlctl.config import PrepareConfig, PrepareInput
-    from mlctl.data.prepare import prepare
-
-    langs = ("de", "fr", "es")
-    cfg = PrepareConfig(
-        inputs=[PrepareInput(str(DATA / f"pairs.en-{lang}.tsv"), "tsv", "en", lang) for lang in langs],
-        dictionaries=[f"{lang}={DATA / f'dict.en-{lang}.tsv'}" for lang in langs],
-        out=str(out),
-        samples_per_shard=samples_per_shard,
-        **overrides,
-    )
-    prepare(cfg, tokenizer)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,9 @@ def _cfg(*overrides: str):
 
 def _terms(cfg, s, f, spans, rank=0, world_size=1):
     out = EncoderOutput(sentence=s, fused=f, mlm_loss=None)
-    return contrastive_terms(cfg, out, spans, rank, world_size)[0]
+    # what collate marks: a pair without an anchor has the whole sides as its spans (start 0)
+    anchored = spans[: spans.shape[0] // 2, 0] > 0 if spans is not None else None
+    return contrastive_terms(cfg, out, anchored, rank, world_size)[0]
 
 
 def test_paper_composition_is_the_fused_loss_over_every_pair():
@@ -111,8 +113,7 @@ def test_two_ranks_equal_one_process():
         out = manager.dict()
         mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
         results = dict(out)
-    # mean over ranks of each rank's loss = the global loss (the sentence term's gathered form);
-    # the anchored term is computed whole on each rank, so its mean is itself.
+    # mean over ranks of each rank's loss = the global loss (both terms in the gathered form).
     assert abs(sum(r[0] for r in results.values()) / 2 - float(want.detach())) < 1e-10
     for _loss, (gs, gf), rows in results.values():
         # each rank's backward sees the sum over ranks through the gather; / world_size = global grad

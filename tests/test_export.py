@@ -50,7 +50,7 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
     from mlctl.config import Config
     from mlctl.evaluate import encode_texts
     from mlctl.hub import load_tokenizer
-    from mlctl.model import MLCTLModel, mask_tokens
+    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
     torch.manual_seed(0)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -77,9 +77,7 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
         probability=0.3,
         generator=torch.Generator().manual_seed(0),
     )
-    out = engine(
-        enc["input_ids"], enc["attention_mask"], spans=spans, mlm_input_ids=mlm_ids, mlm_labels=labels
-    )
+    out = engine(EncoderInputs.build(enc["input_ids"], enc["attention_mask"], spans, mlm_ids, labels))
     engine.backward(out.fused.pow(2).mean() + out.mlm_loss)
     engine.step()
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlctl.model import MLCTLModel, mask_tokens, masked_mean, pool_layers, span_mask
+from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens, masked_mean, pool_layers, span_mask
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -87,8 +87,8 @@ def test_padding_does_not_change_vectors(model, tiny_tokenizer):
     spans_alone = torch.tensor([[1, 1]])
     spans_batch = torch.tensor([[1, 1], [2, 4]])
     with torch.no_grad():
-        a = model(alone["input_ids"], alone["attention_mask"], spans=spans_alone)
-        b = model(batch["input_ids"], batch["attention_mask"], spans=spans_batch)
+        a = model(EncoderInputs.build(alone["input_ids"], alone["attention_mask"], spans_alone))
+        b = model(EncoderInputs.build(batch["input_ids"], batch["attention_mask"], spans_batch))
     assert _rel(b.sentence[0], a.sentence[0]) < 1e-5
     assert _rel(b.fused[0], a.fused[0]) < 1e-5
     enc_a = model.encode(alone["input_ids"], alone["attention_mask"])
@@ -103,7 +103,7 @@ def test_forward_pools_the_right_layers_and_span(model, tiny_tokenizer):
     )
     spans = torch.tensor([[1, 2], [3, 3]])
     with torch.no_grad():
-        out = model(enc["input_ids"], enc["attention_mask"], spans=spans)
+        out = model(EncoderInputs.build(enc["input_ids"], enc["attention_mask"], spans))
         hs = model.encoder(**enc, output_hidden_states=True).hidden_states
     assert model.pool_layers == [1, 2]  # [1, -1] on a 2-layer encoder
     mask = enc["attention_mask"].bool()
@@ -165,11 +165,9 @@ def test_forward_mlm_loss_is_finite_and_reaches_the_encoder(tiny_model_dir, tiny
     )
     assert (labels != -100).any()
     out = model(
-        enc["input_ids"],
-        enc["attention_mask"],
-        spans=torch.tensor([[1, 1]] * 4),
-        mlm_input_ids=masked,
-        mlm_labels=labels,
+        EncoderInputs.build(
+            enc["input_ids"], enc["attention_mask"], torch.tensor([[1, 1]] * 4), masked, labels
+        )
     )
     assert out.mlm_loss is not None and torch.isfinite(out.mlm_loss)
     # Random init over a ~2000-token vocabulary: cross-entropy near log(V).
@@ -185,11 +183,7 @@ def test_forward_mlm_loss_is_finite_and_reaches_the_encoder(tiny_model_dir, tiny
     model.zero_grad(set_to_none=True)
     none = torch.full_like(labels, -100)
     out2 = model(
-        enc["input_ids"],
-        enc["attention_mask"],
-        spans=torch.tensor([[1, 1]] * 4),
-        mlm_input_ids=masked,
-        mlm_labels=none,
+        EncoderInputs.build(enc["input_ids"], enc["attention_mask"], torch.tensor([[1, 1]] * 4), masked, none)
     )
     assert out2.mlm_loss.item() == 0.0
     (out2.mlm_loss + out2.fused.sum() * 0.0 + out2.sentence.sum() * 0.0).backward()

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mlctl import packed
-from mlctl.model import MLCTLModel, mask_tokens
+from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
 VOCAB, SPECIAL = 120, torch.tensor([0, 1, 2, 3])  # pad/cls/sep/unk-like ids never masked
 MASK_ID = 4
@@ -35,11 +35,11 @@ _bert = partial(_tiny, "Bert", 3)
 _roberta = partial(_tiny, "Roberta", 2)
 
 
-def _pair(make, layers=(1, -1)):
+def _pair(make, layers=(1, -1), attention="grid"):
     """The same weights twice: the packed path and the padded transformers forward."""
     torch.manual_seed(0)
     mlm = make()
-    fast = MLCTLModel(mlm, list(layers), unpad=True)
+    fast = MLCTLModel(mlm, list(layers), unpad=True, attention=attention)
     slow = MLCTLModel(make(), list(layers), unpad=False)
     slow.load_state_dict(fast.state_dict())
     assert fast.unpad and not slow.unpad
@@ -66,25 +66,30 @@ def _no_dropout(model: nn.Module) -> None:
             m.p = 0.0
 
 
+ATTENTION = pytest.mark.parametrize("attention", ["grid", "jagged"])
+
+
+@ATTENTION
 @pytest.mark.parametrize("make,pad", [(_bert, 0), (_roberta, 1)], ids=["bert", "roberta"])
-def test_packed_forward_matches_the_padded_forward(make, pad):
-    fast, slow = _pair(make)
+def test_packed_forward_matches_the_padded_forward(make, pad, attention):
+    fast, slow = _pair(make, attention=attention)
     fast.eval(), slow.eval()
     batch = _batch(pad=pad)
     with torch.no_grad():
-        a, b = fast(*batch), slow(*batch)
+        a, b = fast(EncoderInputs.build(*batch)), slow(EncoderInputs.build(*batch))
     torch.testing.assert_close(a.sentence, b.sentence, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.fused, b.fused, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.mlm_loss, b.mlm_loss, rtol=1e-5, atol=1e-6)
     # Without the MLM copy and without anchors too.
     with torch.no_grad():
-        a, b = fast(*batch[:2]), slow(*batch[:2])
+        a, b = fast(EncoderInputs.build(*batch[:2])), slow(EncoderInputs.build(*batch[:2]))
     torch.testing.assert_close(a.sentence, b.sentence, rtol=1e-5, atol=1e-6)
     assert a.mlm_loss is None and a.fused is None
 
 
-def test_left_padding_and_empty_rows():
-    fast, slow = _pair(_bert)
+@ATTENTION
+def test_left_padding_and_empty_rows(attention):
+    fast, slow = _pair(_bert, attention=attention)
     fast.eval(), slow.eval()
     ids, mask, *_ = _batch()
     width = ids.shape[1]
@@ -92,24 +97,25 @@ def test_left_padding_and_empty_rows():
     left_mask = mask.flip(1)
     assert torch.equal(left_ids[left_mask.bool()], ids[mask.bool()])
     with torch.no_grad():
-        a, b = fast(left_ids, left_mask), slow(left_ids, left_mask)
+        a, b = fast(EncoderInputs.build(left_ids, left_mask)), slow(EncoderInputs.build(left_ids, left_mask))
     torch.testing.assert_close(a.sentence, b.sentence, rtol=1e-5, atol=1e-6)
     # An all-padding row gives zeros, not NaN, and leaves the other rows alone.
     left_mask[1] = 0
     with torch.no_grad():
-        c = fast(left_ids, left_mask)
+        c = fast(EncoderInputs.build(left_ids, left_mask))
     assert torch.isfinite(c.sentence).all() and not c.sentence[1].any()
     torch.testing.assert_close(c.sentence[2:], a.sentence[2:])
 
 
+@ATTENTION
 @pytest.mark.parametrize("make,pad", [(_bert, 0), (_roberta, 1)], ids=["bert", "roberta"])
-def test_packed_gradients_match_the_padded_forward(make, pad):
-    fast, slow = _pair(make)
+def test_packed_gradients_match_the_padded_forward(make, pad, attention):
+    fast, slow = _pair(make, attention=attention)
     grads = []
     for model in (fast, slow):
         model.train()
         _no_dropout(model)
-        out = model(*_batch(pad=pad))
+        out = model(EncoderInputs.build(*_batch(pad=pad)))
         (out.fused.square().sum() + out.sentence.sum() + out.mlm_loss).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -164,5 +170,17 @@ def test_other_architectures_fall_back_to_the_padded_forward(caplog):
     assert "DistilBertModel is not one of" in caplog.text
     ids, mask, *_ = _batch()
     with torch.no_grad():
-        out = model(ids, mask)
+        out = model(EncoderInputs.build(ids, mask))
     assert out.sentence.shape == (6, 32) and torch.isfinite(out.sentence).all()
+
+
+def test_attention_choice():
+    p = packed.Packing.of(torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert (p.min_len, p.max_len, p.offsets.tolist()) == (2, 3, [0, 2, 5])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert packed.resolve_attention("auto", cuda, p) == "jagged"
+    assert packed.resolve_attention("auto", cpu, p) == "grid"
+    assert packed.resolve_attention("jagged", cpu, p) == "jagged"
+    # a row without tokens has no place in the variable-length kernels
+    empty = packed.Packing.of(torch.tensor([[1, 1, 0], [0, 0, 0]]))
+    assert packed.resolve_attention("jagged", cuda, empty) == "grid"

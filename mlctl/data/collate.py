@@ -51,6 +51,7 @@ def collate(
     b = len(samples)
     srcs = []
     spans = np.zeros((2 * b, 2), dtype=np.int64)
+    anchored = np.zeros(b, dtype=bool)
     switched = 0
     for i, s in enumerate(samples):
         meta, src = s["meta"], s["src"]
@@ -68,8 +69,9 @@ def collate(
             elif keep is not None:
                 keep = (keep[0] + shift, keep[1] + shift)
         srcs.append(src)
-        if a is not None:
+        if a is not None and keep is not None:
             spans[i], spans[b + i] = keep, a["tgt_span"]
+            anchored[i] = True
         else:  # prepared with keep_no_anchor (or switched, unprotected): the "word" is the whole side
             spans[i] = (0, len(src) - 1)
             spans[b + i] = (0, len(s["tgt"]) - 1)
@@ -84,6 +86,8 @@ def collate(
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask),
         "spans": torch.from_numpy(spans),
+        # whether the pair's spans are an anchor word (else the whole sides stand in for it)
+        "anchored": torch.from_numpy(anchored),
         "pair_ids": [s["meta"]["id"] for s in samples],
         # pairs sharing one are translations of the same sentence: never each other's negatives
         "source_ids": torch.tensor([source_id_int(s["meta"]) for s in samples], dtype=torch.int64),

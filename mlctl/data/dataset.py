@@ -2,13 +2,20 @@
 
 Partition design
 ----------------
+* The shard folder is a location of :mod:`mlctl.storage`: a local folder or an object-store URI
+  (``s3://bucket/prefix?endpoint_override=...``). manifest.json is read from it; each shard is opened
+  through WebDataset's URL opening (``webdataset.gopen``, which :func:`mlctl.storage.register_gopen`
+  teaches the store's scheme, in the reading process itself) and read into memory, never to local
+  disk. Messages name locations without their query string (:func:`mlctl.storage.display`).
 * Start-up trusts the manifest that `mlctl prepare` wrote: per shard its records, bytes and sha256.
-  Rank 0 alone checks each shard with one ``stat`` (present, size as written) and, when a process
-  group is up, broadcasts the resulting shard list (and any error) to every rank, so ranks can never
-  disagree on the partition and hang in a collective. The cost is one stat per shard, whatever the
-  corpus size. A missing or resized shard is skipped and counted in ``skipped["corrupt_shard"]``.
-  A manifest without ``bytes``/``sha256`` (written by an older `mlctl prepare`) still loads: rank 0
-  then reads those shards' tar headers, as before, and logs that re-running prepare avoids it.
+  Rank 0 alone checks each shard with one size lookup (a ``stat``, or a HEAD of the object: present,
+  size as written) and, when a process group is up, broadcasts the resulting shard list (and any
+  error) to every rank, so ranks can never disagree on the partition and hang in a collective. The
+  cost is one lookup per shard, whatever the corpus size. A missing or resized shard is skipped and
+  counted in ``skipped["corrupt_shard"]``. A local manifest without ``bytes``/``sha256`` (written by
+  an older `mlctl prepare`) still loads: rank 0 then reads those shards' tar headers, as before, and
+  logs that re-running prepare avoids it; in an object store such a manifest is refused (the scan
+  would read every object).
 * Damage that keeps the size (flipped bytes) is found while streaming: a shard is read whole and its
   sha256 checked before any of its records is used. A bad shard (or one that fails to parse) becomes
   a hole in the global order: its positions count as read but yield nothing, ``corrupt_shard`` is
@@ -51,9 +58,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from mlctl import storage
 from mlctl.data.collate import collate
 from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
 
@@ -66,9 +75,14 @@ class CorruptShard(ValueError):
     """A shard whose bytes do not match what the manifest recorded."""
 
 
-def _read_verified(path: Path, size: int | None, sha256: str | None) -> bytes:
-    """The whole shard, checked against the manifest's size and checksum (when it has them)."""
-    data = path.read_bytes()
+def _read_verified(location: str, size: int | None, sha256: str | None) -> bytes:
+    """The whole shard (a local file or an object), read into memory through WebDataset's URL
+    opening and checked against the manifest's size and checksum (when it has them)."""
+    # NOTE: registered here, in the process that reads: a DataLoader worker started by spawn or
+    # forkserver has a fresh webdataset whose gopen knows no object-store scheme.
+    storage.register_gopen()
+    with webdataset.gopen(location, "rb") as f:
+        data = f.read()
     if size is not None and len(data) != size:
         raise CorruptShard(f"{len(data)} bytes, manifest says {size}")
     if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
@@ -85,7 +99,7 @@ class _Plan:
 
     def __init__(
         self,
-        root: Path,
+        root: str,
         shards: list[tuple[str, int]],
         batch_size: int,
         consumers: int,
@@ -136,19 +150,20 @@ class _Reader:
     def _records(self):
         while self.si < len(self.shards):
             name, n = self.shards[self.si]
-            path = self.plan.root / name
+            location = storage.join(self.plan.root, name)
+            where = storage.display(location)
             skip, done = self.offset, 0  # positions of this shard consumed so far
             try:
-                data = _read_verified(path, *self.plan.checks.get(name, (None, None)))
+                data = _read_verified(location, *self.plan.checks.get(name, (None, None)))
                 # The bytes were checked against the manifest above, so WebDataset streams them
-                # from memory instead of reopening the file.
-                members = ({**m, "__url__": str(path)} for m in tar_file_iterator(io.BytesIO(data)))
+                # from memory instead of reopening the file or object.
+                members = ({**m, "__url__": where} for m in tar_file_iterator(io.BytesIO(data)))
                 for sample in group_by_keys(members):
                     if done == n:
                         break
                     done += 1
                     if done > skip:
-                        yield _decode(sample, path)
+                        yield _decode(sample, where)
                 if done < n:
                     raise tarfile.ReadError(f"{done} records, manifest says {n}")
             except ShardRefused:
@@ -157,7 +172,7 @@ class _Reader:
                 # Count it and keep the positions: the consumer's block is filled up later, so the
                 # batch count per rank does not change (see the module docstring).
                 self.skipped["corrupt_shard"] = self.skipped.get("corrupt_shard", 0) + 1
-                log.warning("skipping corrupt shard %s while streaming: %s", path, e)
+                log.warning("skipping corrupt shard %s while streaming: %s", where, e)
                 for _ in range(max(done, skip), n):
                     yield _HOLE
             self.si += 1
@@ -188,20 +203,20 @@ def _borrow(plan: _Plan, epoch: int, start: int, want: int) -> list[dict]:
             remaining -= step
         if out:
             return out[:want]
-    raise RuntimeError(f"no readable sample in any shard under {plan.root} (epoch {epoch})")
+    raise RuntimeError(f"no readable sample in any shard under {storage.display(plan.root)} (epoch {epoch})")
 
 
-def _decode(sample: dict, path: Path) -> dict | None:
+def _decode(sample: dict, where: str) -> dict | None:
     """json + int32 npy members only; anything else was refused by the header scan already."""
     extra = [k for k in sample if not k.startswith("__") and k not in MEMBER_EXTS]
     if extra:
-        raise ShardRefused(f"shard {path} holds member {sample['__key__']}.{extra[0]}: refusing it")
+        raise ShardRefused(f"shard {where} holds member {sample['__key__']}.{extra[0]}: refusing it")
     try:
         meta = json.loads(sample["json"])
         src = np.load(io.BytesIO(sample["src.npy"]), allow_pickle=False)
         tgt = np.load(io.BytesIO(sample["tgt.npy"]), allow_pickle=False)
     except (KeyError, ValueError, OSError) as e:
-        log.warning("corrupt record %s in %s: %s", sample.get("__key__"), path, e)
+        log.warning("corrupt record %s in %s: %s", sample.get("__key__"), where, e)
         return None
     return {"meta": meta, "src": src, "tgt": tgt}
 
@@ -306,18 +321,13 @@ class ShardLoader:
         code_switch: float = 0.0,
         switch_anchors: bool = False,
     ) -> None:
-        self.root = Path(shards_dir)
-        mpath = self.root / "manifest.json"
-        if not mpath.is_file():
-            raise FileNotFoundError(
-                f"no manifest.json in {self.root}: run `mlctl prepare` first "
-                "(or it was interrupted before finishing)"
-            )
-        self.manifest: dict = json.loads(mpath.read_text(encoding="utf-8"))
+        self.root = str(shards_dir)  # a local folder or an object-store URI (mlctl.storage)
+        self.manifest: dict = self._read_manifest()
         tok = self.manifest.get("tokenizer", {})
+        where = storage.display(self.root)
         if expected_tokenizer_hash is not None and tok.get("hash") != expected_tokenizer_hash:
             raise ValueError(
-                f"shards in {self.root} were tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), "
+                f"shards in {where} were tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), "
                 f"but the model's tokenizer has hash {expected_tokenizer_hash}: re-run `mlctl prepare` "
                 "with the model's tokenizer"
             )
@@ -330,7 +340,7 @@ class ShardLoader:
             raise ValueError(f"code_switch is a probability in [0, 1], got {code_switch}")
         if code_switch > 0 and not self.manifest.get("code_switch"):
             raise ValueError(
-                f"code_switch={code_switch} but the shards in {self.root} were prepared without "
+                f"code_switch={code_switch} but the shards in {where} were prepared without "
                 "code-switch dictionaries: re-run `mlctl prepare` with data.prepare.code_switch "
                 "(--code-switch TGT=PATH), or set data.code_switch: 0"
             )
@@ -356,12 +366,23 @@ class ShardLoader:
         )
         if self.plan.nb == 0:
             raise ValueError(
-                f"{self.plan.total} samples in {self.root} are too few for {world_size} rank(s) x "
+                f"{self.plan.total} samples in {where} are too few for {world_size} rank(s) x "
                 f"{max(1, num_workers)} worker(s) x batch {batch_size}"
             )
         self.batches_per_epoch = self.plan.nb * max(1, num_workers)
         self.epoch, self.batch_in_epoch = 0, 0
         self._live = None
+
+    def _read_manifest(self) -> dict:
+        location = storage.join(self.root, "manifest.json")
+        try:
+            text = storage.read_text(location)
+        except (FileNotFoundError, IsADirectoryError):
+            raise FileNotFoundError(
+                f"no manifest.json in {storage.display(self.root)}: run `mlctl prepare` first "
+                "(or it was interrupted before finishing)"
+            ) from None
+        return json.loads(text)
 
     def _check_shards(self) -> list[tuple[str, int, int | None, str | None]]:
         """Rank 0's view of the shards, shared with every rank when a process group is up."""
@@ -384,14 +405,16 @@ class ShardLoader:
         return result["valid"]
 
     def _check_manifest(self) -> dict:
-        """Valid shards as (name, records, bytes, sha256): one stat per shard for a current manifest,
-        a tar header scan for the shards of an older one (no ``bytes``)."""
+        """Valid shards as (name, records, bytes, sha256): one size lookup per shard (a stat, or a
+        HEAD of the object) for a current manifest, a tar header scan for the shards of an older
+        one (no ``bytes``; local folders only)."""
         valid: list = []
         skipped: dict[str, int] = {}
         legacy = 0
         entries = self.manifest.get("shards")
+        manifest = storage.display(storage.join(self.root, "manifest.json"))
         if not isinstance(entries, list):
-            return {"error": f"{self.root / 'manifest.json'}: key 'shards' must be a list of shards"}
+            return {"error": f"{manifest}: key 'shards' must be a list of shards"}
         for i, entry in enumerate(entries):
             if (
                 not isinstance(entry, dict)
@@ -399,19 +422,26 @@ class ShardLoader:
                 or not isinstance(entry.get("samples"), int)
             ):
                 return {
-                    "error": f"{self.root / 'manifest.json'}: shards[{i}] needs a string 'name' and an "
+                    "error": f"{manifest}: shards[{i}] needs a string 'name' and an "
                     f"integer 'samples', got {entry!r}"
                 }
-            path = self.root / entry["name"]
+            location = storage.join(self.root, entry["name"])
             try:
                 if isinstance(entry.get("bytes"), int):
-                    size = path.stat().st_size
+                    size = storage.size(location)
                     if size != entry["bytes"]:
                         raise CorruptShard(f"{size} bytes, manifest says {entry['bytes']} (truncated?)")
                     n, check = entry["samples"], (entry["bytes"], entry.get("sha256"))
+                elif storage.is_remote(self.root):
+                    # NOTE: a header scan would read every object whole; prepare has written sizes
+                    # and checksums for long enough that an old manifest is re-made, not served.
+                    return {
+                        "error": f"{manifest}: shards[{i}] has no 'bytes'/'sha256' (an older `mlctl "
+                        "prepare`); shards in an object store need them: re-run `mlctl prepare`"
+                    }
                 else:
                     legacy += 1
-                    n = scan_shard(path)
+                    n = scan_shard(Path(location))
                     if n != entry["samples"]:
                         raise tarfile.ReadError(f"{n} records, manifest says {entry['samples']}")
                     check = (None, None)
@@ -419,14 +449,14 @@ class ShardLoader:
                 return {"error": str(e), "refused": True}
             except (tarfile.TarError, OSError, ValueError) as e:
                 skipped["corrupt_shard"] = skipped.get("corrupt_shard", 0) + 1
-                log.warning("skipping corrupt shard %s: %s", path, e)
+                log.warning("skipping corrupt shard %s: %s", storage.display(location), e)
                 continue
             valid.append((entry["name"], n, *check))
         if legacy:
             log.warning(
                 "%s: %d shard(s) have no size/checksum in the manifest (an older `mlctl prepare`); "
                 "their tar headers were read instead, which grows with the corpus: re-run prepare",
-                self.root,
+                storage.display(self.root),
                 legacy,
             )
         return {"valid": valid, "skipped": skipped}

@@ -37,17 +37,45 @@ Partition design
   block's batches are shuffled. A block is a pure function of (seed, epoch, consumer, block index).
 * One anchor per pair per epoch: a hash of (seed, epoch, pair id) picks it (:func:`draw_anchor`).
   Code-switching (``code_switch`` > 0, :mod:`mlctl.data.switch`) draws from the same kind of hash.
-* State = (epoch, batches this rank has yielded in the epoch). Restoring it re-opens the one shard
-  that holds the start of the current block, skips within it, rebuilds the block and drops the
-  batches already yielded: the cost is bounded by one shard plus one block, whatever came before.
+* State = (epoch, batches this rank has yielded in the epoch, and in a resized epoch this rank's
+  part of it, below), JSON, one per rank. Restoring it re-opens the one shard that holds the start
+  of the current block, skips within it, rebuilds the block and drops the batches already yielded:
+  the cost is bounded by one shard plus one block, whatever came before.
 * Workers: a DataLoader(batch_size=None) round-robins its workers in order. After ``j`` batches of
   an epoch the next batch belongs to logical worker ``j mod W``, so DataLoader worker ``k`` plays
-  logical worker ``(k + j) mod W``; as every worker has the same ``nb`` batches per epoch the round
-  robin stays aligned across epochs.
+  logical worker ``(k + j) mod W``; as every worker has the same number of batches in an epoch
+  (``nb``, or ``m`` in a resized one) the round robin stays aligned across epochs.
+
+Elastic resize
+--------------
+When a checkpoint written by ``P`` consumers (old world size x workers) is resumed by ``Q`` (Ray
+Train restarting the worker group with fewer or more workers, ZeRO-0), the epoch goes on instead of
+starting over (:meth:`ShardLoader.load_resized_state`, arithmetic in :mod:`mlctl.data.resize`):
+
+* Consumer ``c``'s batches of epoch ``e`` are a pure function of (plan with ``P`` consumers, ``e``,
+  ``c``, batch index), so "batches ``[a, b)`` of consumer ``c``" -- a *segment* ``(c, a, b)`` -- can
+  be rebuilt exactly by anyone. The rest of the epoch is the concatenation, over old consumers in
+  order, of the batches each had not yielded: ``(c, progress_c, nb_P)`` (the unread batches of its
+  current block, then its later blocks). Its ``R`` batches are cut into ``Q`` contiguous runs of
+  ``m = R // Q`` batches, one per new consumer; the last ``R - Q m`` (< ``Q``) batches are dropped, as
+  the tail of a normal epoch is, so every rank keeps the same number of steps. Their pairs go unseen
+  this epoch, nothing is seen twice. ``m == 0`` goes straight to the next epoch; a checkpoint taken
+  on an epoch boundary starts the new world's own epoch.
+* A new consumer's run holds a few segments; each is read like a resume (one shard plus one block to
+  reach its start) and yields exactly the batches the old consumer would have yielded, anchors and
+  code-switching included (both hang on the epoch, not on the consumer).
+* The next epoch uses the normal plan of ``Q`` consumers.
+* A second resize inside a resized epoch works the same way: each consumer's remainder is its
+  segment list less what it yielded, so the rest of the epoch is again a list of segments of the
+  epoch's first plan (``plan_consumers`` in the state), re-split over the newest consumers.
+* Every new rank reads the states of all old ranks and computes the same split, so no collective is
+  needed; states from different runs, epochs or settings (seed, batch size, samples, block size)
+  are refused.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -63,11 +91,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from mlctl import storage
+from mlctl.data import resize
 from mlctl.data.collate import collate
 from mlctl.data.shards import MEMBER_EXTS, ShardRefused, scan_shard
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: "block", "bucket" and "resized" (version 1 states still load)
 _HOLE = object()  # a position of a corrupt shard: counts as read, yields nothing
 
 
@@ -123,6 +152,14 @@ class _Plan:
         self.bucket = _round_up(bucket_size or 8 * batch_size, batch_size) if bucket_by_length else 0
         k = _round_up(max(shuffle_buffer, batch_size), batch_size)
         self.block = _round_up(k, self.bucket) if self.bucket else k
+
+    def with_consumers(self, consumers: int) -> _Plan:
+        """The same shards and settings split over another number of consumers (the plan a resized
+        epoch started with)."""
+        other = copy.copy(self)
+        other.consumers = consumers
+        other.nb = self.total // (consumers * self.b)
+        return other
 
     def epoch_shards(self, epoch: int) -> tuple[list[tuple[str, int]], list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
@@ -242,44 +279,77 @@ def _block_batches(
     return [recs[i : i + plan.b] for i in range(0, len(recs), plan.b)]
 
 
-def consumer_batches(plan: _Plan, consumer: int, epoch: int, start_batch: int, skipped: dict):
-    """Batches of one consumer from ``start_batch`` of ``epoch`` on, forever (epoch after epoch)."""
+def _range_batches(plan: _Plan, consumer: int, epoch: int, start: int, end: int, skipped: dict):
+    """Batches ``[start, end)`` of one consumer's epoch, collated: the block holding ``start`` is
+    rebuilt whole and its batches before ``start`` are dropped."""
+    per_block = plan.block // plan.b
+    block = start // per_block
+    reader = _Reader(plan, epoch, consumer * plan.nb * plan.b + block * plan.block, skipped)
+    first = block * per_block  # index of the block's first batch
+    while first < end:
+        want = min(plan.block, plan.nb * plan.b - block * plan.block)
+        batches = _block_batches(plan, epoch, consumer, block, reader.take(want))
+        for batch in batches[max(0, start - first) : end - first]:
+            out = collate(
+                batch, plan.pad_id, plan.seed, epoch, plan.switch, plan.max_tokens, plan.keep_anchor
+            )
+            out["_skipped"] = dict(skipped)  # read-time skips travel with the batch out of workers
+            yield out
+        block, first = block + 1, first + len(batches)
+
+
+def _segment_batches(plan: _Plan, epoch: int, segments: list[resize.Segment], start: int, skipped: dict):
+    """A consumer's part of a resized epoch from its batch ``start`` on; ``plan`` is the plan the
+    epoch started with, whose blocks the segments point into."""
+    for consumer, a, b in resize.drop(segments, start):
+        yield from _range_batches(plan, consumer, epoch, a, b, skipped)
+
+
+def consumer_batches(
+    plan: _Plan,
+    consumer: int,
+    epoch: int,
+    start_batch: int,
+    skipped: dict,
+    resized: tuple[_Plan, list[resize.Segment]] | None = None,
+):
+    """Batches of one consumer from ``start_batch`` of ``epoch`` on, forever (epoch after epoch).
+    ``resized``: (the epoch's plan, this consumer's segments) when ``epoch`` is a resized one."""
+    if resized is not None:
+        yield from _segment_batches(resized[0], epoch, resized[1], start_batch, skipped)
+        epoch, start_batch = epoch + 1, 0
     while True:
-        block = start_batch * plan.b // plan.block
-        first = consumer * plan.nb * plan.b + block * plan.block
-        reader = _Reader(plan, epoch, first, skipped)
-        per_block = plan.block // plan.b
-        skip_in_block = start_batch - block * per_block
-        n_blocks = -(-plan.nb * plan.b // plan.block)
-        for bl in range(block, n_blocks):
-            want = min(plan.block, plan.nb * plan.b - bl * plan.block)
-            batches = _block_batches(plan, epoch, consumer, bl, reader.take(want))
-            for batch in batches[skip_in_block:]:
-                out = collate(
-                    batch, plan.pad_id, plan.seed, epoch, plan.switch, plan.max_tokens, plan.keep_anchor
-                )
-                out["_skipped"] = dict(skipped)  # read-time skips travel with the batch out of workers
-                yield out
-            skip_in_block = 0
+        yield from _range_batches(plan, consumer, epoch, start_batch, plan.nb, skipped)
         epoch, start_batch = epoch + 1, 0
 
 
 class _RankStream(IterableDataset):
-    """One rank's batches; with DataLoader workers each worker plays one logical consumer."""
+    """One rank's batches; with DataLoader workers each worker plays one logical consumer.
+    ``resized``: (the epoch's plan, one segment list per logical worker) in a resized epoch."""
 
-    def __init__(self, plan: _Plan, rank: int, workers: int, epoch: int, batch_in_epoch: int) -> None:
+    def __init__(
+        self,
+        plan: _Plan,
+        rank: int,
+        workers: int,
+        epoch: int,
+        batch_in_epoch: int,
+        resized: tuple[_Plan, list[list[resize.Segment]]] | None = None,
+    ) -> None:
         self.plan, self.rank, self.workers = plan, rank, max(1, workers)
-        self.epoch, self.j = epoch, batch_in_epoch
+        self.epoch, self.j, self.resized = epoch, batch_in_epoch, resized
 
     def __iter__(self):
         info = get_worker_info()
         k = info.id if info is not None else 0
         w = (k + self.j) % self.workers
-        start = max(0, (self.j - w + self.workers - 1) // self.workers)  # batches w already gave
+        start = resize.worker_progress(self.j, self.workers, w)  # batches w already gave
         epoch = self.epoch
-        if start >= self.plan.nb:  # only when j == W * nb, which the loader normalises away
-            epoch, start = epoch + 1, 0
-        return consumer_batches(self.plan, self.rank * self.workers + w, epoch, start, {})
+        mine = None if self.resized is None else (self.resized[0], self.resized[1][w])
+        in_epoch = self.plan.nb if mine is None else resize.length(mine[1])
+        if start >= in_epoch:  # only when j == W * in_epoch, which the loader normalises away
+            epoch, start, mine = epoch + 1, 0, None
+        return consumer_batches(self.plan, self.rank * self.workers + w, epoch, start, {}, mine)
 
 
 def _group_matches(rank: int, world_size: int) -> bool:
@@ -371,6 +441,9 @@ class ShardLoader:
             )
         self.batches_per_epoch = self.plan.nb * max(1, num_workers)
         self.epoch, self.batch_in_epoch = 0, 0
+        # In a resized epoch: {"plan_consumers": P, "parts": one segment list per logical worker}
+        # (mlctl.data.resize); None in a normal one.
+        self._resized: dict | None = None
         self._live = None
 
     def _read_manifest(self) -> dict:
@@ -471,6 +544,14 @@ class ShardLoader:
 
     # ---- state -------------------------------------------------------------------------------
 
+    @property
+    def epoch_batches(self) -> int:
+        """Batches this rank yields in the current epoch: ``batches_per_epoch``, or fewer in a
+        resized epoch (its part of what the old ranks had left)."""
+        if self._resized is None:
+            return self.batches_per_epoch
+        return resize.length(self._resized["parts"][0]) * max(1, self.num_workers)
+
     def state_dict(self) -> dict:
         """JSON-serialisable position right after the last batch the iterator yielded."""
         return {
@@ -483,19 +564,98 @@ class ShardLoader:
             "batch_size": self.batch_size,
             "seed": self.seed,
             "samples": self.plan.total,
+            "block": self.plan.block,
+            "bucket": self.plan.bucket,
+            "resized": copy.deepcopy(self._resized),
             "skipped": dict(self.skipped),
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def _refuse_other_settings(self, state: dict, keys: tuple[str, ...], what: str) -> None:
         mine = self.state_dict()
-        for key in ("world_size", "num_workers", "batch_size", "seed", "samples", "rank"):
+        for key in keys:
+            # "block" and "bucket" are absent from version 1 states: nothing to compare then
+            if key in ("block", "bucket") and key not in state:
+                continue
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"loader state was saved with {key}={state.get(key)}, this loader has "
-                    f"{key}={mine[key]}: the partition would differ, so it cannot resume exactly"
+                    f"{key}={mine[key]}: {what}"
                 )
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume exactly where ``state`` (this rank's, same world size and workers) left off."""
+        self._refuse_other_settings(
+            state,
+            ("world_size", "num_workers", "batch_size", "seed", "samples", "rank", "block", "bucket"),
+            "the partition would differ, so it cannot resume exactly (after a change of world size "
+            "or workers, load_resized_state continues the epoch)",
+        )
         self.close()
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self._resized = copy.deepcopy(state.get("resized"))
+        self._merge_skipped(state)
+
+    def load_resized_state(self, states: list[dict]) -> dict:
+        """Continue the epoch of a checkpoint written by another number of ranks (or workers).
+
+        ``states``: the data state of every old rank, in rank order (``data_state_rank00000.json``,
+        ...). The batches no old consumer had yielded yet are split evenly over this run's consumers
+        (module docstring, "Elastic resize"); fewer than ``world_size x max(1, num_workers)`` left
+        over at the end are dropped. With the same world size and workers this is
+        ``load_state_dict(states[rank])``. Every rank passes the same list and gets its own part, no
+        collective needed. Returns ``epoch`` (the one this loader goes on with), ``per_rank`` (its
+        batches this rank yields in it), ``remaining`` (batches the old consumers had left of their
+        epoch; None when nothing was re-split) and ``dropped`` (the tail left out)."""
+        resize.check_states(states)
+        old = states[0]
+        self._refuse_other_settings(
+            old,
+            ("batch_size", "seed", "samples", "block", "bucket"),
+            "the old ranks' batches cannot be rebuilt, so the epoch cannot be re-split",
+        )
+        remaining, dropped = None, 0
+        if (old["world_size"], old["num_workers"]) == (self.world_size, self.num_workers):
+            self.load_state_dict(states[self.rank])
+        elif old.get("resized") is None and all(int(s["batch_in_epoch"]) == 0 for s in states):
+            # saved on an epoch boundary: nothing to carry over, the new world's own epoch begins
+            self._continue(int(old["epoch"]), None, states)
+        else:
+            epoch, plan_consumers, rest = resize.rest_of_epoch(states)
+            parts, dropped = resize.split(rest, self.plan.consumers)
+            workers = max(1, self.num_workers)
+            mine = [[list(seg) for seg in p] for p in parts[self.rank * workers : (self.rank + 1) * workers]]
+            if resize.length(parts[0]) == 0:  # fewer batches left than consumers: the epoch is over
+                self._continue(epoch + 1, None, states)
+            else:
+                self._continue(epoch, {"plan_consumers": plan_consumers, "parts": mine}, states)
+            remaining = resize.length(rest)
+            log.info(
+                "loader resized from %d rank(s) x %d worker(s) to %d x %d in epoch %d: %d batches "
+                "left, %d on this rank, %d dropped",
+                old["world_size"],
+                max(1, old["num_workers"]),
+                self.world_size,
+                workers,
+                epoch,
+                remaining,
+                self.epoch_batches if self.epoch == epoch else 0,
+                dropped,
+            )
+        return {
+            "epoch": self.epoch,
+            "per_rank": self.epoch_batches,
+            "remaining": remaining,
+            "dropped": dropped,
+        }
+
+    def _continue(self, epoch: int, resized: dict | None, states: list[dict]) -> None:
+        """Start of ``epoch`` (a resized one when ``resized`` is given) after the old ``states``."""
+        self.close()
+        self.epoch, self.batch_in_epoch, self._resized = epoch, 0, resized
+        if self.rank < len(states):  # a rank that existed before keeps counting its skips
+            self._merge_skipped(states[self.rank])
+
+    def _merge_skipped(self, state: dict) -> None:
         for reason, n in state.get("skipped", {}).items():
             self.skipped[reason] = max(self.skipped.get(reason, 0), int(n))
 
@@ -508,7 +668,11 @@ class ShardLoader:
         return gen
 
     def _iterate(self):
-        ds = _RankStream(self.plan, self.rank, self.num_workers, self.epoch, self.batch_in_epoch)
+        resized = None
+        if self._resized is not None:
+            parts = [[tuple(seg) for seg in p] for p in self._resized["parts"]]
+            resized = (self.plan.with_consumers(self._resized["plan_consumers"]), parts)
+        ds = _RankStream(self.plan, self.rank, self.num_workers, self.epoch, self.batch_in_epoch, resized)
         if self.num_workers == 0:
             source = iter(ds)
         else:
@@ -527,8 +691,8 @@ class ShardLoader:
                         d.get(reason, 0) for d in per_consumer.values()
                     )
                 self.batch_in_epoch += 1
-                if self.batch_in_epoch == self.batches_per_epoch:
-                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if self.batch_in_epoch == self.epoch_batches:
+                    self.epoch, self.batch_in_epoch, self._resized = self.epoch + 1, 0, None
                 yield batch
         finally:
             shutdown = getattr(source, "_shutdown_workers", None)

@@ -52,7 +52,9 @@ def display(location: str | Path) -> str:
 
 
 @functools.lru_cache(maxsize=32)
-def _filesystem(scheme: str, netloc: str, query: str) -> Any:
+def _filesystem(pid: int, scheme: str, netloc: str, query: str) -> Any:
+    # NOTE: cached per process: a DataLoader worker forked after the parent used a store would
+    # otherwise share the parent's client, and with it its pooled keep-alive connections.
     import pyarrow.fs as pafs
 
     fs, _ = pafs.FileSystem.from_uri(urlunsplit((scheme, netloc, "/", query, "")))
@@ -66,7 +68,7 @@ def filesystem(location: str | Path) -> tuple[Any, str]:
 
         return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
     parts = urlsplit(str(location))
-    fs = _filesystem(parts.scheme, parts.netloc, parts.query)
+    fs = _filesystem(os.getpid(), parts.scheme, parts.netloc, parts.query)
     return fs, f"{parts.netloc}{parts.path}".rstrip("/")
 
 

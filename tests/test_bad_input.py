@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -160,3 +164,247 @@ def test_prepare_into_a_full_or_read_only_folder(
     assert main(args) == 2
     line = error_line(capsys)
     assert line.startswith("mlctl prepare: error:") and expected in line and str(out.parent) in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# A failed prepare never costs the dataset already in its output (issue 21)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(files: Path, out: str = "out") -> list[str]:
+    """Staging folders, old copies and locks of `out` that a finished prepare should not leave."""
+    return sorted(p.name for p in files.iterdir() if p.name.startswith(f".{out}."))
+
+
+@pytest.fixture()
+def dataset(files, tiny_model_dir) -> dict[str, bytes]:
+    """A good dataset in files/out (two shards); returns its files' bytes."""
+    assert main([*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--samples-per-shard", "1"]) == 0
+    snap = _snapshot(files / "out")
+    assert {"manifest.json", "shard-000000.tar", "shard-000001.tar"} == set(snap)
+    return snap
+
+
+def _interrupt_mid_write(monkeypatch) -> None:
+    """Ctrl-C while the shards are being written (the second record)."""
+    from mlctl.data.shards import ShardWriter
+
+    write, calls = ShardWriter.write, []
+
+    def write_then_interrupt(self, *rec):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write(self, *rec)
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_interrupt)
+
+
+@pytest.mark.parametrize(
+    "inp, expected",
+    [
+        (
+            "empty.tsv",
+            "mlctl prepare: error: nothing to train on from {files}/empty.tsv: no pairs in the input",
+        ),
+        ("trunc.tsv.gz", "mlctl prepare: error: {files}/trunc.tsv.gz: truncated or corrupt gzip file"),
+        ("interrupt", "mlctl prepare: interrupted; {files}/out is as it was before"),
+    ],
+)
+def test_a_failed_prepare_leaves_the_previous_dataset(
+    files, tiny_model_dir, capsys, monkeypatch, dataset, inp, expected
+):
+    if inp == "interrupt":
+        _interrupt_mid_write(monkeypatch)
+        inp = "many.tsv"
+        (files / inp).write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(50)))
+    assert main(prepare_args(files, tiny_model_dir, inp)) in (2, 130)
+    assert error_line(capsys).startswith(expected.format(files=files))
+    assert _snapshot(files / "out") == dataset  # byte for byte
+    assert _leftovers(files) == []
+
+
+def test_nothing_kept_writes_nothing(files, tiny_model_dir, capsys):
+    assert main(prepare_args(files, tiny_model_dir, "empty.tsv", out="new")) == 2
+    assert "nothing to train on" in error_line(capsys)
+    assert not (files / "new").exists() and _leftovers(files, "new") == []  # no 0-sample manifest
+
+
+def test_a_swap_that_fails_halfway_puts_the_previous_dataset_back(
+    files, tiny_model_dir, capsys, monkeypatch, dataset
+):
+    import mlctl.data.output as output
+
+    rename, calls = os.rename, []
+
+    def rename_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # out -> .out.old-PID went through; the staging folder -> out fails
+            raise OSError(5, "Input/output error", str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(output.os, "rename", rename_then_fail)
+    args = [*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--samples-per-shard", "2"]
+    assert main(args) == 2
+    assert "Input/output error" in error_line(capsys)
+    assert _snapshot(files / "out") == dataset and _leftovers(files) == []
+
+
+def test_a_prepare_killed_while_swapping_is_repaired_by_the_next(files, tiny_model_dir, caplog, dataset):
+    # What SIGKILL between the two renames leaves: the dataset aside, a complete staging folder, a lock.
+    os.rename(files / "out", files / ".out.old-999999")
+    shutil.copytree(files / ".out.old-999999", files / ".out.staging-999999")
+    (files / ".out.lock").write_text(
+        json.dumps({"pid": 999999, "host": socket.gethostname(), "started": "x"})
+    )
+    assert main(prepare_args(files, tiny_model_dir, "empty.tsv")) == 2  # even a failing run repairs
+    assert _snapshot(files / "out") == dataset and _leftovers(files) == []
+    assert "restored" in caplog.text and "no longer running" in caplog.text
+
+
+def test_an_output_folder_holding_other_files_is_refused(files, tiny_model_dir, capsys):
+    (files / "mine").mkdir()
+    (files / "mine" / "notes.txt").write_text("keep me")
+    assert main(prepare_args(files, tiny_model_dir, "pairs.tsv", out="mine")) == 2
+    line = error_line(capsys)
+    assert f"output folder {files}/mine holds notes.txt, which `mlctl prepare` did not write" in line, line
+    assert (files / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture()
+def s3(monkeypatch, tmp_path):
+    """An S3 bucket on a moto server on loopback; yields the URI of a prefix in it. The local temp
+    folder (staging and lock of an object-store output) is a fresh one, so leftovers are visible."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(k, v)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    try:
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
+            Bucket="mlctl-data"
+        )
+        yield f"s3://mlctl-data/shards?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        server.stop()
+
+
+def test_prepare_into_an_object_store_writes_the_manifest_last(
+    files, tiny_model_dir, s3, capsys, monkeypatch
+):
+    import hashlib
+
+    from mlctl import storage
+
+    def objects() -> dict[str, bytes]:
+        return {n: storage.read_bytes(storage.join(s3, n)) for n in storage.list_names(s3)}
+
+    args = prepare_args(files, tiny_model_dir, "pairs.tsv")
+    args[args.index("--out") + 1] = s3
+    assert main([*args, "--samples-per-shard", "1"]) == 0
+    good = objects()
+    manifest = json.loads(good["manifest.json"])
+    assert {s["name"] for s in manifest["shards"]} | {"manifest.json"} == set(good) and len(good) == 3
+    assert all(hashlib.sha256(good[s["name"]]).hexdigest() == s["sha256"] for s in manifest["shards"])
+
+    # a run that fails before publishing touches nothing in the bucket
+    empty = prepare_args(files, tiny_model_dir, "empty.tsv")
+    empty[empty.index("--out") + 1] = s3
+    assert main(empty) == 2 and "nothing to train on" in error_line(capsys)
+    assert objects() == good
+
+    # an upload that breaks at the second shard leaves no manifest (never one naming a missing shard)
+    upload = storage.upload_file
+
+    def upload_then_fail(local, location):
+        if "shard-000001" in str(location):
+            raise OSError("connection reset")
+        upload(local, location)
+
+    monkeypatch.setattr(storage, "upload_file", upload_then_fail)
+    (files / "three.tsv").write_text("Hello world\tHallo Welt\nThe world\tDie Welt\nHello\tHallo\n")
+    args[args.index("--input") + 1] = str(files / "three.tsv")
+    assert main([*args, "--samples-per-shard", "1"]) == 2
+    line = error_line(capsys)
+    assert (
+        "mlctl prepare: error: s3://mlctl-data/shards: uploading shard-000001.tar failed after 1 of 3 "
+        "shard(s); no manifest.json was written there, so readers see no dataset until a prepare "
+        "succeeds: connection reset" in line
+    ), line
+    assert "manifest.json" not in storage.list_names(s3)
+    assert list((Path(tempfile.gettempdir())).iterdir()) == []  # local staging and lock are gone
+
+
+# --------------------------------------------------------------------------------------------------
+# One prepare per output folder at a time
+
+
+def test_a_second_prepare_into_a_locked_folder_names_the_holder(files, tiny_model_dir, capsys, dataset):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import time; from mlctl.lock import RunLock\n"
+        f"RunLock({str(files / '.out.lock')!r}).acquire(); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(prepare_args(files, tiny_model_dir, "pairs.tsv")) == 2
+        line = error_line(capsys)
+        assert line.startswith(
+            f"mlctl prepare: error: output {files}/out is in use by pid {holder.pid} on host {socket.gethostname()}"
+        ), line
+        assert f"wait for it to finish or stop it (lock file {files}/.out.lock)" in line, line
+        assert _snapshot(files / "out") == dataset
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_two_prepares_at_once_leave_one_complete_dataset(files, tiny_model_dir):
+    """Two real `mlctl prepare` processes into one folder: each either finishes or stops with the
+    lock error; never a decode error from the other's temporary files, an orphan shard or no manifest."""
+    import hashlib
+    import subprocess
+    import sys
+
+    (files / "many.tsv").write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(20000)))
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "mlctl.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [
+        subprocess.Popen([*argv, "--samples-per-shard", "3000"], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(p.wait(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    for rc, err in results:
+        assert "Traceback" not in err and (rc == 0 or (rc == 2 and "is in use by pid" in err)), err
+    assert any(rc == 0 for rc, _ in results)
+    manifest = json.loads((files / "out" / "manifest.json").read_text())
+    names = {s["name"] for s in manifest["shards"]}
+    assert {p.name for p in (files / "out").iterdir()} == names | {"manifest.json"}
+    for s in manifest["shards"]:
+        assert hashlib.sha256((files / "out" / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    assert manifest["num_samples"] == 20000 and _leftovers(files) == []
+    print([rc for rc, _ in results])

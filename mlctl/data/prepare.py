@@ -30,7 +30,6 @@ import gc
 import hashlib
 import logging
 import multiprocessing as mp
-import os
 import re
 import shutil
 import struct
@@ -44,6 +43,7 @@ from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.anchors import SpanMapper, mine_char_anchors
 from mlctl.data.clean import Deduper, length_ratio_ok, normalize
 from mlctl.data.dictionary import Dictionary, load_dictionary
+from mlctl.data.output import StagedOutput
 from mlctl.data.readers import (
     FORMATS,
     Counts,
@@ -289,14 +289,6 @@ class _Shuffler:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _clear_outputs(out: Path) -> None:
-    """A re-run replaces the previous output; the manifest goes first so a crash leaves no manifest."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    shutil.rmtree(out / ".shuffle", ignore_errors=True)
-    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
-        p.unlink()
-
-
 class _Progress:
     """One self-overwriting stderr line with pairs/s (a log line instead when stderr is not a tty)."""
 
@@ -430,9 +422,14 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     stay in this process, so the output is byte for byte that of a local run. The tokenizer name
     must resolve on every node (a path on a shared disk, or a packaged alias).
 
+    ``cfg.out`` is a folder or an object-store URI (:mod:`mlctl.storage`). The run writes into a
+    staging folder of its own and replaces the output's dataset only when it succeeds
+    (:mod:`mlctl.data.output`): any failure, Ctrl-C included, leaves the previous dataset as it was.
+
     Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
-    has an unknown format, or a dictionary cannot be read."""
-    from mlctl.hub import load_tokenizer, tokenizer_fingerprint
+    has an unknown format, or a dictionary cannot be read; and at the end when no pair was kept.
+    Raises :class:`~mlctl.lock.LockHeld` when another prepare writes to the same output."""
+    from mlctl.hub import load_tokenizer
 
     if not cfg.out:
         raise InputError("no output folder (--out)")
@@ -452,9 +449,24 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     if tok.pad_token_id is None:
         raise InputError(f"tokenizer {tokenizer!r} has no pad token; the loader pads with it")
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out)
+    with StagedOutput(cfg.out) as stage:
+        manifest = _write(cfg, tokenizer, tok, address, inputs, dicts, switch, stage.dir)
+        stage.publish(manifest)
+    return manifest
+
+
+def _nothing_kept(inputs, stats: dict, dropped: dict) -> str:
+    names = ", ".join(str(p) for p, *_ in inputs)
+    why = "no pairs in the input" if stats["read"] == 0 else f"every pair was dropped ({dropped})"
+    return f"nothing to train on from {names}: {why}"
+
+
+def _write(cfg: PrepareConfig, tokenizer: str, tok, address: str, inputs, dicts, switch, out: Path) -> dict:
+    """Read, clean, tokenize, mine and shuffle into shards under ``out`` (the staging folder); the
+    manifest, or :class:`InputError` when no pair is kept (shards with nothing in them would only
+    fail later, in every training worker)."""
+    from mlctl.hub import tokenizer_fingerprint
+
     counts = Counts()
     stats: dict = {"read": 0, "per_pair": {}}
     writer = ShardWriter(out, cfg.samples_per_shard)
@@ -502,6 +514,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     progress.update(stats["read"], kept, final=True)
 
     dropped = dict(sorted(counts.by_reason.items()))
+    if kept == 0:
+        raise InputError(_nothing_kept(inputs, stats, dropped))
     mined = kept + dropped.get("no_anchor", 0)  # pairs that reached anchor mining
     with_anchor = sum(p["with_anchor"] for p in stats["per_pair"].values())
     manifest = {
@@ -546,17 +560,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
         "shards": shards,
         "seconds": round(seconds, 2),  # informational; everything else is deterministic
     }
-    # The manifest is written last, under a temporary name: its presence means the shards are complete.
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json_bytes_pretty(manifest), encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
     return manifest
-
-
-def json_bytes_pretty(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -677,6 +681,10 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f"; {cfg.out} is as it was before" if cfg is not None and cfg.out else ""
+        print(f"mlctl prepare: interrupted{where}", file=sys.stderr)
+        return 130
     except OSError as e:
         if cfg is not None and e.filename is None and e.errno is not None:
             # A write to an open file (a full disk) names no path; the output folder is where it was.
@@ -688,10 +696,4 @@ def run(args: argparse.Namespace) -> int:
         f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
         f"dropped {c['dropped']}"
     )
-    if c["kept"] == 0:
-        # Shards with nothing in them would only fail later, in every training worker.
-        inputs = ", ".join(i.path for i in cfg.inputs)
-        why = "no pairs in the input" if c["read"] == 0 else f"every pair was dropped ({c['dropped']})"
-        print(f"mlctl prepare: error: nothing to train on from {inputs}: {why}", file=sys.stderr)
-        return 2
     return 0

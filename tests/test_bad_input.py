@@ -408,3 +408,32 @@ def test_two_prepares_at_once_leave_one_complete_dataset(files, tiny_model_dir):
         assert hashlib.sha256((files / "out" / s["name"]).read_bytes()).hexdigest() == s["sha256"]
     assert manifest["num_samples"] == 20000 and _leftovers(files) == []
     print([rc for rc, _ in results])
+
+
+# --------------------------------------------------------------------------------------------------
+# Input files that lie about themselves
+
+
+def test_a_mo_header_claiming_two_billion_strings_is_refused_at_once(files, tiny_model_dir, capsys):
+    import signal
+    import struct
+
+    mo = files / "huge.mo"
+    mo.write_bytes(struct.pack("<7I", 0x950412DE, 0, 2**31, 28, 28, 0, 0) + b"\0" * 100)
+
+    def too_slow(*_):
+        raise TimeoutError("the .mo header was believed")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        assert main(prepare_args(files, tiny_model_dir, "huge.mo")) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    line = error_line(capsys)
+    assert line == (
+        f"mlctl prepare: error: {files}/huge.mo: corrupt .mo header: it claims 2,147,483,648 strings, "
+        "but their original-string table (8 bytes each from byte 28) runs past the end of the file "
+        "(128 bytes)"
+    ), line

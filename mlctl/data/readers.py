@@ -423,9 +423,9 @@ def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
             yield pair
 
 
-def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    with open_text_bytes(path) as f:
-        data = f.read()
+def _mo_header(data: bytes, path: Path) -> tuple[str, int, int, int]:
+    """(byte order, number of strings, offsets of the two string tables) of a .mo file, checked
+    against its size: a header claiming 2^31 strings would otherwise keep the reader busy for hours."""
     if len(data) < 28:
         raise InputError(f"{path}: not a gettext .mo file (only {len(data)} bytes)")
     magic = struct.unpack("<I", data[:4])[0]
@@ -436,6 +436,19 @@ def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
     else:
         raise InputError(f"{path}: not a gettext .mo file (bad magic {magic:#x})")
     _rev, n, orig_off, trans_off = struct.unpack(end + "4I", data[4:20])
+    for name, off in (("original", orig_off), ("translated", trans_off)):
+        if off + 8 * n > len(data):
+            raise InputError(
+                f"{path}: corrupt .mo header: it claims {n:,} strings, but their {name}-string table "
+                f"(8 bytes each from byte {off:,}) runs past the end of the file ({len(data):,} bytes)"
+            )
+    return end, n, orig_off, trans_off
+
+
+def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+    with open_text_bytes(path) as f:
+        data = f.read()
+    end, n, orig_off, trans_off = _mo_header(data, path)
 
     def string(table: int, i: int) -> bytes:
         length, off = struct.unpack(end + "2I", data[table + 8 * i : table + 8 * i + 8])
@@ -495,6 +508,8 @@ def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str) -> None:
         raise InputError(f"input file not found: {path}")
     try:
         with open_text_bytes(path) as f:
-            f.read(1)
+            head = f.read() if fmt == "mo" else f.read(1)  # a catalog is small; its header is checked now
     except OSError as e:
         raise InputError(f"input file {path} cannot be read: {e}") from None
+    if fmt == "mo":
+        _mo_header(head, path)

@@ -97,6 +97,9 @@ class PrepareInput:
     format: str = ""  # empty: from the file extension
     src_lang: str = ""
     tgt_lang: str = ""
+    # Text encoding (latin-1, cp1252, ...); empty: the file's byte-order mark or declared charset
+    # (.po header, TMX declaration), else UTF-8. A file not in the encoding it is read with is refused.
+    encoding: str = ""
 
 
 @dataclass

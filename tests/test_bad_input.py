@@ -69,10 +69,129 @@ def test_prepare_stops_with_the_file_named(files, tiny_model_dir, capsys, inp, o
     assert line.startswith("mlctl prepare: error:") and expected.format(files=files) in line, line
 
 
-def test_prepare_counts_a_wrong_encoding_and_goes_on(files, tiny_model_dir):
-    assert main(prepare_args(files, tiny_model_dir, "latin1.tsv")) == 0
+def _latin1_tsv(path: Path) -> None:
+    """200 pairs in Latin-1, 98 of them with accents (the issue's file)."""
+    rows = [
+        f"Café number {i}\tMilchkaffee Nummer {i} für Sie"
+        if i % 2 and i < 196
+        else f"Hello world {i}\tHallo Welt {i}"
+        for i in range(200)
+    ]
+    path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+
+
+def test_a_file_in_another_encoding_is_refused_not_half_read(files, tiny_model_dir, capsys):
+    _latin1_tsv(files / "latin1.tsv")
+    assert main(prepare_args(files, tiny_model_dir, "latin1.tsv")) == 2
+    assert error_line(capsys) == (
+        f"mlctl prepare: error: {files}/latin1.tsv: not UTF-8: 10 of its first 20 lines do not decode "
+        "(the first at line 2, byte offset 30: 0xe9); it looks like Latin-1/cp1252 (Western European): "
+        "re-encode it to UTF-8 (iconv -f cp1252 -t utf-8) or give its encoding (--encoding cp1252, or "
+        "encoding: cp1252 on the input)"
+    )
+    assert not (files / "out").exists()
+    # as the message says: with its encoding given, every line is read
+    assert main([*prepare_args(files, tiny_model_dir, "latin1.tsv"), "--encoding", "cp1252"]) == 0
+    manifest = json.loads((files / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["read"] == 200 and manifest["inputs"][0]["encoding"] == "cp1252"
+    assert "invalid_utf8" not in manifest["counts"]["dropped"]
+
+
+def test_a_few_broken_lines_in_a_utf8_file_are_counted_and_skipped(files, tiny_model_dir):
+    rows = [f"Grüße {i}\tHello world {i}".encode() for i in range(400)]
+    rows[7] = b"Gr\xfc\xdfe\tHello world"  # one line a tool mangled
+    (files / "mostly.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    args = prepare_args(files, tiny_model_dir, "mostly.tsv")
+    args[args.index("--src-lang") + 1 : args.index("--tgt-lang") + 2] = ["de", "--tgt-lang", "en"]
+    assert main([*args, "--keep-no-anchor"]) == 0
     counts = json.loads((files / "out" / "manifest.json").read_text())["counts"]
-    assert counts["read"] == 1 and counts["dropped"]["invalid_utf8"] == 1
+    assert counts["read"] == 399 and counts["dropped"] == {"invalid_utf8": 1}
+
+
+def _read(path: Path, fmt: str, tgt: str = "de", **kw) -> tuple[list[tuple[str, str]], dict]:
+    from mlctl.data.readers import Counts, read_input
+
+    counts = Counts()
+    pairs = [(r.src, r.tgt) for r in read_input(path, fmt, "en", tgt, counts, **kw)]
+    return pairs, dict(counts.by_reason)
+
+
+PAIRS = [("Coffee", "Café"), ("Open", "Öffnen"), ("Close", "Schließen")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_utf16_and_utf32_text_is_read_from_its_bom_or_nul_pattern(tmp_path, encoding):
+    # "utf-16" and "utf-32" write a byte-order mark, "-le"/"-be" none
+    p = tmp_path / "x.tsv"
+    p.write_bytes("".join(f"{a}\t{b}\r\n" for a, b in PAIRS).encode(encoding))
+    assert _read(p, "tsv") == (PAIRS, {})
+
+
+def test_a_po_file_is_read_in_its_declared_charset(tmp_path):
+    po = tmp_path / "de.po"
+    head = 'msgid ""\nmsgstr ""\n"Content-Type: text/plain; charset=ISO-8859-1\\n"\n\n'
+    po.write_bytes((head + "".join(f'msgid "{a}"\nmsgstr "{b}"\n\n' for a, b in PAIRS)).encode("latin-1"))
+    assert _read(po, "po") == (PAIRS, {})
+
+
+def test_a_mo_file_is_read_in_its_declared_charset(tmp_path):
+    import struct
+
+    entries = sorted(
+        [(b"", b"Content-Type: text/plain; charset=ISO-8859-1\n")]
+        + [(a.encode("latin-1"), b.encode("latin-1")) for a, b in PAIRS]
+    )
+    n, blob, tables = len(entries), b"", []
+    base = 28 + 16 * n
+    for k in (0, 1):
+        for e in entries:
+            tables.append(struct.pack("<2I", len(e[k]), base + len(blob)))
+            blob += e[k] + b"\0"
+    mo = tmp_path / "de.mo"
+    mo.write_bytes(struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0) + b"".join(tables) + blob)
+    assert sorted(_read(mo, "mo")[0]) == sorted(PAIRS)
+
+
+def _tmx(pairs, tgt: str, encoding: str, declare: bool = True) -> bytes:
+    decl = f'<?xml version="1.0" encoding="{encoding}"?>\n' if declare else ""
+    units = "".join(
+        f'<tu><tuv xml:lang="en"><seg>{a}</seg></tuv><tuv xml:lang="{tgt}"><seg>{b}</seg></tuv></tu>\n'
+        for a, b in pairs
+    )
+    return (decl + f'<tmx version="1.4"><body>\n{units}</body></tmx>\n').encode(encoding)
+
+
+def test_a_tmx_is_read_in_its_declared_multibyte_encoding(tmp_path):
+    ja = [("File", "ファイル"), ("Open", "開く")]
+    p = tmp_path / "ja.tmx"
+    p.write_bytes(_tmx(ja, "ja", "shift_jis"))  # expat alone: "multi-byte encodings are not supported"
+    assert _read(p, "tmx", "ja") == (ja, {})
+
+
+def test_an_undeclared_latin1_tmx_is_refused_with_its_likely_encoding(files, tiny_model_dir, capsys):
+    (files / "x.tmx").write_bytes(_tmx(PAIRS, "de", "latin-1", declare=False))
+    assert main(prepare_args(files, tiny_model_dir, "x.tmx")) == 2
+    assert error_line(capsys) == (
+        f"mlctl prepare: error: {files}/x.tmx: not UTF-8: the bytes at line 2, byte offset 99: 0xe9 do "
+        "not decode; it looks like Latin-1/cp1252 (Western European): re-encode it to UTF-8 (iconv -f "
+        "cp1252 -t utf-8) or give its encoding (--encoding cp1252, or encoding: cp1252 on the input)"
+    )
+    assert _read(files / "x.tmx", "tmx", encoding="latin-1") == (PAIRS, {})
+
+
+def test_dictionaries_in_utf16_are_read_and_in_latin1_named(files):
+    from mlctl.data.dictionary import load_dictionary
+    from mlctl.data.readers import InputError
+
+    (files / "d16.tsv").write_bytes("café\tKaffee\nöffnen\topen\n".encode("utf-16"))
+    assert load_dictionary(files / "d16.tsv", "de", "en").entries["café"] == {"kaffee"}
+    (files / "d1.tsv").write_bytes("cafe\tKaffee\ncafé\tKaffee\n".encode("latin-1"))
+    with pytest.raises(InputError) as e:
+        load_dictionary(files / "d1.tsv", "de", "en")
+    assert str(e.value) == (
+        f"dictionary {files}/d1.tsv:2: invalid UTF-8 (byte 0xe9 at line offset 3); it looks like "
+        "Latin-1/cp1252 (Western European): re-encode it (iconv -f cp1252 -t utf-8)"
+    )
 
 
 @pytest.mark.parametrize(

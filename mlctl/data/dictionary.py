@@ -8,6 +8,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlctl.data import charset
 from mlctl.data.anchors import phrase_key
 from mlctl.data.readers import InputError, open_text_bytes
 
@@ -47,22 +48,38 @@ class Dictionary:
 
 
 def _read_lines(path: Path) -> list[str]:
-    """All lines of a dictionary file; any undecodable line or NUL byte is fatal, naming the line."""
+    """All lines of a dictionary file (a byte-order mark, or UTF-16's NUL pattern, gives its encoding;
+    else UTF-8); any undecodable line or NUL byte is fatal, naming the line and the likely encoding."""
     try:
         with open_text_bytes(path) as f:
-            raw_lines = f.read().split(b"\n")
+            data = f.read()
     except OSError as e:
         raise InputError(f"dictionary {path} cannot be read: {e}") from None
+    name, bom, _why = charset.sniff(data[:4096])
+    if name and charset.is_wide(name):
+        text = data[bom:].decode(name, errors="replace")
+        raw_lines = [line.encode("utf-8") for line in text.split("\n")]
+    else:
+        raw_lines = data[bom:].split(b"\n")
     if raw_lines and raw_lines[-1] == b"":
         raw_lines.pop()
     out = []
     for lineno, raw in enumerate(raw_lines, 1):
         if b"\x00" in raw:
             raise InputError(f"dictionary {path}:{lineno}: NUL byte; is this a text file?")
+        if name and charset.is_wide(name) and "\ufffd".encode() in raw:
+            raise InputError(f"dictionary {path}:{lineno}: invalid {name}")
         try:
             out.append(raw.rstrip(b"\r").decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise InputError(f"dictionary {path}:{lineno}: invalid UTF-8 ({e})") from None
+            what, suggest = charset.guess(raw)
+            hint = f"; it looks like {what}" + (
+                f": re-encode it (iconv -f {suggest} -t utf-8)" if suggest else ""
+            )
+            raise InputError(
+                f"dictionary {path}:{lineno}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at line offset "
+                f"{e.start}){hint}"
+            ) from None
     return out
 
 

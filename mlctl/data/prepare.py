@@ -183,7 +183,8 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
 # Main side
 
 
-def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
+def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str, str]]:
+    """(path, format, source language, target language, encoding) of each input, checked."""
     if not cfg.inputs:
         raise InputError("no --input given")
     out = []
@@ -193,14 +194,14 @@ def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
         if not path.exists() and (inp.format or "") != "moses":
             raise InputError(f"input file not found: {path}")
         fmt = inp.format or detect_format(path)
-        check_input(path, fmt, src, tgt)
-        out.append((path, fmt, src, tgt))
+        check_input(path, fmt, src, tgt, inp.encoding)
+        out.append((path, fmt, src, tgt, inp.encoding))
     return out
 
 
 def _language_pairs(inputs) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    for path, _fmt, src, tgt in inputs:
+    for path, _fmt, src, tgt, _enc in inputs:
         tgts = [tgt] if tgt else [lang for lang in multiway_files(path) if lang != src]
         for t in tgts:
             if (src, t) not in pairs:
@@ -314,8 +315,8 @@ class _Progress:
 def _cleaned(inputs, cfg: PrepareConfig, counts: Counts, stats: dict):
     """Normalised, filtered, deduplicated pairs as tuples for the workers."""
     dedup = Deduper()
-    for path, fmt, src_lang, tgt_lang in inputs:
-        for raw in read_input(path, fmt, src_lang, tgt_lang, counts):
+    for path, fmt, src_lang, tgt_lang, encoding in inputs:
+        for raw in read_input(path, fmt, src_lang, tgt_lang, counts, encoding):
             stats["read"] += 1
             per = stats["per_pair"].setdefault(f"{raw.src_lang}-{raw.tgt_lang}", Counter())
             per["read"] += 1
@@ -527,7 +528,10 @@ def _write(cfg: PrepareConfig, tokenizer: str, tok, address: str, inputs, dicts,
         "keep_no_anchor": cfg.keep_no_anchor,
         "seed": cfg.seed,
         "shuffled": True,
-        "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
+        "inputs": [
+            {"path": str(p), "format": f, "src_lang": s, "tgt_lang": t, **({"encoding": e} if e else {})}
+            for p, f, s, t, e in inputs
+        ],
         "dictionaries": {
             f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()
         },
@@ -580,6 +584,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH[:FORMAT[:SRC-TGT]]",
         help=f"input corpus (repeatable); FORMAT one of {', '.join(FORMATS)}, else from "
         "the extension; SRC-TGT overrides --src-lang/--tgt-lang for this input",
+    )
+    parser.add_argument(
+        "--encoding",
+        default=None,
+        help="text encoding of every --input (e.g. latin-1, cp1252); default: the file's byte-order mark "
+        "or declared charset (.po header, TMX declaration), else UTF-8",
     )
     parser.add_argument("--src-lang", default=None)
     parser.add_argument("--tgt-lang", default=None)
@@ -649,6 +659,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         cfg.tgt_lang = args.tgt_lang
     if args.input:
         cfg.inputs = [parse_input_spec(s) for s in args.input]
+    if getattr(args, "encoding", None):
+        for inp in cfg.inputs:
+            inp.encoding = args.encoding
     if args.dictionary:
         cfg.dictionaries = list(args.dictionary)
     if getattr(args, "code_switch", None):

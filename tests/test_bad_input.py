@@ -556,3 +556,108 @@ def test_a_mo_header_claiming_two_billion_strings_is_refused_at_once(files, tiny
         "but their original-string table (8 bytes each from byte 28) runs past the end of the file "
         "(128 bytes)"
     ), line
+
+
+# --------------------------------------------------------------------------------------------------
+# Empty dictionaries, broken catalogs, malformed specs and config files
+
+
+@pytest.mark.parametrize(
+    "content, flag, expected",
+    [
+        ("", "--dictionary", "dictionary {f} has no entries (the file is empty)"),
+        (
+            "# words\n\n",
+            "--dictionary",
+            "dictionary {f} has no entries (its 2 line(s) are blank or comments)",
+        ),
+        ("", "--code-switch", "code-switch dictionary {f} has no entries (the file is empty)"),
+    ],
+)
+def test_an_empty_dictionary_is_an_error_naming_it(files, tiny_model_dir, capsys, content, flag, expected):
+    f = files / "nothing.tsv"
+    f.write_text(content)
+    args = prepare_args(files, tiny_model_dir, "pairs.tsv")
+    if flag == "--dictionary":
+        args[args.index("--dictionary") + 1] = str(f)
+    else:
+        args += ["--code-switch", f"zh={f}"]
+    assert main(args) == 2
+    assert error_line(capsys) == "mlctl prepare: error: " + expected.format(f=f)
+
+
+def test_a_tmx_broken_midway_counts_every_unit_it_lost(tmp_path, caplog):
+    units = [("Save", "Speichern"), ("Open", "Öffnen"), ("Close", "Schließen"), ("&nope;", "x")]
+    units += [(f"Word {i}", f"Wort {i}") for i in range(100)]
+    p = tmp_path / "broken.tmx"
+    p.write_bytes(_tmx(units, "de", "utf-8"))
+    pairs, skips = _read(p, "tmx")
+    assert pairs == units[:3] and skips == {"malformed_xml": 101}  # the broken unit and the 100 after it
+    assert f"skipped (malformed_xml) at {p}:6: undefined entity: line 6, column" in caplog.text
+    assert "the file is not read past line 6: 101 unit(s) lost" in caplog.text
+    # cut after its last unit: nothing lost, and the manifest still says the file was malformed
+    p.write_bytes(_tmx(units[:3], "de", "utf-8")[: -len("</body></tmx>\n")])
+    assert _read(p, "tmx") == (units[:3], {"malformed_xml": 0})
+
+
+def test_a_po_syntax_error_skips_only_its_own_entry(tmp_path):
+    po = tmp_path / "de.po"
+    entries = {
+        "unterminated msgid": 'msgid "Save\nmsgstr "Speichern"\n',
+        "unknown keyword": 'msgid "Save"\nmsgtsr "Speichern"\n',
+        "unterminated msgstr": 'msgid "Save"\nmsgstr "Speichern\n',
+    }
+    for broken in entries.values():
+        po.write_text(
+            f'msgid "Open"\nmsgstr "Öffnen"\n\n{broken}\nmsgid "Close"\nmsgstr "Schließen"\n\n'
+            'msgid "Quit"\nmsgstr "Beenden"\n'
+        )
+        pairs, skips = _read(po, "po")
+        assert pairs == [("Open", "Öffnen"), ("Close", "Schließen"), ("Quit", "Beenden")], broken
+        assert skips == {"po_syntax": 1}
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("={d}", "code-switch dictionary '={d}' names no language before '='"),
+        ("zh=", "code-switch dictionary 'zh=' names no file after '='"),
+        ("en-={d}", "code-switch dictionary 'en-={d}': 'en-' is not a language code (TGT) or pair (SRC-TGT)"),
+        ("{d}", "code-switch dictionary '{d}' names no language"),
+    ],
+)
+def test_malformed_code_switch_specs_show_the_expected_form(files, tiny_model_dir, capsys, spec, expected):
+    spec = spec.format(d=files / "dict.tsv")
+    assert main([*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--code-switch", spec]) == 2
+    line = error_line(capsys)
+    assert line == (
+        "mlctl prepare: error: " + expected.format(d=files / "dict.tsv") + ": expected [SRC-]TGT=PATH, e.g. "
+        "zh=dicts/en-zh.tsv"
+    ), line
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            b"Hello world\tHallo Welt\n",
+            "config file {f} is not valid YAML at line 1, column 12: found character '\\t' that cannot start "
+            "any token",
+        ),
+        (
+            b"PK\x03\x04\x14\x00\x08\x08\x91\x00",
+            "config file {f} is not a YAML text file: byte 0x91 at offset 8 is not UTF-8",
+        ),
+        (
+            b"Hello world\n",
+            "config file {f} must hold a mapping at the top level (sections such as model:, data:, train:), not a str",
+        ),
+    ],
+)
+@pytest.mark.parametrize("verb", ["train", "prepare"])
+def test_a_config_file_that_is_not_yaml_is_named(files, capsys, verb, content, expected):
+    f = files / "not-a-config"
+    f.write_bytes(content)
+    argv = ["train", "-c", str(f)] if verb == "train" else ["prepare", "--config", str(f)]
+    assert main(argv) == 2
+    assert error_line(capsys) == f"mlctl {verb}: error: " + expected.format(f=f)

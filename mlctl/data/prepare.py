@@ -62,6 +62,7 @@ CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amorti
 SHUFFLE_BUCKETS = 256  # spill files of the global shuffle: 25M pairs -> ~100k records (~300 MB) each
 MANIFEST_VERSION = 2  # 2: per-shard bytes and sha256
 _LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
+_LANG = re.compile(r"^[A-Za-z]\w*$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,17 +80,43 @@ def parse_input_spec(spec: str, src_lang: str = "", tgt_lang: str = "") -> Prepa
     return PrepareInput(spec, "", src_lang, tgt_lang)
 
 
+def _lang_spec(kind: str, spec: str, head: str, tail: str, form: str) -> tuple[str, str]:
+    """``(src or '', tgt)`` of a ``[SRC-]TGT=PATH`` spec split at its '='; a message naming the spec
+    and ``form`` for each way it can be malformed."""
+    if not head:
+        raise InputError(f"{kind} {spec!r} names no language before '=': expected {form}")
+    if not tail:
+        raise InputError(f"{kind} {spec!r} names no file after '=': expected {form}")
+    m = _LANG_PAIR.match(head)
+    if m:
+        return m.group(1), m.group(2)
+    if _LANG.match(head):
+        return "", head
+    raise InputError(
+        f"{kind} {spec!r}: {head!r} is not a language code (TGT) or pair (SRC-TGT): expected {form}"
+    )
+
+
 def parse_dictionary_spec(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, str, str]:
     """``PATH`` (default pair), ``TGT=PATH`` (source is ``src_lang``) or ``SRC-TGT=PATH``."""
     head, eq, tail = spec.partition("=")
     if eq and "/" not in head:
-        m = _LANG_PAIR.match(head)
-        if m:
-            return m.group(1), m.group(2), tail
-        return src_lang, head, tail
+        src, tgt = _lang_spec("dictionary", spec, head, tail, "[[SRC-]TGT=]PATH, e.g. de=dicts/en-de.tsv")
+        return src or src_lang, tgt, tail
     if not tgt_lang:
         raise InputError(f"dictionary {spec}: which language pair? write TGT=PATH or SRC-TGT=PATH")
     return src_lang, tgt_lang, spec
+
+
+def parse_switch_spec(spec: str, src_lang: str) -> tuple[str, str, str]:
+    """``TGT=PATH`` (source is ``src_lang``) or ``SRC-TGT=PATH``: a code-switch dictionary always
+    names its target language."""
+    head, eq, tail = spec.partition("=")
+    form = "[SRC-]TGT=PATH, e.g. zh=dicts/en-zh.tsv"
+    if not eq:
+        raise InputError(f"code-switch dictionary {spec!r} names no language: expected {form}")
+    src, tgt = _lang_spec("code-switch dictionary", spec, head, tail, form)
+    return src or src_lang, tgt, tail
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,11 +255,9 @@ def _load_switch(cfg: PrepareConfig) -> dict[str, list[Dictionary]]:
     """Code-switch dictionaries by source language, one :class:`Dictionary` per (source, target)."""
     by_pair: dict[tuple[str, str], Dictionary] = {}
     for spec in cfg.code_switch:
-        head = spec.partition("=")[0]
-        if "=" not in spec or "/" in head:
-            raise InputError(f"code-switch dictionary {spec}: write TGT=PATH or SRC-TGT=PATH")
-        src, tgt, path = parse_dictionary_spec(spec, cfg.src_lang, "")
-        by_pair[(src, tgt)] = load_dictionary(path, src, tgt, into=by_pair.get((src, tgt)))
+        src, tgt, path = parse_switch_spec(spec, cfg.src_lang)
+        d = by_pair.get((src, tgt))
+        by_pair[(src, tgt)] = load_dictionary(path, src, tgt, into=d, what="code-switch dictionary")
     out: dict[str, list[Dictionary]] = {}
     for (src, _), d in by_pair.items():
         out.setdefault(src, []).append(d)
@@ -436,6 +461,12 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
         raise InputError("no output folder (--out)")
     if cfg.max_tokens < 4:
         raise InputError(f"max_tokens must be >= 4, got {cfg.max_tokens}")
+    # The specs' syntax first, before any file is opened ("?": a bare PATH's missing pair is
+    # reported where the dictionaries are loaded, with the inputs' language pairs known).
+    for spec in cfg.dictionaries:
+        parse_dictionary_spec(spec, cfg.src_lang, cfg.tgt_lang or "?")
+    for spec in cfg.code_switch:
+        parse_switch_spec(spec, cfg.src_lang)
     inputs = _resolve_inputs(cfg)
     pairs = _language_pairs(inputs)
     dicts = _load_dictionaries(cfg, pairs)

@@ -432,6 +432,12 @@ def test_prepare_into_an_object_store_writes_the_manifest_last(
         return {n: storage.read_bytes(storage.join(s3, n)) for n in storage.list_names(s3)}
 
     args = prepare_args(files, tiny_model_dir, "pairs.tsv")
+    args[args.index("--out") + 1] = s3.replace("mlctl-data", "no-such-bucket")
+    assert main(args) == 2  # before any work
+    assert (
+        error_line(capsys)
+        == "mlctl prepare: error: output s3://no-such-bucket/shards: there is no bucket 'no-such-bucket'"
+    )
     args[args.index("--out") + 1] = s3
     assert main([*args, "--samples-per-shard", "1"]) == 0
     good = objects()

@@ -23,6 +23,7 @@ exclusive create.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -64,6 +65,10 @@ class StagedOutput:
     # Opening: lock, clean up after crashed runs, make the staging folder
 
     def __enter__(self) -> StagedOutput:
+        if self.out is not None:
+            if self.out.exists() and not self.out.is_dir():
+                raise InputError(f"output {self.out} is a file, not a folder")
+            self.out.parent.mkdir(parents=True, exist_ok=True)
         self._lock = RunLock(self._lock_path(), what=f"output {storage.display(self.location)}")
         self._lock.acquire()
         try:
@@ -81,29 +86,28 @@ class StagedOutput:
         return self
 
     def _lock_path(self) -> Path:
+        """Beside a local output (not in it: the folder is swapped); in the temp folder for a URI."""
         if self.out is None:
             key = hashlib.blake2b(storage.display(self.location).encode(), digest_size=8).hexdigest()
             return Path(tempfile.gettempdir()) / f"mlctl-prepare-{key}.lock"
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError(f"output {self.out} is a file, not a folder")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         return self.out.parent / f".{self.out.name}.lock"
 
-    def _sibling(self, kind: str, pid: int | None = None) -> Path:
+    def _sibling(self, kind: str) -> Path:
         assert self.out is not None
-        return self.out.parent / f".{self.out.name}.{kind}-{os.getpid() if pid is None else pid}"
+        return self.out.parent / f".{self.out.name}.{kind}-{os.getpid()}"
 
     def _recover(self) -> None:
         """Undo what a killed prepare left (we hold the lock, so no other prepare is running)."""
         assert self.out is not None
-        olds = sorted(self.out.parent.glob(f".{self.out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        name = glob.escape(self.out.name)
+        olds = sorted(self.out.parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
         if olds and not self.out.exists():
             os.rename(olds.pop(), self.out)
             log.warning(
                 "restored %s: a prepare was killed while swapping in a new dataset, the previous one is back",
                 self.out,
             )
-        for p in olds + list(self.out.parent.glob(f".{self.out.name}.staging-*")):
+        for p in olds + list(self.out.parent.glob(f".{name}.staging-*")):
             log.warning("removing %s, left by a prepare that was killed", p)
             shutil.rmtree(p, ignore_errors=True)
 
@@ -121,11 +125,20 @@ class StagedOutput:
             )
 
     def _check_remote(self) -> None:
-        """Fail before any work when the object store cannot be listed (no bucket, no credentials)."""
+        """Fail before any work when the object store cannot be reached or has no such bucket."""
+        import pyarrow.fs as pafs
+
+        where = storage.display(self.location)
         try:
-            storage.list_names(self.location)
-        except OSError as e:
-            raise InputError(f"output {storage.display(self.location)} cannot be listed: {e}") from None
+            fs, path = storage.filesystem(self.location)
+            bucket = path.split("/", 1)[0]
+            missing = fs.get_file_info(bucket).type == pafs.FileType.NotFound
+            if not missing:
+                storage.list_names(self.location)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid (a bad URI) is a ValueError
+            raise InputError(f"output {where} cannot be reached: {e}") from None
+        if missing:
+            raise InputError(f"output {where}: there is no bucket {bucket!r}")
 
     # ----------------------------------------------------------------------------------------------
     # Publishing

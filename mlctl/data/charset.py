@@ -139,7 +139,8 @@ def _location(path: Path | str, where: str) -> str:
 
 class LineDecoder:
     """Decodes one file's lines (or catalog entries), counting the undecodable ones, and refuses the
-    file with :class:`~mlctl.data.readers.InputError` when they show it is in another encoding (module docstring).
+    file with :class:`~mlctl.data.readers.InputError` when they show it is in another encoding (see
+    the module docstring).
 
     ``explicit``: the encoding was given by the user (no guessing from the first failures then)."""
 
@@ -147,6 +148,7 @@ class LineDecoder:
         self, path: Path | str, encoding: str, counts: Counts, explicit: bool = False, units: str = "lines"
     ):
         self.path, self.encoding, self.counts, self.units = path, codec(encoding), counts, units
+        self.wide = is_wide(self.encoding)
         self.guessing = self.encoding == "utf-8" and not explicit
         self.seen = self.bad = self.invalid = 0
         self.non_ascii = False  # a line held valid non-ASCII text: the encoding fits the file
@@ -158,7 +160,7 @@ class LineDecoder:
         """The text of ``raw`` (read at ``where``, ``offset`` bytes into the file), or None after
         counting it as a skip."""
         self.seen += 1
-        if b"\x00" in raw and not is_wide(self.encoding):
+        if b"\x00" in raw and not self.wide:
             self._bad("nul_byte", where, raw, raw.index(b"\x00"), offset, "NUL byte")
             return None
         try:

@@ -1,5 +1,7 @@
 """Readers for parallel corpora. Each yields :class:`RawPair` records with the file and line they came
-from; malformed input is counted by reason in a :class:`Counts` and skipped, never fatal.
+from; a malformed line or entry is counted by reason in a :class:`Counts` and skipped. What would lose
+a file wholesale is an :class:`InputError` naming it instead (a truncated gzip, a corrupt .mo header,
+a file in another encoding); a TMX that breaks midway counts every unit it lost.
 
 Formats: ``tsv`` (``src<TAB>tgt[<TAB>more]``), ``moses`` (``PREFIX.src`` + ``PREFIX.tgt``, line
 aligned), ``multiway`` (a folder with one line-aligned file per language; yields pivot-X pairs),
@@ -106,12 +108,17 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _known_codec(path: Path, name: str, source: str) -> str:
+def _known_codec(path: Path, name: str, given: bool) -> str:
+    """Python's name of the encoding ``name`` that the user gave for ``path`` or that it declares."""
     try:
         return charset.codec(name)
     except LookupError:
+        if given:
+            raise InputError(
+                f"{path}: unknown encoding {name!r}; give a name Python knows (latin-1, cp1252, shift_jis, ...)"
+            ) from None
         raise InputError(
-            f"{path}: {source} {name!r}, an encoding Python does not know; re-encode the file to UTF-8"
+            f"{path}: declares the charset {name!r}, which Python does not know; re-encode it to UTF-8"
         ) from None
 
 
@@ -123,9 +130,9 @@ def _encoding(path: Path, encoding: str = "", declared: str = "") -> tuple[str, 
     if bom:
         return sniffed, bom, False
     if encoding:
-        return _known_codec(path, encoding, "the input's encoding is"), 0, True
+        return _known_codec(path, encoding, True), 0, True
     if declared:
-        return _known_codec(path, declared, "it declares the charset"), 0, False
+        return _known_codec(path, declared, False), 0, False
     if sniffed:
         log.info("%s: no byte-order mark; reading it as %s (%s)", path, sniffed, why)
         return sniffed, 0, False
@@ -575,13 +582,8 @@ def read_mo(
             declared = charset.header_charset(string(trans_off, 0))
     except (struct.error, ValueError):
         pass  # a corrupt first entry is counted below
-    if encoding:
-        name, explicit = _known_codec(path, encoding, "the input's encoding is"), True
-    else:
-        name, explicit = (
-            _known_codec(path, declared, "it declares the charset") if declared else "utf-8",
-            False,
-        )
+    explicit = bool(encoding)
+    name = _known_codec(path, encoding or declared, explicit) if encoding or declared else "utf-8"
     dec = charset.LineDecoder(path, name, counts, explicit, units="entries")
     for i in range(n):
         where = f"{path}:entry {i + 1}"
@@ -620,7 +622,7 @@ def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str, encoding: st
     if fmt not in FORMATS:
         raise InputError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if encoding:
-        _known_codec(path, encoding, "the input's encoding is")
+        _known_codec(path, encoding, True)
     if not src_lang or (not tgt_lang and fmt != "multiway"):
         raise InputError(
             f"{path}: source and target languages are needed (give --src-lang/--tgt-lang "

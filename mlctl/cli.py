@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mlctl.config import ConfigError
     from mlctl.extras import MissingExtra
+    from mlctl.lock import LockHeld
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, MissingExtra) as e:
+    except (ConfigError, FileNotFoundError, ValueError, MissingExtra, LockHeld) as e:
         print(f"mlctl {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a read-only or full disk, a file where a folder should be: name the path

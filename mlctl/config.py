@@ -102,6 +102,9 @@ class PrepareInput:
     format: str = ""  # empty: from the file extension
     src_lang: str = ""
     tgt_lang: str = ""
+    # Text encoding (latin-1, cp1252, ...); empty: the file's byte-order mark or declared charset
+    # (.po header, TMX declaration), else UTF-8. A file not in the encoding it is read with is refused.
+    encoding: str = ""
 
 
 @dataclass
@@ -427,6 +430,30 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _read_yaml(p: Path) -> Any:
+    """The YAML in file ``p``; every way it can fail names the file (a TSV or a binary given as
+    ``-c`` used to fail with a bare decoder or scanner message)."""
+    if p.is_dir():
+        raise ConfigError(f"config file {p} is a folder; give a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {p} is not a YAML text file: byte 0x{data[e.start]:02x} at offset {e.start} "
+            "is not UTF-8"
+        ) from None
+    try:
+        return _yaml_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {p} is not valid YAML{where}: {problem}") from None
+
+
 def load_config(
     path: str | Path | list[str | Path] | None = None, overrides: list[str] | None = None
 ) -> Config:
@@ -435,14 +462,12 @@ def load_config(
     paths = path if isinstance(path, list) else ([path] if path else [])
     for item in paths:
         p = Path(item)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = _yaml_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        loaded = _read_yaml(p)
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+            raise ConfigError(
+                f"config file {p} must hold a mapping at the top level (sections such as model:, "
+                f"data:, train:), not a {type(loaded).__name__}"
+            )
         tree = _merge(tree, loaded)
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import shutil
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,10 +69,129 @@ def test_prepare_stops_with_the_file_named(files, tiny_model_dir, capsys, inp, o
     assert line.startswith("mlctl prepare: error:") and expected.format(files=files) in line, line
 
 
-def test_prepare_counts_a_wrong_encoding_and_goes_on(files, tiny_model_dir):
-    assert main(prepare_args(files, tiny_model_dir, "latin1.tsv")) == 0
+def _latin1_tsv(path: Path) -> None:
+    """200 pairs in Latin-1, 98 of them with accents (the issue's file)."""
+    rows = [
+        f"Café number {i}\tMilchkaffee Nummer {i} für Sie"
+        if i % 2 and i < 196
+        else f"Hello world {i}\tHallo Welt {i}"
+        for i in range(200)
+    ]
+    path.write_bytes(("\n".join(rows) + "\n").encode("latin-1"))
+
+
+def test_a_file_in_another_encoding_is_refused_not_half_read(files, tiny_model_dir, capsys):
+    _latin1_tsv(files / "latin1.tsv")
+    assert main(prepare_args(files, tiny_model_dir, "latin1.tsv")) == 2
+    assert error_line(capsys) == (
+        f"mlctl prepare: error: {files}/latin1.tsv: not UTF-8: 10 of its first 20 lines do not decode "
+        "(the first at line 2, byte offset 30: 0xe9); it looks like Latin-1/cp1252 (Western European): "
+        "re-encode it to UTF-8 (iconv -f cp1252 -t utf-8) or give its encoding (--encoding cp1252, or "
+        "encoding: cp1252 on the input)"
+    )
+    assert not (files / "out").exists()
+    # as the message says: with its encoding given, every line is read
+    assert main([*prepare_args(files, tiny_model_dir, "latin1.tsv"), "--encoding", "cp1252"]) == 0
+    manifest = json.loads((files / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["read"] == 200 and manifest["inputs"][0]["encoding"] == "cp1252"
+    assert "invalid_utf8" not in manifest["counts"]["dropped"]
+
+
+def test_a_few_broken_lines_in_a_utf8_file_are_counted_and_skipped(files, tiny_model_dir):
+    rows = [f"Grüße {i}\tHello world {i}".encode() for i in range(400)]
+    rows[7] = b"Gr\xfc\xdfe\tHello world"  # one line a tool mangled
+    (files / "mostly.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    args = prepare_args(files, tiny_model_dir, "mostly.tsv")
+    args[args.index("--src-lang") + 1 : args.index("--tgt-lang") + 2] = ["de", "--tgt-lang", "en"]
+    assert main([*args, "--keep-no-anchor"]) == 0
     counts = json.loads((files / "out" / "manifest.json").read_text())["counts"]
-    assert counts["read"] == 1 and counts["dropped"]["invalid_utf8"] == 1
+    assert counts["read"] == 399 and counts["dropped"] == {"invalid_utf8": 1}
+
+
+def _read(path: Path, fmt: str, tgt: str = "de", **kw) -> tuple[list[tuple[str, str]], dict]:
+    from mlctl.data.readers import Counts, read_input
+
+    counts = Counts()
+    pairs = [(r.src, r.tgt) for r in read_input(path, fmt, "en", tgt, counts, **kw)]
+    return pairs, dict(counts.by_reason)
+
+
+PAIRS = [("Coffee", "Café"), ("Open", "Öffnen"), ("Close", "Schließen")]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-8-sig"])
+def test_utf16_and_utf32_text_is_read_from_its_bom_or_nul_pattern(tmp_path, encoding):
+    # "utf-16" and "utf-32" write a byte-order mark, "-le"/"-be" none
+    p = tmp_path / "x.tsv"
+    p.write_bytes("".join(f"{a}\t{b}\r\n" for a, b in PAIRS).encode(encoding))
+    assert _read(p, "tsv") == (PAIRS, {})
+
+
+def test_a_po_file_is_read_in_its_declared_charset(tmp_path):
+    po = tmp_path / "de.po"
+    head = 'msgid ""\nmsgstr ""\n"Content-Type: text/plain; charset=ISO-8859-1\\n"\n\n'
+    po.write_bytes((head + "".join(f'msgid "{a}"\nmsgstr "{b}"\n\n' for a, b in PAIRS)).encode("latin-1"))
+    assert _read(po, "po") == (PAIRS, {})
+
+
+def test_a_mo_file_is_read_in_its_declared_charset(tmp_path):
+    import struct
+
+    entries = sorted(
+        [(b"", b"Content-Type: text/plain; charset=ISO-8859-1\n")]
+        + [(a.encode("latin-1"), b.encode("latin-1")) for a, b in PAIRS]
+    )
+    n, blob, tables = len(entries), b"", []
+    base = 28 + 16 * n
+    for k in (0, 1):
+        for e in entries:
+            tables.append(struct.pack("<2I", len(e[k]), base + len(blob)))
+            blob += e[k] + b"\0"
+    mo = tmp_path / "de.mo"
+    mo.write_bytes(struct.pack("<7I", 0x950412DE, 0, n, 28, 28 + 8 * n, 0, 0) + b"".join(tables) + blob)
+    assert sorted(_read(mo, "mo")[0]) == sorted(PAIRS)
+
+
+def _tmx(pairs, tgt: str, encoding: str, declare: bool = True) -> bytes:
+    decl = f'<?xml version="1.0" encoding="{encoding}"?>\n' if declare else ""
+    units = "".join(
+        f'<tu><tuv xml:lang="en"><seg>{a}</seg></tuv><tuv xml:lang="{tgt}"><seg>{b}</seg></tuv></tu>\n'
+        for a, b in pairs
+    )
+    return (decl + f'<tmx version="1.4"><body>\n{units}</body></tmx>\n').encode(encoding)
+
+
+def test_a_tmx_is_read_in_its_declared_multibyte_encoding(tmp_path):
+    ja = [("File", "ファイル"), ("Open", "開く")]
+    p = tmp_path / "ja.tmx"
+    p.write_bytes(_tmx(ja, "ja", "shift_jis"))  # expat alone: "multi-byte encodings are not supported"
+    assert _read(p, "tmx", "ja") == (ja, {})
+
+
+def test_an_undeclared_latin1_tmx_is_refused_with_its_likely_encoding(files, tiny_model_dir, capsys):
+    (files / "x.tmx").write_bytes(_tmx(PAIRS, "de", "latin-1", declare=False))
+    assert main(prepare_args(files, tiny_model_dir, "x.tmx")) == 2
+    assert error_line(capsys) == (
+        f"mlctl prepare: error: {files}/x.tmx: not UTF-8: the bytes at line 2, byte offset 99: 0xe9 do "
+        "not decode; it looks like Latin-1/cp1252 (Western European): re-encode it to UTF-8 (iconv -f "
+        "cp1252 -t utf-8) or give its encoding (--encoding cp1252, or encoding: cp1252 on the input)"
+    )
+    assert _read(files / "x.tmx", "tmx", encoding="latin-1") == (PAIRS, {})
+
+
+def test_dictionaries_in_utf16_are_read_and_in_latin1_named(files):
+    from mlctl.data.dictionary import load_dictionary
+    from mlctl.data.readers import InputError
+
+    (files / "d16.tsv").write_bytes("café\tKaffee\nöffnen\topen\n".encode("utf-16"))
+    assert load_dictionary(files / "d16.tsv", "de", "en").entries["café"] == {"kaffee"}
+    (files / "d1.tsv").write_bytes("cafe\tKaffee\ncafé\tKaffee\n".encode("latin-1"))
+    with pytest.raises(InputError) as e:
+        load_dictionary(files / "d1.tsv", "de", "en")
+    assert str(e.value) == (
+        f"dictionary {files}/d1.tsv:2: invalid UTF-8 (byte 0xe9 at line offset 3); it looks like "
+        "Latin-1/cp1252 (Western European): re-encode it (iconv -f cp1252 -t utf-8)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -160,3 +283,387 @@ def test_prepare_into_a_full_or_read_only_folder(
     assert main(args) == 2
     line = error_line(capsys)
     assert line.startswith("mlctl prepare: error:") and expected in line and str(out.parent) in line, line
+
+
+# --------------------------------------------------------------------------------------------------
+# A failed prepare never costs the dataset already in its output (issue 21)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(files: Path, out: str = "out") -> list[str]:
+    """Staging folders, old copies and locks of `out` that a finished prepare should not leave."""
+    return sorted(p.name for p in files.iterdir() if p.name.startswith(f".{out}."))
+
+
+@pytest.fixture()
+def dataset(files, tiny_model_dir) -> dict[str, bytes]:
+    """A good dataset in files/out (two shards); returns its files' bytes."""
+    assert main([*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--samples-per-shard", "1"]) == 0
+    snap = _snapshot(files / "out")
+    assert {"manifest.json", "shard-000000.tar", "shard-000001.tar"} == set(snap)
+    return snap
+
+
+def _interrupt_mid_write(monkeypatch) -> None:
+    """Ctrl-C while the shards are being written (the second record)."""
+    from mlctl.data.shards import ShardWriter
+
+    write, calls = ShardWriter.write, []
+
+    def write_then_interrupt(self, *rec):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write(self, *rec)
+
+    monkeypatch.setattr(ShardWriter, "write", write_then_interrupt)
+
+
+@pytest.mark.parametrize(
+    "inp, expected",
+    [
+        (
+            "empty.tsv",
+            "mlctl prepare: error: nothing to train on from {files}/empty.tsv: no pairs in the input",
+        ),
+        ("trunc.tsv.gz", "mlctl prepare: error: {files}/trunc.tsv.gz: truncated or corrupt gzip file"),
+        ("interrupt", "mlctl prepare: interrupted; {files}/out is as it was before"),
+    ],
+)
+def test_a_failed_prepare_leaves_the_previous_dataset(
+    files, tiny_model_dir, capsys, monkeypatch, dataset, inp, expected
+):
+    if inp == "interrupt":
+        _interrupt_mid_write(monkeypatch)
+        inp = "many.tsv"
+        (files / inp).write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(50)))
+    assert main(prepare_args(files, tiny_model_dir, inp)) in (2, 130)
+    assert error_line(capsys).startswith(expected.format(files=files))
+    assert _snapshot(files / "out") == dataset  # byte for byte
+    assert _leftovers(files) == []
+
+
+def test_nothing_kept_writes_nothing(files, tiny_model_dir, capsys):
+    assert main(prepare_args(files, tiny_model_dir, "empty.tsv", out="new")) == 2
+    assert "nothing to train on" in error_line(capsys)
+    assert not (files / "new").exists() and _leftovers(files, "new") == []  # no 0-sample manifest
+
+
+def test_a_swap_that_fails_halfway_puts_the_previous_dataset_back(
+    files, tiny_model_dir, capsys, monkeypatch, dataset
+):
+    import mlctl.data.output as output
+
+    rename, calls = os.rename, []
+
+    def rename_then_fail(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # out -> .out.old-PID went through; the staging folder -> out fails
+            raise OSError(5, "Input/output error", str(dst))
+        rename(src, dst)
+
+    monkeypatch.setattr(output.os, "rename", rename_then_fail)
+    args = [*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--samples-per-shard", "2"]
+    assert main(args) == 2
+    assert "Input/output error" in error_line(capsys)
+    assert _snapshot(files / "out") == dataset and _leftovers(files) == []
+
+
+def test_a_prepare_killed_while_swapping_is_repaired_by_the_next(files, tiny_model_dir, caplog, dataset):
+    # What SIGKILL between the two renames leaves: the dataset aside, a complete staging folder, a lock.
+    os.rename(files / "out", files / ".out.old-999999")
+    shutil.copytree(files / ".out.old-999999", files / ".out.staging-999999")
+    (files / ".out.lock").write_text(
+        json.dumps({"pid": 999999, "host": socket.gethostname(), "started": "x"})
+    )
+    assert main(prepare_args(files, tiny_model_dir, "empty.tsv")) == 2  # even a failing run repairs
+    assert _snapshot(files / "out") == dataset and _leftovers(files) == []
+    assert "restored" in caplog.text and "no longer running" in caplog.text
+
+
+def test_an_output_folder_holding_other_files_is_refused(files, tiny_model_dir, capsys):
+    (files / "mine").mkdir()
+    (files / "mine" / "notes.txt").write_text("keep me")
+    assert main(prepare_args(files, tiny_model_dir, "pairs.tsv", out="mine")) == 2
+    line = error_line(capsys)
+    assert f"output folder {files}/mine holds notes.txt, which `mlctl prepare` did not write" in line, line
+    assert (files / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture()
+def s3(monkeypatch, tmp_path):
+    """An S3 bucket on a moto server on loopback; yields the URI of a prefix in it. The local temp
+    folder (staging and lock of an object-store output) is a fresh one, so leftovers are visible."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(k, v)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    try:
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
+            Bucket="mlctl-data"
+        )
+        yield f"s3://mlctl-data/shards?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
+    finally:
+        server.stop()
+
+
+def test_prepare_into_an_object_store_writes_the_manifest_last(
+    files, tiny_model_dir, s3, capsys, monkeypatch
+):
+    import hashlib
+
+    from mlctl import storage
+
+    def objects() -> dict[str, bytes]:
+        return {n: storage.read_bytes(storage.join(s3, n)) for n in storage.list_names(s3)}
+
+    args = prepare_args(files, tiny_model_dir, "pairs.tsv")
+    args[args.index("--out") + 1] = s3.replace("mlctl-data", "no-such-bucket")
+    assert main(args) == 2  # before any work
+    assert (
+        error_line(capsys)
+        == "mlctl prepare: error: output s3://no-such-bucket/shards: there is no bucket 'no-such-bucket'"
+    )
+    args[args.index("--out") + 1] = s3
+    assert main([*args, "--samples-per-shard", "1"]) == 0
+    good = objects()
+    manifest = json.loads(good["manifest.json"])
+    assert {s["name"] for s in manifest["shards"]} | {"manifest.json"} == set(good) and len(good) == 3
+    assert all(hashlib.sha256(good[s["name"]]).hexdigest() == s["sha256"] for s in manifest["shards"])
+
+    # a run that fails before publishing touches nothing in the bucket
+    empty = prepare_args(files, tiny_model_dir, "empty.tsv")
+    empty[empty.index("--out") + 1] = s3
+    assert main(empty) == 2 and "nothing to train on" in error_line(capsys)
+    assert objects() == good
+
+    # an upload that breaks at the second shard leaves no manifest (never one naming a missing shard)
+    upload = storage.upload_file
+
+    def upload_then_fail(local, location):
+        if "shard-000001" in str(location):
+            raise OSError("connection reset")
+        upload(local, location)
+
+    monkeypatch.setattr(storage, "upload_file", upload_then_fail)
+    (files / "three.tsv").write_text("Hello world\tHallo Welt\nThe world\tDie Welt\nHello\tHallo\n")
+    args[args.index("--input") + 1] = str(files / "three.tsv")
+    assert main([*args, "--samples-per-shard", "1"]) == 2
+    line = error_line(capsys)
+    assert (
+        "mlctl prepare: error: s3://mlctl-data/shards: uploading shard-000001.tar failed after 1 of 3 "
+        "shard(s); no manifest.json was written there, so readers see no dataset until a prepare "
+        "succeeds: connection reset" in line
+    ), line
+    assert "manifest.json" not in storage.list_names(s3)
+    assert list((Path(tempfile.gettempdir())).iterdir()) == []  # local staging and lock are gone
+
+
+# --------------------------------------------------------------------------------------------------
+# One prepare per output folder at a time
+
+
+def test_a_second_prepare_into_a_locked_folder_names_the_holder(files, tiny_model_dir, capsys, dataset):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import time; from mlctl.lock import RunLock\n"
+        f"RunLock({str(files / '.out.lock')!r}).acquire(); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert main(prepare_args(files, tiny_model_dir, "pairs.tsv")) == 2
+        line = error_line(capsys)
+        assert line.startswith(
+            f"mlctl prepare: error: output {files}/out is in use by pid {holder.pid} on host {socket.gethostname()}"
+        ), line
+        assert f"wait for it to finish or stop it (lock file {files}/.out.lock)" in line, line
+        assert _snapshot(files / "out") == dataset
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.slow
+def test_two_prepares_at_once_leave_one_complete_dataset(files, tiny_model_dir):
+    """Two real `mlctl prepare` processes into one folder: each either finishes or stops with the
+    lock error; never a decode error from the other's temporary files, an orphan shard or no manifest."""
+    import hashlib
+    import subprocess
+    import sys
+
+    (files / "many.tsv").write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(20000)))
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "mlctl.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    procs = [
+        subprocess.Popen([*argv, "--samples-per-shard", "3000"], env=env, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = [(p.wait(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    for rc, err in results:
+        assert "Traceback" not in err and (rc == 0 or (rc == 2 and "is in use by pid" in err)), err
+    assert any(rc == 0 for rc, _ in results)
+    manifest = json.loads((files / "out" / "manifest.json").read_text())
+    names = {s["name"] for s in manifest["shards"]}
+    assert {p.name for p in (files / "out").iterdir()} == names | {"manifest.json"}
+    for s in manifest["shards"]:
+        assert hashlib.sha256((files / "out" / s["name"]).read_bytes()).hexdigest() == s["sha256"]
+    assert manifest["num_samples"] == 20000 and _leftovers(files) == []
+    print([rc for rc, _ in results])
+
+
+# --------------------------------------------------------------------------------------------------
+# Input files that lie about themselves
+
+
+def test_a_mo_header_claiming_two_billion_strings_is_refused_at_once(files, tiny_model_dir, capsys):
+    import signal
+    import struct
+
+    mo = files / "huge.mo"
+    mo.write_bytes(struct.pack("<7I", 0x950412DE, 0, 2**31, 28, 28, 0, 0) + b"\0" * 100)
+
+    def too_slow(*_):
+        raise TimeoutError("the .mo header was believed")
+
+    old = signal.signal(signal.SIGALRM, too_slow)
+    signal.alarm(20)
+    try:
+        assert main(prepare_args(files, tiny_model_dir, "huge.mo")) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    line = error_line(capsys)
+    assert line == (
+        f"mlctl prepare: error: {files}/huge.mo: corrupt .mo header: it claims 2,147,483,648 strings, "
+        "but their original-string table (8 bytes each from byte 28) runs past the end of the file "
+        "(128 bytes)"
+    ), line
+
+
+# --------------------------------------------------------------------------------------------------
+# Empty dictionaries, broken catalogs, malformed specs and config files
+
+
+@pytest.mark.parametrize(
+    "content, flag, expected",
+    [
+        ("", "--dictionary", "dictionary {f} has no entries (the file is empty)"),
+        (
+            "# words\n\n",
+            "--dictionary",
+            "dictionary {f} has no entries (its 2 line(s) are blank or comments)",
+        ),
+        ("", "--code-switch", "code-switch dictionary {f} has no entries (the file is empty)"),
+    ],
+)
+def test_an_empty_dictionary_is_an_error_naming_it(files, tiny_model_dir, capsys, content, flag, expected):
+    f = files / "nothing.tsv"
+    f.write_text(content)
+    args = prepare_args(files, tiny_model_dir, "pairs.tsv")
+    if flag == "--dictionary":
+        args[args.index("--dictionary") + 1] = str(f)
+    else:
+        args += ["--code-switch", f"zh={f}"]
+    assert main(args) == 2
+    assert error_line(capsys) == "mlctl prepare: error: " + expected.format(f=f)
+
+
+def test_a_tmx_broken_midway_counts_every_unit_it_lost(tmp_path, caplog):
+    units = [("Save", "Speichern"), ("Open", "Öffnen"), ("Close", "Schließen"), ("&nope;", "x")]
+    units += [(f"Word {i}", f"Wort {i}") for i in range(100)]
+    p = tmp_path / "broken.tmx"
+    p.write_bytes(_tmx(units, "de", "utf-8"))
+    pairs, skips = _read(p, "tmx")
+    assert pairs == units[:3] and skips == {"malformed_xml": 101}  # the broken unit and the 100 after it
+    assert f"skipped (malformed_xml) at {p}:6: undefined entity: line 6, column" in caplog.text
+    assert "the file is not read past line 6: 101 unit(s) lost" in caplog.text
+    # cut after its last unit: nothing lost, and the manifest still says the file was malformed
+    p.write_bytes(_tmx(units[:3], "de", "utf-8")[: -len("</body></tmx>\n")])
+    assert _read(p, "tmx") == (units[:3], {"malformed_xml": 0})
+
+
+def test_a_po_syntax_error_skips_only_its_own_entry(tmp_path):
+    po = tmp_path / "de.po"
+    entries = {
+        "unterminated msgid": 'msgid "Save\nmsgstr "Speichern"\n',
+        "unknown keyword": 'msgid "Save"\nmsgtsr "Speichern"\n',
+        "unterminated msgstr": 'msgid "Save"\nmsgstr "Speichern\n',
+    }
+    for broken in entries.values():
+        po.write_text(
+            f'msgid "Open"\nmsgstr "Öffnen"\n\n{broken}\nmsgid "Close"\nmsgstr "Schließen"\n\n'
+            'msgid "Quit"\nmsgstr "Beenden"\n'
+        )
+        pairs, skips = _read(po, "po")
+        assert pairs == [("Open", "Öffnen"), ("Close", "Schließen"), ("Quit", "Beenden")], broken
+        assert skips == {"po_syntax": 1}
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("={d}", "code-switch dictionary '={d}' names no language before '='"),
+        ("zh=", "code-switch dictionary 'zh=' names no file after '='"),
+        ("en-={d}", "code-switch dictionary 'en-={d}': 'en-' is not a language code (TGT) or pair (SRC-TGT)"),
+        ("{d}", "code-switch dictionary '{d}' names no language"),
+    ],
+)
+def test_malformed_code_switch_specs_show_the_expected_form(files, tiny_model_dir, capsys, spec, expected):
+    spec = spec.format(d=files / "dict.tsv")
+    assert main([*prepare_args(files, tiny_model_dir, "pairs.tsv"), "--code-switch", spec]) == 2
+    line = error_line(capsys)
+    assert line == (
+        "mlctl prepare: error: " + expected.format(d=files / "dict.tsv") + ": expected [SRC-]TGT=PATH, e.g. "
+        "zh=dicts/en-zh.tsv"
+    ), line
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (
+            b"Hello world\tHallo Welt\n",
+            "config file {f} is not valid YAML at line 1, column 12: found character '\\t' that cannot start "
+            "any token",
+        ),
+        (
+            b"PK\x03\x04\x14\x00\x08\x08\x91\x00",
+            "config file {f} is not a YAML text file: byte 0x91 at offset 8 is not UTF-8",
+        ),
+        (
+            b"Hello world\n",
+            "config file {f} must hold a mapping at the top level (sections such as model:, data:, train:), not a str",
+        ),
+    ],
+)
+@pytest.mark.parametrize("verb", ["train", "prepare"])
+def test_a_config_file_that_is_not_yaml_is_named(files, capsys, verb, content, expected):
+    f = files / "not-a-config"
+    f.write_bytes(content)
+    argv = ["train", "-c", str(f)] if verb == "train" else ["prepare", "--config", str(f)]
+    assert main(argv) == 2
+    assert error_line(capsys) == f"mlctl {verb}: error: " + expected.format(f=f)

@@ -281,8 +281,9 @@ def test_cli_flags_and_config_file(tmp_path, tiny_model_dir, data_dir, capsys):
 
 
 @pytest.mark.slow
-def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tiny_model_dir, data_dir):
-    """SIGKILL mid-run: every shard-*.tar present is complete, and there is no manifest."""
+def test_a_killed_run_leaves_the_previous_dataset(tmp_path, tiny_model_dir, data_dir, caplog):
+    """SIGKILL mid-run: the output still holds the previous dataset, byte for byte; the killed run's
+    staging folder (every shard in it complete) and lock are cleaned up by the next prepare."""
     big = tmp_path / "big.tsv"
     base = [
         x.split("\t")[:2] for x in (data_dir / "pairs.en-de.tsv").read_text(encoding="utf-8").splitlines()
@@ -292,6 +293,14 @@ def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tiny_model_d
             for a, b in base:
                 f.write(f"{a} {i}\t{b} {i}\n")
     out = tmp_path / "o"
+    small = PrepareConfig(
+        inputs=[PrepareInput(str(data_dir / "pairs.en-de.tsv"), "tsv", "en", "de")],
+        dictionaries=[f"de={data_dir / 'dict.en-de.tsv'}"],
+        out=str(out),
+        samples_per_shard=50,
+    )
+    prepare(small, str(tiny_model_dir))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     code = (
         f"from mlctl.config import PrepareConfig, PrepareInput; from mlctl.data.prepare import prepare; "
         f"prepare(PrepareConfig(inputs=[PrepareInput({str(big)!r}, 'tsv', 'en', 'de')], "
@@ -304,17 +313,22 @@ def test_interrupted_run_leaves_no_complete_looking_shard(tmp_path, tiny_model_d
     # NOTE: shards appear only once the global shuffle drains its spill files, near the end of the
     # run; the deadline is generous because the machine may be shared.
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("shard-*.tar"))) < 2:
+    while time.time() < deadline and len(list(tmp_path.glob(".o.staging-*/shard-*.tar"))) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    shards = sorted(out.glob("shard-*.tar"))
-    assert len(shards) >= 2, "the run ended before it could be interrupted"
-    assert not (out / "manifest.json").exists()
-    assert all(scan_shard(s) == 500 for s in shards)
-    assert (out / ".shuffle").is_dir()  # the spill files of the killed run; a re-run removes them
-    with pytest.raises(FileNotFoundError, match="manifest"):
-        ShardLoader(out, batch_size=4)
+    staged = sorted(tmp_path.glob(f".o.staging-{proc.pid}/shard-*.tar"))
+    assert len(staged) >= 2, "the run ended before it could be interrupted"
+    assert all(scan_shard(s) == 500 for s in staged)
+    assert (tmp_path / ".o.lock").is_file()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert (
+        ShardLoader(out, batch_size=4).manifest["num_samples"]
+        == json.loads(before["manifest.json"])["num_samples"]
+    )
+    prepare(small, str(tiny_model_dir))  # the next run takes the dead run's lock and removes its folder
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".o")) == []
+    assert "no longer running" in caplog.text and f".o.staging-{proc.pid}" in caplog.text
 
 
 @pytest.mark.shared

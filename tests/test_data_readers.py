@@ -26,9 +26,13 @@ def _read(path, fmt, src="en", tgt="de"):
 def test_tsv_malformed_lines_are_counted_with_their_line(tmp_path, caplog):
     p = tmp_path / "x.tsv.gz"
     raw = b"hello\thallo\tsrc\nno tab here\nbad \xff utf8\tx\nnul\x00\ty\n\nworld\twelt\n"
+    # 300 good lines more: a file with over 1% undecodable lines is refused, not read (test_bad_input.py)
+    raw += b"".join(b"w%d\tv%d\n" % (i, i) for i in range(300))
     p.write_bytes(gzip.compress(raw))
     pairs, skips = _read(p, detect_format(p))
-    assert [(r.src, r.tgt) for r in pairs] == [("hello", "hallo"), ("world", "welt")]
+    assert [(r.src, r.tgt) for r in pairs[:2]] == [("hello", "hallo"), ("world", "welt")] and len(
+        pairs
+    ) == 302
     assert skips == {"wrong_column_count": 1, "invalid_utf8": 1, "nul_byte": 1}
     assert pairs[1].where == f"{p}:6"
     assert f"{p}:2" in caplog.text and f"{p}:3" in caplog.text and f"{p}:4" in caplog.text
@@ -162,10 +166,13 @@ def test_mo_entries_and_skips(tmp_path):
             (b"menu\x04Save", b"Speichern"),
             (b"Same", b"Same"),
             (b"Bad", b"\xff\xfe"),
+            # 200 good entries more: a catalog with over 1% undecodable entries is refused
+            *((b"w%03d" % i, b"v%03d" % i) for i in range(200)),
         ],
     )
     pairs, skips = _read(p, "mo")
-    assert sorted((r.src, r.tgt) for r in pairs) == [("Open file", "Datei öffnen"), ("Save", "Speichern")]
+    assert sorted((r.src, r.tgt) for r in pairs)[:2] == [("Open file", "Datei öffnen"), ("Save", "Speichern")]
+    assert len(pairs) == 202
     assert skips == {"po_plural": 1, "po_identical": 1, "invalid_utf8": 1}
     bad = tmp_path / "bad.mo"
     bad.write_bytes(b"not a catalog at all, no magic here")

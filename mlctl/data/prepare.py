@@ -30,7 +30,6 @@ import gc
 import hashlib
 import logging
 import multiprocessing as mp
-import os
 import re
 import shutil
 import struct
@@ -44,6 +43,7 @@ from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.anchors import SpanMapper, mine_char_anchors
 from mlctl.data.clean import Deduper, length_ratio_ok, normalize
 from mlctl.data.dictionary import Dictionary, load_dictionary
+from mlctl.data.output import StagedOutput
 from mlctl.data.readers import (
     FORMATS,
     Counts,
@@ -62,6 +62,7 @@ CHUNK = 1000  # pairs per task: one batched tokenizer call, big enough to amorti
 SHUFFLE_BUCKETS = 256  # spill files of the global shuffle: 25M pairs -> ~100k records (~300 MB) each
 MANIFEST_VERSION = 2  # 2: per-shard bytes and sha256
 _LANG_PAIR = re.compile(r"^([A-Za-z][\w]*)-([A-Za-z][\w]*)$")
+_LANG = re.compile(r"^[A-Za-z]\w*$")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,17 +80,43 @@ def parse_input_spec(spec: str, src_lang: str = "", tgt_lang: str = "") -> Prepa
     return PrepareInput(spec, "", src_lang, tgt_lang)
 
 
+def _lang_spec(kind: str, spec: str, head: str, tail: str, form: str) -> tuple[str, str]:
+    """``(src or '', tgt)`` of a ``[SRC-]TGT=PATH`` spec split at its '='; a message naming the spec
+    and ``form`` for each way it can be malformed."""
+    if not head:
+        raise InputError(f"{kind} {spec!r} names no language before '=': expected {form}")
+    if not tail:
+        raise InputError(f"{kind} {spec!r} names no file after '=': expected {form}")
+    m = _LANG_PAIR.match(head)
+    if m:
+        return m.group(1), m.group(2)
+    if _LANG.match(head):
+        return "", head
+    raise InputError(
+        f"{kind} {spec!r}: {head!r} is not a language code (TGT) or pair (SRC-TGT): expected {form}"
+    )
+
+
 def parse_dictionary_spec(spec: str, src_lang: str, tgt_lang: str) -> tuple[str, str, str]:
     """``PATH`` (default pair), ``TGT=PATH`` (source is ``src_lang``) or ``SRC-TGT=PATH``."""
     head, eq, tail = spec.partition("=")
     if eq and "/" not in head:
-        m = _LANG_PAIR.match(head)
-        if m:
-            return m.group(1), m.group(2), tail
-        return src_lang, head, tail
+        src, tgt = _lang_spec("dictionary", spec, head, tail, "[[SRC-]TGT=]PATH, e.g. de=dicts/en-de.tsv")
+        return src or src_lang, tgt, tail
     if not tgt_lang:
         raise InputError(f"dictionary {spec}: which language pair? write TGT=PATH or SRC-TGT=PATH")
     return src_lang, tgt_lang, spec
+
+
+def parse_switch_spec(spec: str, src_lang: str) -> tuple[str, str, str]:
+    """``TGT=PATH`` (source is ``src_lang``) or ``SRC-TGT=PATH``: a code-switch dictionary always
+    names its target language."""
+    head, eq, tail = spec.partition("=")
+    form = "[SRC-]TGT=PATH, e.g. zh=dicts/en-zh.tsv"
+    if not eq:
+        raise InputError(f"code-switch dictionary {spec!r} names no language: expected {form}")
+    src, tgt = _lang_spec("code-switch dictionary", spec, head, tail, form)
+    return src or src_lang, tgt, tail
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,7 +210,8 @@ def process_chunk(chunk: list[tuple[str, str, str, str, str]]) -> list[tuple]:
 # Main side
 
 
-def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
+def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str, str]]:
+    """(path, format, source language, target language, encoding) of each input, checked."""
     if not cfg.inputs:
         raise InputError("no --input given")
     out = []
@@ -193,14 +221,14 @@ def _resolve_inputs(cfg: PrepareConfig) -> list[tuple[Path, str, str, str]]:
         if not path.exists() and (inp.format or "") != "moses":
             raise InputError(f"input file not found: {path}")
         fmt = inp.format or detect_format(path)
-        check_input(path, fmt, src, tgt)
-        out.append((path, fmt, src, tgt))
+        check_input(path, fmt, src, tgt, inp.encoding)
+        out.append((path, fmt, src, tgt, inp.encoding))
     return out
 
 
 def _language_pairs(inputs) -> list[tuple[str, str]]:
     pairs: list[tuple[str, str]] = []
-    for path, _fmt, src, tgt in inputs:
+    for path, _fmt, src, tgt, _enc in inputs:
         tgts = [tgt] if tgt else [lang for lang in multiway_files(path) if lang != src]
         for t in tgts:
             if (src, t) not in pairs:
@@ -227,11 +255,9 @@ def _load_switch(cfg: PrepareConfig) -> dict[str, list[Dictionary]]:
     """Code-switch dictionaries by source language, one :class:`Dictionary` per (source, target)."""
     by_pair: dict[tuple[str, str], Dictionary] = {}
     for spec in cfg.code_switch:
-        head = spec.partition("=")[0]
-        if "=" not in spec or "/" in head:
-            raise InputError(f"code-switch dictionary {spec}: write TGT=PATH or SRC-TGT=PATH")
-        src, tgt, path = parse_dictionary_spec(spec, cfg.src_lang, "")
-        by_pair[(src, tgt)] = load_dictionary(path, src, tgt, into=by_pair.get((src, tgt)))
+        src, tgt, path = parse_switch_spec(spec, cfg.src_lang)
+        d = by_pair.get((src, tgt))
+        by_pair[(src, tgt)] = load_dictionary(path, src, tgt, into=d, what="code-switch dictionary")
     out: dict[str, list[Dictionary]] = {}
     for (src, _), d in by_pair.items():
         out.setdefault(src, []).append(d)
@@ -289,14 +315,6 @@ class _Shuffler:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _clear_outputs(out: Path) -> None:
-    """A re-run replaces the previous output; the manifest goes first so a crash leaves no manifest."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    shutil.rmtree(out / ".shuffle", ignore_errors=True)
-    for p in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tar.tmp")):
-        p.unlink()
-
-
 class _Progress:
     """One self-overwriting stderr line with pairs/s (a log line instead when stderr is not a tty)."""
 
@@ -322,8 +340,8 @@ class _Progress:
 def _cleaned(inputs, cfg: PrepareConfig, counts: Counts, stats: dict):
     """Normalised, filtered, deduplicated pairs as tuples for the workers."""
     dedup = Deduper()
-    for path, fmt, src_lang, tgt_lang in inputs:
-        for raw in read_input(path, fmt, src_lang, tgt_lang, counts):
+    for path, fmt, src_lang, tgt_lang, encoding in inputs:
+        for raw in read_input(path, fmt, src_lang, tgt_lang, counts, encoding):
             stats["read"] += 1
             per = stats["per_pair"].setdefault(f"{raw.src_lang}-{raw.tgt_lang}", Counter())
             per["read"] += 1
@@ -430,14 +448,25 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     stay in this process, so the output is byte for byte that of a local run. The tokenizer name
     must resolve on every node (a path on a shared disk, or a packaged alias).
 
+    ``cfg.out`` is a folder or an object-store URI (:mod:`mlctl.storage`). The run writes into a
+    staging folder of its own and replaces the output's dataset only when it succeeds
+    (:mod:`mlctl.data.output`): any failure, Ctrl-C included, leaves the previous dataset as it was.
+
     Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
-    has an unknown format, or a dictionary cannot be read."""
-    from mlctl.hub import load_tokenizer, tokenizer_fingerprint
+    has an unknown format, or a dictionary cannot be read; and at the end when no pair was kept.
+    Raises :class:`~mlctl.lock.LockHeld` when another prepare writes to the same output."""
+    from mlctl.hub import load_tokenizer
 
     if not cfg.out:
         raise InputError("no output folder (--out)")
     if cfg.max_tokens < 4:
         raise InputError(f"max_tokens must be >= 4, got {cfg.max_tokens}")
+    # The specs' syntax first, before any file is opened ("?": a bare PATH's missing pair is
+    # reported where the dictionaries are loaded, with the inputs' language pairs known).
+    for spec in cfg.dictionaries:
+        parse_dictionary_spec(spec, cfg.src_lang, cfg.tgt_lang or "?")
+    for spec in cfg.code_switch:
+        parse_switch_spec(spec, cfg.src_lang)
     inputs = _resolve_inputs(cfg)
     pairs = _language_pairs(inputs)
     dicts = _load_dictionaries(cfg, pairs)
@@ -452,9 +481,24 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     if tok.pad_token_id is None:
         raise InputError(f"tokenizer {tokenizer!r} has no pad token; the loader pads with it")
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_outputs(out)
+    with StagedOutput(cfg.out) as stage:
+        manifest = _write(cfg, tokenizer, tok, address, inputs, dicts, switch, stage.dir)
+        stage.publish(manifest)
+    return manifest
+
+
+def _nothing_kept(inputs, stats: dict, dropped: dict) -> str:
+    names = ", ".join(str(p) for p, *_ in inputs)
+    why = "no pairs in the input" if stats["read"] == 0 else f"every pair was dropped ({dropped})"
+    return f"nothing to train on from {names}: {why}"
+
+
+def _write(cfg: PrepareConfig, tokenizer: str, tok, address: str, inputs, dicts, switch, out: Path) -> dict:
+    """Read, clean, tokenize, mine and shuffle into shards under ``out`` (the staging folder); the
+    manifest, or :class:`InputError` when no pair is kept (shards with nothing in them would only
+    fail later, in every training worker)."""
+    from mlctl.hub import tokenizer_fingerprint
+
     counts = Counts()
     stats: dict = {"read": 0, "per_pair": {}}
     writer = ShardWriter(out, cfg.samples_per_shard)
@@ -502,6 +546,8 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     progress.update(stats["read"], kept, final=True)
 
     dropped = dict(sorted(counts.by_reason.items()))
+    if kept == 0:
+        raise InputError(_nothing_kept(inputs, stats, dropped))
     mined = kept + dropped.get("no_anchor", 0)  # pairs that reached anchor mining
     with_anchor = sum(p["with_anchor"] for p in stats["per_pair"].values())
     manifest = {
@@ -513,7 +559,10 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
         "keep_no_anchor": cfg.keep_no_anchor,
         "seed": cfg.seed,
         "shuffled": True,
-        "inputs": [{"path": str(p), "format": f, "src_lang": s, "tgt_lang": t} for p, f, s, t in inputs],
+        "inputs": [
+            {"path": str(p), "format": f, "src_lang": s, "tgt_lang": t, **({"encoding": e} if e else {})}
+            for p, f, s, t, e in inputs
+        ],
         "dictionaries": {
             f"{s}-{t}": {"sources": d.sources, "entries": len(d)} for (s, t), d in dicts.items()
         },
@@ -546,17 +595,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
         "shards": shards,
         "seconds": round(seconds, 2),  # informational; everything else is deterministic
     }
-    # The manifest is written last, under a temporary name: its presence means the shards are complete.
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json_bytes_pretty(manifest), encoding="utf-8")
-    os.replace(tmp, out / "manifest.json")
     return manifest
-
-
-def json_bytes_pretty(obj) -> str:
-    import json
-
-    return json.dumps(obj, ensure_ascii=False, indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,6 +615,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH[:FORMAT[:SRC-TGT]]",
         help=f"input corpus (repeatable); FORMAT one of {', '.join(FORMATS)}, else from "
         "the extension; SRC-TGT overrides --src-lang/--tgt-lang for this input",
+    )
+    parser.add_argument(
+        "--encoding",
+        default=None,
+        help="text encoding of every --input (e.g. latin-1, cp1252); default: the file's byte-order mark "
+        "or declared charset (.po header, TMX declaration), else UTF-8",
     )
     parser.add_argument("--src-lang", default=None)
     parser.add_argument("--tgt-lang", default=None)
@@ -645,6 +690,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
         cfg.tgt_lang = args.tgt_lang
     if args.input:
         cfg.inputs = [parse_input_spec(s) for s in args.input]
+    if getattr(args, "encoding", None):
+        for inp in cfg.inputs:
+            inp.encoding = args.encoding
     if args.dictionary:
         cfg.dictionaries = list(args.dictionary)
     if getattr(args, "code_switch", None):
@@ -677,6 +725,10 @@ def run(args: argparse.Namespace) -> int:
     except InputError as e:
         print(f"mlctl prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = f"; {cfg.out} is as it was before" if cfg is not None and cfg.out else ""
+        print(f"mlctl prepare: interrupted{where}", file=sys.stderr)
+        return 130
     except OSError as e:
         if cfg is not None and e.filename is None and e.errno is not None:
             # A write to an open file (a full disk) names no path; the output folder is where it was.
@@ -688,10 +740,4 @@ def run(args: argparse.Namespace) -> int:
         f"anchors/pair {m['anchors_per_pair']:.2f}, anchor coverage {m['anchor_coverage']:.1%}; "
         f"dropped {c['dropped']}"
     )
-    if c["kept"] == 0:
-        # Shards with nothing in them would only fail later, in every training worker.
-        inputs = ", ".join(i.path for i in cfg.inputs)
-        why = "no pairs in the input" if c["read"] == 0 else f"every pair was dropped ({c['dropped']})"
-        print(f"mlctl prepare: error: nothing to train on from {inputs}: {why}", file=sys.stderr)
-        return 2
     return 0

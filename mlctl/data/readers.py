@@ -1,21 +1,31 @@
 """Readers for parallel corpora. Each yields :class:`RawPair` records with the file and line they came
-from; malformed input is counted by reason in a :class:`Counts` and skipped, never fatal.
+from; a malformed line or entry is counted by reason in a :class:`Counts` and skipped. What would lose
+a file wholesale is an :class:`InputError` naming it instead (a truncated gzip, a corrupt .mo header,
+a file in another encoding); a TMX that breaks midway counts every unit it lost.
 
 Formats: ``tsv`` (``src<TAB>tgt[<TAB>more]``), ``moses`` (``PREFIX.src`` + ``PREFIX.tgt``, line
 aligned), ``multiway`` (a folder with one line-aligned file per language; yields pivot-X pairs),
-``tmx``, ``po`` and ``mo`` (gettext catalogs). Any file may be gzip'd (``.gz``).
+``tmx``, ``po`` and ``mo`` (gettext catalogs). Any file may be gzip'd (``.gz``). Text is decoded as
+:mod:`mlctl.data.charset` says (a BOM, the input's ``encoding``, the file's declared charset, else
+UTF-8); a file in another encoding than the one it is read with is refused, not half read.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import io
+import itertools
 import logging
+import re
 import struct
 import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlctl.data import charset
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +52,14 @@ class Counts:
 
     def __init__(self) -> None:
         self.by_reason: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
 
-    def skip(self, reason: str, where: str, detail: str = "") -> None:
-        self.by_reason[reason] += 1
-        if self.by_reason[reason] <= LOG_FIRST:
+    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        """Count ``n`` pairs lost at ``where`` (``n`` > 1: a file that breaks loses all its rest;
+        0: it broke where nothing was left to lose, which the manifest still shows)."""
+        self.by_reason[reason] += n
+        self._events[reason] += 1
+        if self._events[reason] <= LOG_FIRST:
             log.warning("skipped (%s) at %s%s", reason, where, f": {detail}" if detail else "")
 
 
@@ -94,29 +108,65 @@ def detect_format(path: Path) -> str:
     )
 
 
-def _decode_line(raw: bytes, where: str, counts: Counts) -> str | None:
-    if b"\x00" in raw:
-        counts.skip("nul_byte", where)
-        return None
+def _known_codec(path: Path, name: str, given: bool) -> str:
+    """Python's name of the encoding ``name`` that the user gave for ``path`` or that it declares."""
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        counts.skip("invalid_utf8", where, str(e))
-        return None
+        return charset.codec(name)
+    except LookupError:
+        if given:
+            raise InputError(
+                f"{path}: unknown encoding {name!r}; give a name Python knows (latin-1, cp1252, shift_jis, ...)"
+            ) from None
+        raise InputError(
+            f"{path}: declares the charset {name!r}, which Python does not know; re-encode it to UTF-8"
+        ) from None
 
 
-def _lines(path: Path, counts: Counts) -> Iterator[tuple[int, str | None]]:
-    """(line number, text without newline or None when undecodable)."""
+def _encoding(path: Path, encoding: str = "", declared: str = "") -> tuple[str, int, bool]:
+    """``(encoding, BOM length, given by the user)`` for ``path``: see :mod:`mlctl.data.charset`."""
     with open_text_bytes(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            raw = raw.rstrip(b"\r\n")
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield lineno, _decode_line(raw, f"{path}:{lineno}", counts)
+        head = f.read(4096)
+    sniffed, bom, why = charset.sniff(head)
+    if bom:
+        return sniffed, bom, False
+    if encoding:
+        return _known_codec(path, encoding, True), 0, True
+    if declared:
+        return _known_codec(path, declared, False), 0, False
+    if sniffed:
+        log.info("%s: no byte-order mark; reading it as %s (%s)", path, sniffed, why)
+        return sniffed, 0, False
+    return "utf-8", 0, False
 
 
-def read_tsv(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    for lineno, line in _lines(path, counts):
+def _lines(
+    path: Path, counts: Counts, encoding: str = "", declared: str = ""
+) -> Iterator[tuple[int, str | None]]:
+    """(line number, text without newline or None when undecodable and counted); raises
+    :class:`InputError` when the file turns out to be in another encoding."""
+    name, bom, explicit = _encoding(path, encoding, declared)
+    dec = charset.LineDecoder(path, name, counts, explicit)
+    with open_text_bytes(path) as f:
+        f.read(bom)
+        if charset.is_wide(name):
+            # NOTE: UTF-16/32 lines cannot be split on the byte 0x0a; a text layer splits them, and
+            # undecodable code units become U+FFFD, which the decoder counts.
+            text = io.TextIOWrapper(f, encoding=name, errors="replace", newline="\n")
+            for lineno, line in enumerate(text, 1):
+                yield lineno, dec.decoded(line.rstrip("\r\n"), f"{path}:{lineno}")
+        else:
+            offset = bom
+            for lineno, raw in enumerate(f, 1):
+                size = len(raw)
+                yield lineno, dec.decode(raw.rstrip(b"\r\n"), f"{path}:{lineno}", offset)
+                offset += size
+    dec.finish()
+
+
+def read_tsv(
+    path: Path, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
+    for lineno, line in _lines(path, counts, encoding):
         if line is None:
             continue
         if not line.strip():
@@ -135,9 +185,11 @@ def _lang_file(prefix: Path, lang: str) -> Path:
     raise InputError(f"moses input {prefix}: no file {prefix}.{lang} (or .gz)")
 
 
-def _aligned(files: dict[str, Path], counts: Counts) -> Iterator[tuple[int, dict[str, str | None]]]:
+def _aligned(
+    files: dict[str, Path], counts: Counts, encoding: str = ""
+) -> Iterator[tuple[int, dict[str, str | None]]]:
     """Zip line-aligned files; lines past the end of the shortest are counted as unaligned."""
-    iters = {lang: _lines(p, counts) for lang, p in files.items()}
+    iters = {lang: _lines(p, counts, encoding) for lang, p in files.items()}
     lineno = 0
     while True:
         row: dict[str, str | None] = {}
@@ -163,9 +215,11 @@ def _aligned(files: dict[str, Path], counts: Counts) -> Iterator[tuple[int, dict
         yield lineno, row
 
 
-def read_moses(prefix: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+def read_moses(
+    prefix: Path, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
     files = {src_lang: _lang_file(prefix, src_lang), tgt_lang: _lang_file(prefix, tgt_lang)}
-    for lineno, row in _aligned(files, counts):
+    for lineno, row in _aligned(files, counts, encoding):
         s, t = row[src_lang], row[tgt_lang]
         if s is None or t is None:
             continue
@@ -189,7 +243,9 @@ def multiway_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def read_multiway(folder: Path, pivot: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+def read_multiway(
+    folder: Path, pivot: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
     """pivot-X pairs for every other language X in the folder (only X = tgt_lang when it is given)."""
     files = multiway_files(folder)
     if pivot not in files:
@@ -200,7 +256,7 @@ def read_multiway(folder: Path, pivot: str, tgt_lang: str, counts: Counts) -> It
     others = [lang for lang in files if lang != pivot and (not tgt_lang or lang == tgt_lang)]
     if not others:
         raise InputError(f"multiway folder {folder}: no file for {tgt_lang or 'any language but ' + pivot}")
-    for lineno, row in _aligned(files, counts):
+    for lineno, row in _aligned(files, counts, encoding):
         s = row[pivot]
         if s is None:
             continue
@@ -228,7 +284,7 @@ class _TmxEvents:
     def __init__(self) -> None:
         from xml.parsers import expat
 
-        p = expat.ParserCreate()
+        p = expat.ParserCreate(encoding="UTF-8")  # read_tmx decodes the file and feeds UTF-8
         p.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)  # never read an external DTD
         p.StartElementHandler = self.start
         p.EndElementHandler = self.end
@@ -275,23 +331,64 @@ class _TmxEvents:
         raise UnsafeXML(f"references the external entity {system_id or public_id!r}")
 
 
-def read_tmx(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    """Streaming TMX reader (expat, 64 KiB at a time). Malformed XML stops the file with a counted
-    ``malformed_xml``; entity declarations or external entities stop it with ``unsafe_xml``."""
+_TU = re.compile(r"<tu[\s/>]")
+
+
+def _tmx_encoding(path: Path, encoding: str) -> tuple[str, int, bool]:
+    """Like :func:`_encoding`, the declared charset being the XML declaration's."""
+    with open_text_bytes(path) as f:
+        head = f.read(4096)
+    return _encoding(path, encoding, charset.xml_declared(head))
+
+
+def _lost_units(ev: _TmxEvents, chunk: bytes, at: int, rest: Iterator[str]) -> int:
+    """Units a TMX loses when it breaks at byte ``at`` of ``chunk`` (the UTF-8 just fed): the one
+    open, if any, and every ``<tu`` from the break on (the rest of the file is scanned, not parsed)."""
+    tag = chunk.rfind(b"<", 0, at + 1)
+    if tag >= 0 and b">" not in chunk[tag:at]:
+        at = tag  # the break is inside a tag, which may be a <tu ...> that never started
+    lost, carry = int(ev.segs is not None), ""
+    for piece in itertools.chain([chunk[at:].decode("utf-8", "replace")], rest):
+        text = carry + piece
+        lost += len(_TU.findall(text))
+        carry = text[-3:]  # a "<tu" cut by a chunk boundary; a match is 4 characters, never counted twice
+    return lost
+
+
+def read_tmx(
+    path: Path, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
+    """Streaming TMX reader (expat, 64 KiB at a time), decoded as its BOM, ``encoding`` or XML
+    declaration says. Malformed XML stops the file with ``malformed_xml``, entity declarations or
+    external entities with ``unsafe_xml``; both count every unit lost with the rest of the file.
+    Bytes that do not decode refuse the file (:class:`InputError`): XML has one encoding throughout."""
     from xml.parsers import expat
 
+    name, bom, _explicit = _tmx_encoding(path, encoding)
+    decoder = codecs.getincrementaldecoder(name)("strict")
     ev = _TmxEvents()
+    fed = done = 0  # UTF-8 bytes given to expat; file bytes decoded
+    lines = 1
     with open_text_bytes(path) as f:
+        f.read(bom)
+        done = bom
         while True:
-            chunk = f.read(1 << 16)
-            stop: tuple[str, str, str] | None = None
+            raw = f.read(1 << 16)
             try:
-                ev.parser.Parse(chunk, not chunk)
+                chunk = decoder.decode(raw, final=not raw).encode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.start + 1] if e.start < len(raw) else b""
+                line = lines + raw[: e.start].count(b"\n")
+                byte = f": 0x{bad[0]:02x}" if bad else ""
+                failed = f"the bytes at line {line}, byte offset {done + e.start:,}{byte} do not decode"
+                raise InputError(charset.refusal(path, name, failed, raw[e.start : e.start + 4096])) from None
+            stop: tuple[str, int, str, int] | None = None
+            try:
+                ev.parser.Parse(chunk, not raw)
             except expat.ExpatError as e:
-                stop = ("malformed_xml", f"{path}:{e.lineno}", f"{e}; rest of the file not read")
+                stop = ("malformed_xml", e.lineno, str(e), ev.parser.ErrorByteIndex)
             except UnsafeXML as e:
-                line = ev.parser.CurrentLineNumber
-                stop = ("unsafe_xml", f"{path}:{line}", f"{e}; the file is not read further")
+                stop = ("unsafe_xml", ev.parser.CurrentLineNumber, str(e), ev.parser.CurrentByteIndex)
             for n, segs in ev.ready:  # the units completed before any error still count
                 s = next((v for k, v in segs.items() if _lang_matches(k, src_lang)), None)
                 t = next((v for k, v in segs.items() if _lang_matches(k, tgt_lang)), None)
@@ -301,16 +398,27 @@ def read_tmx(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterat
                     yield RawPair(s, t, src_lang, tgt_lang, f"{path}:tu {n}")
             ev.ready.clear()
             if stop is not None:
-                counts.skip(*stop)
+                reason, line, msg, at = stop
+                rest = codecs.iterdecode(iter(lambda: f.read(1 << 16), b""), name, "replace")
+                lost = _lost_units(ev, chunk, max(at - fed, 0), rest)
+                counts.skip(
+                    reason,
+                    f"{path}:{line}",
+                    f"{msg}; the file is not read past line {line}: {lost} unit(s) lost",
+                    n=lost,
+                )
                 return
-            if not chunk:
+            if not raw:
                 return
+            fed += len(chunk)
+            done += len(raw)
+            lines += raw.count(b"\n")
 
 
-def _po_unquote(s: str, where: str) -> str:
+def _po_unquote(s: str) -> str:
     s = s.strip()
     if len(s) < 2 or s[0] != '"' or s[-1] != '"':
-        raise ValueError(f"{where}: expected a quoted string, got {s[:40]!r}")
+        raise ValueError(f"expected a quoted string, got {s[:40]!r}")
     body, out, i = s[1:-1], [], 0
     escapes = {
         "n": "\n",
@@ -351,6 +459,17 @@ def _catalog_entry(msgid: str, msgstr: str, plural: bool, fuzzy: bool, where: st
     return False
 
 
+def _po_charset(path: Path) -> str:
+    """The charset a .po file's header declares ('' when none)."""
+    with open_text_bytes(path) as f:
+        head = f.read(1 << 16)
+    return charset.po_declared(head)
+
+
+def _po_has_body(entry: dict) -> bool:
+    return entry.get("broken", False) or any(k.startswith(("msgid", "msgstr")) for k in entry)
+
+
 # NOTE: why the gettext readers below are not the standard library's or polib's. Python's gettext
 # reads only .mo, and GNUTranslations decodes the whole catalog at once: one undecodable string
 # raises UnicodeDecodeError and every entry of the file is lost (checked with the catalog of
@@ -358,12 +477,17 @@ def _catalog_entry(msgid: str, msgstr: str, plural: bool, fuzzy: bool, where: st
 # `invalid_utf8` and keeps the rest; it also keeps no entry positions for the skip log. polib (not a
 # dependency) stops at the first syntax error of a .po file; this reader counts the broken entry as
 # `po_syntax`, with its line, and goes on.
-def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
+def read_po(
+    path: Path, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
+    """Entries of a .po file, decoded with its header's charset. A syntax error skips (and counts)
+    its entry only: the next ``msgctxt``/``msgid`` line, or comment, starts the next entry."""
     entry: dict[str, object] = {}
     field_name = ""
 
-    def flush():
-        if "msgid" in entry:
+    def finish():
+        """The pair of the entry just read, if it is a complete translation."""
+        if "msgid" in entry and not entry.get("broken"):
             where = f"{path}:{entry['line']}"
             msgid, msgstr = str(entry["msgid"]), str(entry.get("msgstr", ""))
             if _catalog_entry(
@@ -372,60 +496,52 @@ def read_po(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
                 return RawPair(msgid, msgstr, src_lang, tgt_lang, where)
         return None
 
-    for lineno, line in _lines(path, counts):
-        if line is None:
+    for lineno, line in _lines(path, counts, encoding, _po_charset(path)):
+        if line is None:  # undecodable: counted by _lines, and its entry is lost with it
             entry["broken"] = True
             continue
         stripped = line.strip()
+        if not stripped or stripped.startswith("#~"):
+            continue  # blank, or an obsolete entry
+        key, _, rest = stripped.partition(" ")
+        # NOTE: an entry ends where the next one visibly starts, broken or not: a comment, a
+        # msgctxt, or a msgid once this entry has its own (a msgid after a lone msgctxt is the same
+        # entry). Waiting for a complete entry instead made a broken one swallow the next.
+        starts = stripped.startswith("#") or key in ("msgctxt", "msgid")
+        if starts and (_po_has_body(entry) or ("msgctxt" in entry and key != "msgid")):
+            pair = finish()
+            if pair:
+                yield pair
+            entry, field_name = {}, ""
+        if stripped.startswith("#"):
+            if stripped.startswith("#,") and "fuzzy" in stripped:
+                entry["fuzzy"] = True
+            continue
         try:
-            if not stripped:
-                continue
-            if stripped.startswith("#~"):
-                continue  # obsolete entry
-            if stripped.startswith("#"):
-                if "msgid" in entry:  # comments start the next entry
-                    pair = None if entry.get("broken") else flush()
-                    if pair:
-                        yield pair
-                    entry, field_name = {}, ""
-                if stripped.startswith("#,") and "fuzzy" in stripped:
-                    entry["fuzzy"] = True
-                continue
-            key, _, rest = stripped.partition(" ")
-            if (
-                key in ("msgctxt", "msgid")
-                and "msgid" in entry
-                and ("msgstr" in entry or "msgstr[0]" in entry)
-            ):
-                pair = None if entry.get("broken") else flush()
-                if pair:
-                    yield pair
-                fuzzy = False
-                entry, field_name = ({"fuzzy": fuzzy} if key == "msgid" else {}), ""
             if stripped.startswith('"'):
                 if not field_name:
-                    raise ValueError(f"{path}:{lineno}: continuation string outside an entry")
-                entry[field_name] = str(entry[field_name]) + _po_unquote(stripped, f"{path}:{lineno}")
+                    raise ValueError("continuation string outside an entry")
+                entry[field_name] = str(entry[field_name]) + _po_unquote(stripped)
             elif key in ("msgctxt", "msgid", "msgid_plural", "msgstr") or key.startswith("msgstr["):
+                name = "msgstr" if key == "msgstr[0]" else key
+                entry[name] = _po_unquote(rest)
+                field_name = name
                 if key == "msgid":
                     entry["line"] = lineno
-                name = "msgstr" if key == "msgstr[0]" else key
-                entry[name] = _po_unquote(rest, f"{path}:{lineno}")
-                field_name = name
             else:
-                raise ValueError(f"{path}:{lineno}: unknown keyword {key[:20]!r}")
+                raise ValueError(f"unknown keyword {key[:20]!r}")
         except ValueError as e:
-            counts.skip("po_syntax", f"{path}:{lineno}", str(e))
-            entry["broken"] = True
-    if not entry.get("broken"):
-        pair = flush()
-        if pair:
-            yield pair
+            if not entry.get("broken"):  # one count per broken entry
+                counts.skip("po_syntax", f"{path}:{lineno}", str(e))
+            entry["broken"], field_name = True, ""
+    pair = finish()
+    if pair:
+        yield pair
 
 
-def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    with open_text_bytes(path) as f:
-        data = f.read()
+def _mo_header(data: bytes, path: Path) -> tuple[str, int, int, int]:
+    """(byte order, number of strings, offsets of the two string tables) of a .mo file, checked
+    against its size: a header claiming 2^31 strings would otherwise keep the reader busy for hours."""
     if len(data) < 28:
         raise InputError(f"{path}: not a gettext .mo file (only {len(data)} bytes)")
     magic = struct.unpack("<I", data[:4])[0]
@@ -436,6 +552,23 @@ def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
     else:
         raise InputError(f"{path}: not a gettext .mo file (bad magic {magic:#x})")
     _rev, n, orig_off, trans_off = struct.unpack(end + "4I", data[4:20])
+    for name, off in (("original", orig_off), ("translated", trans_off)):
+        if off + 8 * n > len(data):
+            raise InputError(
+                f"{path}: corrupt .mo header: it claims {n:,} strings, but their {name}-string table "
+                f"(8 bytes each from byte {off:,}) runs past the end of the file ({len(data):,} bytes)"
+            )
+    return end, n, orig_off, trans_off
+
+
+def read_mo(
+    path: Path, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
+    """Entries of a .mo file, decoded with ``encoding`` or else its header's charset (UTF-8 when it
+    declares none); an entry that does not decode is counted, a file of them refused."""
+    with open_text_bytes(path) as f:
+        data = f.read()
+    end, n, orig_off, trans_off = _mo_header(data, path)
 
     def string(table: int, i: int) -> bytes:
         length, off = struct.unpack(end + "2I", data[table + 8 * i : table + 8 * i + 8])
@@ -443,6 +576,15 @@ def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
             raise ValueError("string table points past the end of the file")
         return data[off : off + length]
 
+    declared = ""
+    try:
+        if n and string(orig_off, 0) == b"":  # the header sorts first
+            declared = charset.header_charset(string(trans_off, 0))
+    except (struct.error, ValueError):
+        pass  # a corrupt first entry is counted below
+    explicit = bool(encoding)
+    name = _known_codec(path, encoding or declared, explicit) if encoding or declared else "utf-8"
+    dec = charset.LineDecoder(path, name, counts, explicit, units="entries")
     for i in range(n):
         where = f"{path}:entry {i + 1}"
         try:
@@ -453,28 +595,34 @@ def read_mo(path: Path, src_lang: str, tgt_lang: str, counts: Counts) -> Iterato
         plural = b"\x00" in raw_id
         if b"\x04" in raw_id:  # msgctxt EOT msgid
             raw_id = raw_id.split(b"\x04", 1)[1]
-        try:
-            msgid = raw_id.split(b"\x00")[0].decode("utf-8")
-            msgstr = raw_str.split(b"\x00")[0].decode("utf-8")
-        except UnicodeDecodeError as e:
-            counts.skip("invalid_utf8", where, str(e))
+        # NOTE: both strings are decoded as one (joined by EOT, which neither holds once msgctxt is
+        # split off), so an entry is counted once however many of its strings are broken.
+        text = dec.decode(raw_id.split(b"\x00")[0] + b"\x04" + raw_str.split(b"\x00")[0], where)
+        if text is None:
             continue
+        msgid, msgstr = text.split("\x04", 1)
         if _catalog_entry(msgid, msgstr, plural, False, where, counts):
             yield RawPair(msgid, msgstr, src_lang, tgt_lang, where)
+    dec.finish()
 
 
-def read_input(path: Path, fmt: str, src_lang: str, tgt_lang: str, counts: Counts) -> Iterator[RawPair]:
-    """Dispatch on ``fmt``; :func:`check_input` should have been called first."""
+def read_input(
+    path: Path, fmt: str, src_lang: str, tgt_lang: str, counts: Counts, encoding: str = ""
+) -> Iterator[RawPair]:
+    """Dispatch on ``fmt``; :func:`check_input` should have been called first. ``encoding`` (empty:
+    the file's BOM or declared charset, else UTF-8) is what its text is decoded with."""
     if fmt == "multiway":
-        return read_multiway(path, src_lang, tgt_lang, counts)
+        return read_multiway(path, src_lang, tgt_lang, counts, encoding)
     reader = {"tsv": read_tsv, "moses": read_moses, "tmx": read_tmx, "po": read_po, "mo": read_mo}[fmt]
-    return reader(path, src_lang, tgt_lang, counts)
+    return reader(path, src_lang, tgt_lang, counts, encoding)
 
 
-def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str) -> None:
+def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str, encoding: str = "") -> None:
     """Raise :class:`InputError` naming the file when the input cannot be read at all."""
     if fmt not in FORMATS:
         raise InputError(f"{path}: unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if encoding:
+        _known_codec(path, encoding, True)
     if not src_lang or (not tgt_lang and fmt != "multiway"):
         raise InputError(
             f"{path}: source and target languages are needed (give --src-lang/--tgt-lang "
@@ -495,6 +643,8 @@ def check_input(path: Path, fmt: str, src_lang: str, tgt_lang: str) -> None:
         raise InputError(f"input file not found: {path}")
     try:
         with open_text_bytes(path) as f:
-            f.read(1)
+            head = f.read() if fmt == "mo" else f.read(1)  # a catalog is small; its header is checked now
     except OSError as e:
         raise InputError(f"input file {path} cannot be read: {e}") from None
+    if fmt == "mo":
+        _mo_header(head, path)

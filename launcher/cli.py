@@ -24,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpus-per-worker", type=float)
     p.add_argument("--storage", help="storage path; the run folder is STORAGE/NAME (shared by all nodes)")
     p.add_argument("--name", help="run name (default: derived from the config, so a re-run resumes)")
+    p.add_argument(
+        "--resume-with-changes",
+        action="store_true",
+        help="resume even though the recipe or the shards differ from the checkpoint's (listed on refusal)",
+    )
 
 
 def resolve(args: argparse.Namespace):
@@ -39,6 +44,8 @@ def resolve(args: argparse.Namespace):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")
+    if getattr(args, "resume_with_changes", False):
+        overrides.append("checkpoint.resume_with_changes=true")
     return load_config(args.config, overrides)
 
 

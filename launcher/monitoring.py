@@ -1,8 +1,9 @@
-"""Driver-side monitoring: the Prometheus service-discovery file of a run and the progress line.
+"""Driver-side monitoring: the watcher, the Prometheus service-discovery file and the progress line.
 
 The workers serve their own metrics (:mod:`mlctl.metrics`); the driver only tells Prometheus where
 they are (a ``file_sd`` JSON that one Prometheus re-reads, so workers on every node are found as
-they come and go) and shows a one-line summary to the person who started the run.
+they come and go) and shows a one-line summary to the person who started the run. What it shows
+comes from the run's control actor (launcher/control.py), which every node reaches through Ray.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,63 +199,148 @@ class ProgressLine:
             self._print_line(self.clock())
 
 
-# Library loggers whose INFO chatter repeats on every worker and says nothing a user acts on.
-QUIET_LOGGERS = ("transformers", "deepspeed", "DeepSpeed", "ray.train", "torch.distributed")
+class RunWatcher(threading.Thread):
+    """Driver-side: polls the run's control actor (``feed(since)`` -> its snapshot) once a second.
 
-
-def setup_worker_logging(run_dir: str | Path, rank: int) -> Path:
-    """Logging of one training worker: everything at INFO into ``RUN_DIR/logs/rankNNNNN.log``; on
-    the console (which Ray forwards to the driver) only warnings and notices of rank 0 and errors of
-    any rank.
-
-    NOTE: what is silenced on the console and why. The driver already shows progress, endpoints and
-    evaluation (from metrics.jsonl), so the workers' INFO lines would repeat them once per rank.
-    transformers' weight-loading report and progress bar (the MLM head is fresh by design, and
-    mlctl.model logs which weights that is), DeepSpeed's op-build notice and Python warnings from
-    libraries (e.g. torch deprecations inside DeepSpeed) are known and harmless: they go to the log
-    file only. Returns the log file's path.
+    It prints each worker's endpoint once and keeps the Prometheus discovery file current, draws
+    the progress bar and the evaluation results from rank 0's records (and, with ``write_jsonl``,
+    keeps them in ``RUN/metrics.jsonl`` on this node: the workers' own run folders may be elsewhere),
+    says which data a rank skipped, and hands a fatal error to ``on_fatal`` once. When no worker has
+    reported after ``wait_warning`` seconds, it says which resources the run is waiting for (Ray
+    would wait silently). Everything goes to ``stream`` through one :class:`ProgressLine`.
     """
-    import logging
 
-    path = Path(run_dir) / "logs" / f"rank{rank:05d}.log"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    to_file = logging.FileHandler(path, encoding="utf-8")
-    to_file.setFormatter(fmt)
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter(f"rank {rank} %(levelname)s %(name)s: %(message)s"))
-    # Rank 0 also shows the few INFO records marked ``extra={"notice": True}``: what a user must see
-    # happen (a resume and where from, an elastic run's worker count).
-    floor = logging.WARNING if rank == 0 else logging.ERROR
-    console.setLevel(logging.INFO if rank == 0 else logging.ERROR)
-    console.addFilter(
-        lambda r: (
-            (r.levelno >= floor or getattr(r, "notice", False))
-            and r.name != "py.warnings"
-            and not r.name.startswith(QUIET_LOGGERS)
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: Any,
+        feed: Callable[[int], dict[str, Any]],
+        interval: float = 1.0,
+        stream: TextIO | None = None,
+        wait_warning: float = 60.0,
+        resources: Callable[[], dict[str, float]] | None = None,
+        write_jsonl: bool = False,
+        on_fatal: Callable[[str], None] | None = None,
+    ):
+        super().__init__(daemon=True)
+        self.run_dir, self.cfg, self.feed, self.interval = Path(run_dir), cfg, feed, interval
+        self.stop_event = threading.Event()
+        self.seen: dict[int, dict[str, Any]] = {}
+        self.next = 0
+        self.skipped: dict[int, dict[str, int]] = {}
+        self.last: dict[str, Any] = {}
+        self.progress = ProgressLine(total=cfg.train.max_steps, stream=stream or sys.stdout)
+        self.wait_warning, self.resources = wait_warning, resources
+        self.write_jsonl, self.on_fatal = write_jsonl, on_fatal
+        self.started = time.monotonic()
+        self.warned_wait = False
+        self.fatal_seen = False
+
+    @property
+    def workers_seen(self) -> bool:
+        return bool(self.seen)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            self.poll()
+        self.poll()
+        self.progress.close()
+
+    def poll(self) -> None:
+        try:
+            snap = self.feed(self.next)
+        except Exception as e:  # the actor went with a dying driver: nothing more to show
+            self.progress.write(f"[mlctl] lost the run's control actor: {e}")
+            self.stop_event.set()
+            return
+        self.last = snap
+        self.show_endpoints(snap["endpoints"])
+        self.show_records(snap["records"])
+        self.next = snap["next"]
+        self.show_skipped(snap["skipped"])
+        self.check_waiting()
+        if snap.get("fatal") and not self.fatal_seen:
+            self.fatal_seen = True
+            if self.on_fatal is not None:
+                self.on_fatal(snap["fatal"])
+
+    def check_waiting(self) -> None:
+        if self.warned_wait or self.seen or time.monotonic() - self.started < self.wait_warning:
+            return
+        self.warned_wait = True
+        # An elastic run starts once its minimum fits; that is what to compare with the cluster.
+        ray_cfg = self.cfg.ray
+        need = ray_cfg.min_workers * ray_cfg.cpus_per_worker
+        gpus = ray_cfg.min_workers * ray_cfg.gpus_per_worker
+        have = self.resources() if self.resources else {}
+        if have.get("CPU", need) >= need and have.get("GPU", 0.0) >= gpus:
+            return  # still starting (model loading, DeepSpeed op build): nothing to act on
+        self.progress.write(
+            f"[mlctl] waiting: the run needs {ray_cfg.num_workers} workers x {ray_cfg.cpus_per_worker:g} CPU"
+            + (f" x {ray_cfg.gpus_per_worker:g} GPU" if gpus else "")
+            + f", the Ray cluster has {have.get('CPU', 0):g} CPU, {have.get('GPU', 0):g} GPU in all; "
+            "Ray waits until a node with enough joins (lower ray.num_workers / --cpus-per-worker, "
+            "or add nodes)"
         )
-    )
-    root.addHandler(to_file)
-    root.addHandler(console)
-    root.setLevel(logging.INFO)
-    # Python's default filters stay (a module may have silenced a warning it knows about).
-    logging.captureWarnings(True)
-    quiet_library_output()
-    # Libraries that print() instead of logging (DeepSpeed's "op built successfully") write to the
-    # log file too; the worker's own messages all go through logging.
-    sys.stdout = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (lives as long as the worker)
-    return path
 
+    def show_endpoints(self, endpoints: dict[int, dict[str, Any]]) -> None:
+        changed = False
+        for rank, info in sorted(endpoints.items()):
+            if self.seen.get(rank) != info:
+                self.seen[rank] = info
+                changed = True
+                self.progress.write(
+                    f"[mlctl] rank {info['rank']} on {info['node']}: metrics at {info['url']}"
+                )
+        if changed:
+            targets = [
+                {
+                    "target": f"{i['host']}:{i['port']}",
+                    "run": self.run_dir.name,
+                    "rank": i["rank"],
+                    "node": i["node"],
+                }
+                for i in self.seen.values()
+            ]
+            publish_service_discovery(self.run_dir, targets)
 
-def quiet_library_output() -> None:
-    """transformers' load report and weight-loading bars off (errors still show); see
-    :func:`setup_worker_logging` for why."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        return
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    def show_records(self, records: list[dict[str, Any]]) -> None:
+        if self.write_jsonl and records:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in records))
+        for rec in records:
+            if not isinstance(rec, dict) or "step" not in rec:
+                continue
+            if "loss" in rec:
+                self.progress.update(
+                    step=rec["step"],
+                    loss=rec["loss"],
+                    pairs_per_s=rec.get("samples_per_second", float("nan")),
+                    at=rec.get("time"),
+                )
+            elif rec.get("event") == "eval" and isinstance(rec.get("eval"), dict):
+                figures = " ".join(f"{k} {v:.3f}" for k, v in rec["eval"].items() if isinstance(v, float))
+                self.progress.write(f"[mlctl] eval step {rec['step']}: {figures}")
+
+    def show_skipped(self, skipped: dict[int, dict[str, int]]) -> None:
+        for rank, counts in sorted(skipped.items()):
+            before = self.skipped.get(rank, {})
+            new = {r: n - before.get(r, 0) for r, n in counts.items() if n > before.get(r, 0)}
+            if new:
+                what = ", ".join(f"{reason} +{n}" for reason, n in sorted(new.items()))
+                log = self.run_dir / "logs" / f"rank{rank:05d}.log"
+                self.progress.write(f"[mlctl] data skipped on rank {rank}: {what} (details in {log})")
+            self.skipped[rank] = dict(counts)
+
+    def skipped_total(self) -> dict[str, int]:
+        """Data skipped by reason, summed over ranks (for the closing line)."""
+        total: dict[str, int] = {}
+        for counts in self.skipped.values():
+            for reason, n in counts.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=10)

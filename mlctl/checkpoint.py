@@ -80,7 +80,49 @@ class TrainState:
 
 
 class CheckpointMismatch(ValueError):
-    """A checkpoint does not belong to this model, tokenizer or world size."""
+    """A checkpoint does not belong to this model, tokenizer, world size, recipe or data."""
+
+
+class Reporter:
+    """How a worker talks to whoever launched it: where it announces its endpoint, step records,
+    skipped data and published checkpoints, where it counts attempts and learns that it should stop.
+
+    This base is the launch without Ray (a process group started by hand, as the tests do): attempts
+    are counted in ``RUN/attempts``, nothing else goes anywhere. The launcher's reporters
+    (launcher/reporters.py) send it all to the run's control actor.
+
+    ``authoritative``: the reporter's store, not the run folder, is the record of the latest
+    checkpoint (an object store that Ray uploads to); resume then starts only from what
+    :meth:`restored_from` hands back."""
+
+    authoritative = False
+
+    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:  # noqa: B027
+        pass
+
+    def restored_from(self) -> Path | None:
+        return None
+
+    def release(self, path: Path) -> None:  # noqa: B027
+        """The checkpoint handed back by :meth:`restored_from` has been loaded."""
+
+    def count_attempt(self, run_dir: Path, rank: int) -> int:
+        return count_attempt(run_dir, rank)
+
+    def stop_requested(self) -> bool:
+        return False
+
+    def announce(self, rank: int, info: dict[str, Any]) -> None:  # noqa: B027
+        pass
+
+    def records(self, records: list[dict[str, Any]]) -> None:  # noqa: B027
+        pass
+
+    def skipped(self, rank: int, counts: dict[str, int]) -> None:  # noqa: B027
+        pass
+
+    def fatal(self, rank: int, message: str) -> None:  # noqa: B027
+        pass
 
 
 @dataclass
@@ -95,6 +137,7 @@ class CheckpointMeta:
     zero_stage: int
     manifest_hash: str
     config_fingerprint: str
+    recipe_fingerprint: str = ""  # Config.recipe_fingerprint(); empty in checkpoints before it
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
@@ -247,9 +290,16 @@ def _step_of(path: Path) -> int:
 
 
 def check_compatible(
-    meta: CheckpointMeta, *, model: str, tokenizer_hash: str, world_size: int, zero_stage: int, where: Path
+    meta: CheckpointMeta,
+    *,
+    model: str,
+    tokenizer_hash: str,
+    world_size: int | None,
+    zero_stage: int,
+    where: Path,
 ) -> None:
-    """Refuse a checkpoint of another model, tokenizer or (ZeRO >= 1) world size, saying what differs."""
+    """Refuse a checkpoint of another model, tokenizer or (ZeRO >= 1) world size, saying what
+    differs (``world_size`` None: not known yet, an elastic run's)."""
     problems = []
     if meta.model != model:
         problems.append(f"model: checkpoint has {meta.model!r}, config has {model!r}")
@@ -259,7 +309,7 @@ def check_compatible(
         )
     if meta.zero_stage != zero_stage:
         problems.append(f"ZeRO stage: checkpoint {meta.zero_stage}, config {zero_stage}")
-    if max(meta.zero_stage, zero_stage) >= 1 and meta.world_size != world_size:
+    if world_size is not None and max(meta.zero_stage, zero_stage) >= 1 and meta.world_size != world_size:
         problems.append(
             f"world size: checkpoint was written by {meta.world_size} ranks, this run has {world_size} "
             f"(ZeRO >= 1 shards the optimizer state by rank)"
@@ -304,25 +354,37 @@ class Checkpointer:
         world_size: int,
         keep_last: int,
         identity: dict[str, Any],
+        local_rank: int = 0,
+        node_local: bool = False,
     ):
-        """``identity``: ``model``, ``tokenizer_hash``, ``zero_stage``, ``manifest_hash`` and
-        ``config_fingerprint`` of this run, written into meta.json and checked on load."""
+        """``identity``: ``model``, ``tokenizer_hash``, ``zero_stage``, ``manifest_hash``,
+        ``config_fingerprint`` and ``recipe_fingerprint`` of this run, written into meta.json and
+        checked on load. ``node_local``: the run folder is each node's own (checkpoints travel
+        through an object store), so the first rank of every node tidies its own."""
         self.dir = CheckpointDir(run_dir, keep_last)
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.node_local = node_local
         self.identity = identity
 
     def save(self, engine, loader, state: TrainState, cfg) -> Path:
-        """Write step ``state.step`` and publish it once every rank has written its part."""
+        """Write step ``state.step`` and publish it once every rank has written its part.
+
+        A save that fails (a full disk) removes this rank's node's temporary folder before it
+        raises, so what is left never blocks the next attempt."""
         import torch.distributed as dist
 
         step = state.step
-        if self.rank == 0:
+        if self.rank == 0 or (self.node_local and self.local_rank == 0):
             self.dir.prepare(step)
         dist.barrier()
         tmp = self.dir.tmp_path(step)
         tmp.mkdir(parents=True, exist_ok=True)  # a node without the shared run folder has its own
-        engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False)
-        (tmp / data_state_name(self.rank)).write_text(json.dumps(loader.state_dict()))
+        try:
+            engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False)
+            (tmp / data_state_name(self.rank)).write_text(json.dumps(loader.state_dict()))
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         dist.barrier()
         if self.rank == 0:
             cfg.save(tmp / "config.yaml")
@@ -367,9 +429,13 @@ class Checkpointer:
             return None
         return max(candidates, key=lambda p: CheckpointMeta.load(p / "meta.json").step)
 
-    def load(self, path: Path, engine, loader) -> TrainState:
-        """Restore engine, loader position and counts from ``path`` (refusing a checkpoint of
-        another model, tokenizer or, under ZeRO >= 1, world size)."""
+    def load(self, path: Path, engine, loader, cfg=None) -> TrainState:
+        """Restore engine, loader position and counts from ``path``.
+
+        Refuses a checkpoint of another model, tokenizer or (ZeRO >= 1) world size, and, unless
+        ``cfg.checkpoint.resume_with_changes``, one trained with another recipe or on other shards
+        (saying what differs). A checkpoint of another world size (elastic, ZeRO-0) continues its
+        epoch where the old ranks had got to, re-split over the new ones."""
         meta = CheckpointMeta.load(path / "meta.json")
         check_compatible(
             meta,
@@ -380,23 +446,67 @@ class Checkpointer:
             where=path,
         )
         manifest_hash = self.identity["manifest_hash"]
-        if meta.manifest_hash and meta.manifest_hash != manifest_hash:
-            log.warning(
-                "%s was trained on other shards (manifest %s, now %s); the data position starts over",
-                path,
-                meta.manifest_hash,
-                manifest_hash,
-            )
+        same_data = not meta.manifest_hash or meta.manifest_hash == manifest_hash
+        if cfg is not None:
+            check_changes(path, meta, cfg, manifest_hash)
         load_path, _ = engine.load_checkpoint(
             str(path / "engine"), tag=ENGINE_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed found no engine state under {path / 'engine'}")
-        if meta.world_size == self.world_size and meta.manifest_hash == manifest_hash:
-            loader.load_state_dict(json.loads((path / data_state_name(self.rank)).read_text()))
+        if same_data:
+            states = [json.loads((path / data_state_name(r)).read_text()) for r in range(meta.world_size)]
+            info = loader.load_resized_state(states)
+            if meta.world_size != self.world_size and self.rank == 0:
+                log.info(
+                    "data: epoch %d goes on from where %d rank(s) had got to, re-split over %d "
+                    "(%s batches each)",
+                    info["epoch"],
+                    meta.world_size,
+                    self.world_size,
+                    info["per_rank"],
+                    extra={"notice": True},
+                )
+        else:
+            log.warning("%s was trained on other shards; the data position starts over", path)
         return TrainState(
             step=meta.step,
             samples_seen=meta.samples_seen,
             tokens_seen=meta.tokens_seen,
             restarts=meta.restarts + 1,
         )
+
+
+def check_changes(path: Path, meta: CheckpointMeta, cfg, manifest_hash: str) -> list[str]:
+    """What differs between the checkpoint at ``path`` and the run about to resume from it: recipe
+    keys (:meth:`Config.recipe`) and the shards' manifest. Raises :class:`CheckpointMismatch`
+    naming them unless ``cfg.checkpoint.resume_with_changes``; then returns them (and warns)."""
+    changes = recipe_differences(path, cfg)
+    if meta.manifest_hash and meta.manifest_hash != manifest_hash:
+        changes.append(f"data: the shards' manifest was {meta.manifest_hash}, now {manifest_hash}")
+    if changes and not cfg.checkpoint.resume_with_changes:
+        raise CheckpointMismatch(
+            f"cannot resume from {path}: the run's recipe changed (checkpoint "
+            f"{meta.recipe_fingerprint or meta.config_fingerprint}, config {cfg.recipe_fingerprint()}): "
+            + "; ".join(changes)
+            + ". Train under another --name, or pass --resume-with-changes "
+            "(checkpoint.resume_with_changes=true) to go on with the new settings"
+        )
+    if changes:
+        log.warning("resuming %s with changes: %s", path, "; ".join(changes))
+    return changes
+
+
+def recipe_differences(path: Path, cfg) -> list[str]:
+    """What differs between the recipe of the checkpoint at ``path`` (its config.yaml) and
+    ``cfg``'s; empty when the checkpoint has no config.yaml (written by hand or by an old version)."""
+    from mlctl.config import ConfigError, load_config, recipe_changes
+
+    saved = Path(path) / "config.yaml"
+    if not saved.is_file():
+        return []
+    try:
+        before = load_config(saved).recipe()
+    except ConfigError as e:  # a key this version no longer knows: say so rather than guess
+        return [f"its config.yaml does not load here ({e})"]
+    return recipe_changes(before, cfg.recipe())

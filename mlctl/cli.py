@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("launcher.cli", "train ML-CTL: Ray-orchestrated DeepSpeed workers, checkpoints, resume"),
     "eval": ("mlctl.evaluate", "retrieval accuracy and bitext-mining F1 of an encoder or run"),
     "export": ("mlctl.export", "a run's encoder as a HuggingFace / sentence-transformers folder"),
+    "stop": ("launcher.stop", "ask running trainings to stop after their current step and save"),
     "report": ("mlctl.report", "plot a run's metrics.jsonl (loss, throughput, eval accuracy) to PNG"),
     "demo": ("mlctl.demo", "the main job on bundled data (what `make demo` runs)"),
 }
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"mlctl {args.verb}: interrupted", file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, ValueError, MissingExtra, LockHeld) as e:
         print(f"mlctl {args.verb}: error: {e}", file=sys.stderr)
         return 2

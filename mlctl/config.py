@@ -211,6 +211,9 @@ class CheckpointConfig:
     every_minutes: float = 0.0  # 0: off
     keep_last: int = 3
     resume: bool = True  # resume from the run's latest checkpoint when one exists
+    # Resume even when the recipe (Config.recipe(): model, loss, data, train and DeepSpeed keys
+    # other than length and cadence) differs from the checkpoint's; `mlctl train --resume-with-changes`.
+    resume_with_changes: bool = False
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:
@@ -245,6 +248,9 @@ class RayConfig:
     storage_path: str = "runs"
     name: str = ""  # empty: derived from the config, so re-running resumes the same run
     max_failures: int = 3
+    # Seconds a collective may wait for a peer before the process group fails (gloo and NCCL; with
+    # NCCL, asynchronous error handling turns the timeout into a worker failure Ray retries).
+    collective_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if isinstance(self.num_workers, list):
@@ -254,6 +260,8 @@ class RayConfig:
                 )
         elif self.num_workers < 1:
             raise ConfigError(f"ray.num_workers must be >= 1, got {self.num_workers}")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError(f"ray.collective_timeout_s must be > 0, got {self.collective_timeout_s}")
 
     @property
     def min_workers(self) -> int:
@@ -297,9 +305,48 @@ class Config:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def fingerprint(self) -> str:
-        import hashlib
+        """Hash of the whole resolved config."""
+        return _digest(self.to_dict())
 
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    def recipe(self) -> dict[str, Any]:
+        """The keys that shape the training trajectory: the model, loss, data, train and DeepSpeed
+        sections without what may change between two invocations of one run (``RECIPE_IGNORED``:
+        length, logging, where the shards are and how they are read, what prepare reads)."""
+        d = self.to_dict()
+        return {
+            section: {k: v for k, v in d[section].items() if k not in RECIPE_IGNORED.get(section, ())}
+            for section in RECIPE_SECTIONS
+        }
+
+    def recipe_fingerprint(self) -> str:
+        return _digest(self.recipe())
+
+
+# NOTE: a whole section counts minus the listed keys, so a key added to these sections later is part
+# of the recipe (and of derived run names) unless it is listed here.
+RECIPE_SECTIONS = ("model", "loss", "data", "train", "deepspeed")
+RECIPE_IGNORED = {
+    # the shards' content is checked through the manifest's hash; loader workers re-split exactly
+    "data": ("prepare", "shards", "num_workers"),
+    "train": ("max_steps", "log_every", "log_pair_ids"),
+}
+
+
+def _digest(value: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def recipe_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """``section.key: old -> new`` for every recipe key that differs."""
+    out = []
+    for section in sorted(set(before) | set(after)):
+        a, b = before.get(section, {}), after.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key, "(unset)") != b.get(key, "(unset)"):
+                out.append(f"{section}.{key}: {a.get(key, '(unset)')!r} -> {b.get(key, '(unset)')!r}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -169,8 +169,8 @@ def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.monitoring import quiet_library_output
     from launcher.ray_train import launch
+    from launcher.worker import quiet_library_output
     from mlctl.config import load_config
     from mlctl.export import load_run_model
     from mlctl.hub import load_tokenizer

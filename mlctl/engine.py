@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mlctl.checkpoint import Checkpointer, TrainState, count_attempt, step_seed
+from mlctl.checkpoint import Checkpointer, Reporter, TrainState, step_seed
 from mlctl.config import Config
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
 from mlctl.losses import contrastive_terms, inbatch_accuracy
@@ -113,28 +113,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if Path(path).is_file() else ""
+def manifest_hash(shards: str) -> str:
+    """Hash of the shard folder's manifest.json (a local folder or an object-store URI)."""
+    from mlctl import storage
+
+    try:
+        return hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()[:16]
+    except FileNotFoundError:
+        return ""
 
 
 # --------------------------------------------------------------------------------------------------
 # The worker
-
-
-class Reporter:
-    """Where the worker announces published checkpoints (Ray's report under Ray; nothing alone).
-
-    ``authoritative``: the reporter's store, not the run folder, is the record of the latest
-    checkpoint (an object store that Ray uploads to); resume then starts only from what
-    :meth:`restored_from` hands back."""
-
-    authoritative = False
-
-    def checkpoint(self, path: Path, step: int, metrics: dict[str, float]) -> None:  # noqa: B027
-        pass
-
-    def restored_from(self) -> Path | None:
-        return None
 
 
 class Trainer:
@@ -206,7 +196,7 @@ class Trainer:
             code_switch=cfg.data.code_switch,
             switch_anchors=not cfg.model.word_level,  # no word-level term reads the anchor spans
         )
-        self.manifest_hash = file_hash(Path(cfg.data.shards) / "manifest.json")
+        self.manifest_hash = manifest_hash(cfg.data.shards)
 
         self.engine = self._build_engine(model)
         if torch.device(self.engine.device) != self.device:
@@ -223,7 +213,10 @@ class Trainer:
                 "zero_stage": cfg.deepspeed.zero_stage,
                 "manifest_hash": self.manifest_hash,
                 "config_fingerprint": cfg.fingerprint(),
+                "recipe_fingerprint": cfg.recipe_fingerprint(),
             },
+            local_rank=self.local_rank,
+            node_local=self.reporter.authoritative,
         )
         self._setup_metrics()
 
@@ -284,6 +277,7 @@ class Trainer:
             node=self.node,
             local_rank=self.local_rank,
             run_dir=self.run_dir,
+            sink=self.reporter.records if self.rank == 0 else None,
         )
         port = self.metrics.start()
         if port is not None:
@@ -299,6 +293,7 @@ class Trainer:
             tmp = ep_dir / f".rank{self.rank:05d}.json"
             tmp.write_text(json.dumps(info))
             os.replace(tmp, ep_dir / f"rank{self.rank:05d}.json")
+            self.reporter.announce(self.rank, info)
 
     # ---- checkpoints (the I/O lives in mlctl.checkpoint) ------------------------------------
 
@@ -324,7 +319,7 @@ class Trainer:
         )
 
     def load_checkpoint(self, path: Path) -> None:
-        self.state = self.checkpointer.load(path, self.engine, self.loader)
+        self.state = self.checkpointer.load(path, self.engine, self.loader, self.cfg)
 
     # ---- the step ----------------------------------------------------------------------------
 
@@ -443,8 +438,9 @@ class Trainer:
         }
 
     def stop_requested(self) -> bool:
-        """Whether this rank was asked to stop (a signal to the driver); see :meth:`fit`."""
-        return False
+        """Whether the run was asked to stop (a signal to the driver, ``mlctl stop``); see
+        :meth:`fit`. Rank 0 asks the launcher; the step's all-reduce tells the others."""
+        return self.rank == 0 and self.reporter.stop_requested()
 
     def _time_save_due(self) -> bool:
         minutes = self.cfg.checkpoint.every_minutes
@@ -462,12 +458,32 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
 
     def fit(self) -> TrainState:
-        cfg = self.cfg
+        """Train until ``train.max_steps``, or until asked to stop (a signal to the driver reaches
+        every rank through the step's all-reduce): then save at the step reached and return early
+        with ``self.stopped`` set. Resumes from the newest checkpoint first."""
+        self.stopped = False
+        self.resume()
+        self.engine.train()
+        it = iter(self.loader)
+        try:
+            while self.state.step < self.cfg.train.max_steps:
+                m = self.train_step(it)
+                self.after_step(m)
+                if m["stop"]:
+                    self.stopped = True
+                    break
+        finally:
+            self.close()
+        return self.state
+
+    def resume(self) -> None:
+        """Count this attempt, load the newest checkpoint (if any) and restore the counters."""
         # Counted before the checkpoint is read, so an attempt that fails while loading counts too.
-        attempts = count_attempt(self.run_dir, self.rank)
+        attempts = self.reporter.count_attempt(self.run_dir, self.rank)
         resume = self.find_resume_point()
         if resume is not None:
             self.load_checkpoint(resume)
+            self.reporter.release(resume)
         self.state.restarts = max(self.state.restarts, attempts - 1)
         if resume is not None and self.rank == 0:
             log.info(
@@ -481,72 +497,70 @@ class Trainer:
             self.metrics.restore_totals(
                 self.state.step, self.state.samples_seen, self.state.tokens_seen, self.state.restarts
             )
-        self.engine.train()
-        it = iter(self.loader)
-        global_batch = cfg.data.batch_size * self.world_size
-        every = cfg.checkpoint.every_steps
-        eval_every = cfg.eval.every_steps
-        t_start = time.perf_counter()
-        start_step = self.state.step
-        try:
-            while self.state.step < cfg.train.max_steps:
-                m = self.train_step(it)
-                self.last_metrics = {k: v for k, v in m.items() if isinstance(v, float)}
-                self._log_step(m, global_batch)
-                if eval_every and self.state.step % eval_every == 0 and cfg.eval.pairs:
-                    self.evaluate()
-                last = self.state.step == cfg.train.max_steps
-                if last or (every and self.state.step % every == 0) or m["save_due"]:
-                    self.save_checkpoint()
-                if self.rank == 0 and (self.state.step % cfg.train.log_every == 0 or last):
-                    elapsed = time.perf_counter() - t_start
-                    done = self.state.step - start_step
-                    log.info(
-                        "step %d/%d loss %.4f (cl %.4f mlm %.4f) acc %.3f lr %.2e %.1f pairs/s",
-                        self.state.step,
-                        cfg.train.max_steps,
-                        m["loss"],
-                        m["contrastive_loss"],
-                        m["mlm_loss"],
-                        m["inbatch_accuracy"],
-                        m["lr"],
-                        done * global_batch * cfg.train.grad_accum / max(elapsed, 1e-9),
-                    )
-        finally:
-            close = getattr(self.loader, "close", None)
-            if close:
-                close()
-            if self.metrics is not None:
-                self.metrics.close()
-        return self.state
+        self._t_start, self._start_step = time.perf_counter(), self.state.step
 
-    def _log_step(self, m: dict[str, Any], global_batch: int) -> None:
-        if self.metrics is None:
-            return
+    def after_step(self, m: dict[str, Any]) -> None:
+        """The hooks after each optimizer step: metrics, evaluation, checkpoint, log line."""
+        cfg, step = self.cfg, self.state.step
+        self.last_metrics = {k: v for k, v in m.items() if isinstance(v, float)}
+        self._log_metrics(m)
+        if _every(step, cfg.eval.every_steps) and cfg.eval.pairs:
+            self.evaluate()
+        last = step == cfg.train.max_steps
+        if last or _every(step, cfg.checkpoint.every_steps) or m["save_due"] or m["stop"]:
+            self.save_checkpoint()
+        if m["stop"] and self.rank == 0:
+            log.info("stopping at step %d: checkpoint saved", step, extra={"notice": True})
+        if self.rank == 0 and (_every(step, cfg.train.log_every) or last):
+            self._log_line(m)
+
+    def close(self) -> None:
+        close = getattr(self.loader, "close", None)
+        if close:
+            close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def _log_line(self, m: dict[str, Any]) -> None:
+        cfg = self.cfg
+        elapsed = time.perf_counter() - self._t_start
+        pairs = (
+            (self.state.step - self._start_step)
+            * cfg.data.batch_size
+            * self.world_size
+            * cfg.train.grad_accum
+        )
+        log.info(
+            "step %d/%d loss %.4f (cl %.4f mlm %.4f) acc %.3f lr %.2e %.1f pairs/s",
+            self.state.step,
+            cfg.train.max_steps,
+            m["loss"],
+            m["contrastive_loss"],
+            m["mlm_loss"],
+            m["inbatch_accuracy"],
+            m["lr"],
+            pairs / max(elapsed, 1e-9),
+        )
+
+    def _log_metrics(self, m: dict[str, Any]) -> None:
+        from dataclasses import fields
+
         from mlctl.metrics import StepMetrics
 
-        self.metrics.log_step(
-            StepMetrics(
-                step=m["step"],
-                loss=m["loss"],
-                contrastive_loss=m["contrastive_loss"],
-                mlm_loss=m["mlm_loss"],
-                samples=m["samples"],
-                tokens=m["tokens"],
-                step_seconds=m["step_seconds"],
-                data_wait_seconds=m["data_wait_seconds"],
-                lr=m["lr"],
-                grad_norm=m["grad_norm"],
-                global_batch_size=global_batch * self.cfg.train.grad_accum,
-                inbatch_accuracy=m["inbatch_accuracy"],
-            )
-        )
-        skipped = getattr(self.loader, "skipped", {}) or {}
+        skipped = dict(getattr(self.loader, "skipped", {}) or {})
+        if skipped != self._skips_logged:
+            self.reporter.skipped(self.rank, skipped)
+        if self.metrics is None:
+            self._skips_logged = skipped
+            return
+        global_batch = self.cfg.data.batch_size * self.world_size * self.cfg.train.grad_accum
+        given = {f.name: m[f.name] for f in fields(StepMetrics) if f.name in m}
+        self.metrics.log_step(StepMetrics(**given, global_batch_size=global_batch))
         for reason, count in skipped.items():
             seen = self._skips_logged.get(reason, 0)
             if count > seen:
                 self.metrics.log_skipped(reason, count - seen)
-        self._skips_logged = dict(skipped)
+        self._skips_logged = skipped
 
     def evaluate(self) -> dict[str, float]:
         """Retrieval accuracy on the configured dev pairs. Every rank encodes a share of the pairs
@@ -577,6 +591,10 @@ class Trainer:
                 "eval step %d: %s", self.state.step, " ".join(f"{k}={v:.3f}" for k, v in results.items())
             )
         return results
+
+
+def _every(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def _node_ip() -> str:

@@ -124,6 +124,7 @@ class MetricsExporter:
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
         flush_seconds: float = 1.0,
+        sink: Callable[[list[dict[str, Any]]], None] | None = None,
     ):
         if cfg.window_steps < 1:
             raise ValueError(f"metrics.window_steps must be >= 1, got {cfg.window_steps}")
@@ -133,6 +134,8 @@ class MetricsExporter:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.clock = clock
         self.flush_seconds = flush_seconds
+        # where rank 0's records also go, a batch per flush (the launcher: the driver's console)
+        self.sink = sink
         self.port: int | None = None
         self._server: Any = None
         self._thread: Any = None
@@ -352,7 +355,8 @@ class MetricsExporter:
     # ---- metrics.jsonl -----------------------------------------------------------------------
 
     def _writes_jsonl(self) -> bool:
-        return self.cfg.jsonl and self.run_dir is not None and self.rank == 0
+        """Whether this exporter keeps records (rank 0: to metrics.jsonl and/or the sink)."""
+        return self.rank == 0 and (self.sink is not None or (self.cfg.jsonl and self.run_dir is not None))
 
     def _write(self, rec: dict[str, Any], now: float, flush: bool = False) -> None:
         rec["time"] = time.time()
@@ -366,6 +370,15 @@ class MetricsExporter:
 
     def _flush(self, now: float) -> None:
         if not self._pending:
+            return
+        if self.sink is not None:
+            try:
+                self.sink(list(self._pending))
+            except Exception as e:  # the driver's view is a courtesy; training goes on
+                log.warning("metrics: could not send records to the launcher: %s", e)
+        if not (self.cfg.jsonl and self.run_dir is not None):
+            self._pending.clear()
+            self._last_flush = now
             return
         if self._jsonl is None:
             assert self.run_dir is not None

@@ -80,7 +80,7 @@ def install(spec: dict[str, Any] | None) -> None:
 
 def setup_worker() -> None:
     """Ray ``worker_process_setup_hook``: the launcher's own hook, then the faults."""
-    from launcher.ray_train import quiet_ray_logs
+    from launcher.worker import quiet_ray_logs
 
     quiet_ray_logs()
     install(spec_from_env())

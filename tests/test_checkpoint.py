@@ -147,7 +147,7 @@ def test_step_seeds_do_not_collide():
 
 
 def test_run_name_survives_longer_runs_and_other_cadence_not_other_training():
-    from launcher.ray_train import run_name
+    from launcher.naming import run_name
 
     base = ["data.shards=/x", "model.name_or_path=m"]
     name = run_name(load_config(None, base))
@@ -221,12 +221,17 @@ def test_lr_schedule_against_transformers(schedule):
     assert theirs(0) == 0.0 and ours(0) > 0
 
 
-def test_each_checkpoint_file_is_uploaded_by_the_rank_that_wrote_it():
-    from launcher.ray_train import _rank_of_file
+def test_each_checkpoint_file_is_uploaded_by_its_writer_and_downloaded_by_who_reads_it():
+    from launcher.reporters import _rank_of_file, _writer_of
 
-    assert _rank_of_file("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
-    assert _rank_of_file("zero_pp_rank_12_mp_rank_00_model_states.pt") == 12  # ZeRO-3
-    assert _rank_of_file("bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt") == 2
-    assert _rank_of_file("data_state_rank00007.json") == 7
+    assert _writer_of("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    assert _writer_of("zero_pp_rank_12_mp_rank_00_model_states.pt") == 12  # ZeRO-3
+    assert _writer_of("bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt") == 2
+    assert _writer_of("data_state_rank00007.json") == 7
     for shared in ("mp_rank_00_model_states.pt", "meta.json", "config.yaml"):
-        assert _rank_of_file(shared) == 0
+        assert _writer_of(shared) == 0
+    # A rank downloads its own optimizer shard; everything else once per node (every rank reads it,
+    # all data states included: a resized run re-splits the old ranks' positions).
+    assert _rank_of_file("zero_pp_rank_3_mp_rank_00_optim_states.pt") == 3
+    for shared in ("mp_rank_00_model_states.pt", "meta.json", "config.yaml", "data_state_rank00007.json"):
+        assert _rank_of_file(shared) is None

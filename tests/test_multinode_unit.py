@@ -44,13 +44,18 @@ def test_num_workers_range():
             load_config(None, [f"ray.num_workers={bad}"])
 
 
-def test_elastic_range_needs_zero_stage_0(tiny_shards):
-    from launcher.ray_train import preflight
+def test_elastic_range_needs_zero_stage_0(tiny_shards, tiny_model_dir):
+    from launcher.preflight import preflight
 
-    cfg = load_config(None, [f"data.shards={tiny_shards}", "ray.num_workers=[1,2]", "deepspeed.zero_stage=1"])
+    model = f"model.name_or_path={tiny_model_dir}"
+    cfg = load_config(
+        None, [model, f"data.shards={tiny_shards}", "ray.num_workers=[1,2]", "deepspeed.zero_stage=1"]
+    )
     with pytest.raises(
         ValueError, match=r"ray.num_workers=\[1, 2\] \(elastic\) needs deepspeed.zero_stage=0"
     ):
         preflight(cfg)
-    cfg = load_config(None, [f"data.shards={tiny_shards}", "ray.num_workers=[1,2]", "deepspeed.zero_stage=0"])
+    cfg = load_config(
+        None, [model, f"data.shards={tiny_shards}", "ray.num_workers=[1,2]", "deepspeed.zero_stage=0"]
+    )
     assert preflight(cfg).ray.num_workers == [1, 2]

@@ -72,51 +72,73 @@ def _cfg(num_workers: int = 2, steps: int = 20) -> Config:
     return cfg
 
 
-def test_watcher_prints_endpoints_progress_and_eval_from_the_run_folder(tmp_path):
-    from launcher.ray_train import RunWatcher
+def test_watcher_prints_endpoints_progress_eval_and_skips_from_the_control(tmp_path):
+    """The driver's view comes from the run's control (launcher/control.py; here the plain class,
+    what the Ray actor wraps)."""
+    from launcher.control import RunControl
+    from launcher.monitoring import RunWatcher
 
     run = tmp_path / "run"
-    (run / "endpoints").mkdir(parents=True)
-    (run / "endpoints" / "rank00000.json").write_text(
-        json.dumps(
-            {
-                "rank": 0,
-                "node": "n0",
-                "host": "127.0.0.1",
-                "port": 9400,
-                "url": "http://127.0.0.1:9400/metrics",
-            }
-        )
+    control = RunControl("run")
+    control.put_endpoint(
+        0,
+        {"rank": 0, "node": "n0", "host": "127.0.0.1", "port": 9400, "url": "http://127.0.0.1:9400/metrics"},
     )
     records = [
         {"event": "train", "step": s, "loss": 3.0 - 0.1 * s, "samples_per_second": 16.0, "time": 100.0 + s}
         for s in range(1, 11)
     ]
     records.insert(5, {"event": "eval", "step": 5, "eval": {"de": 0.5, "fr": 0.25}})
-    text = "".join(json.dumps(r) + "\n" for r in records)
-    # a half-written last line is left for the next poll
-    (run / "metrics.jsonl").write_text(text + '{"event": "train", "step": 11, "lo')
+    control.put_records(records[:6])
     out = io.StringIO()
-    w = RunWatcher(run, _cfg(steps=20), stream=out)
+    w = RunWatcher(run, _cfg(steps=20), control.snapshot, stream=out, write_jsonl=True)
     w.progress.every_seconds = 0
-    w.poll_endpoints()
-    w.poll_metrics()
+    w.poll()
+    control.put_records(records[6:])
+    control.put_skipped(1, {"corrupt_shard": 2})
+    w.poll()
+    w.poll()  # nothing new: nothing printed twice
     w.check_waiting()  # an endpoint is there: nothing to say
     w.progress.close()
     lines = out.getvalue().splitlines()
     assert lines[0] == "[mlctl] rank 0 on n0: metrics at http://127.0.0.1:9400/metrics"
     assert "[mlctl] eval step 5: de 0.500 fr 0.250" in lines
-    assert lines[-1] == "step 10/20 | loss 2.000 | 16 pairs/s | ETA 0:00:10"  # 10 steps left at 1 s each
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress[-1] == "step 10/20 | loss 2.000 | 16 pairs/s | ETA 0:00:10"  # 10 steps left at 1 s each
+    skips = [line for line in lines if "data skipped" in line]
+    assert skips == [
+        f"[mlctl] data skipped on rank 1: corrupt_shard +2 (details in {run}/logs/rank00001.log)"
+    ]
+    assert w.skipped_total() == {"corrupt_shard": 2}
     assert json.loads((run / "prometheus_sd.json").read_text())[0]["targets"] == ["127.0.0.1:9400"]
-    assert w.offset == len(text.encode())
+    # the driver keeps rank 0's records on its own node, each once
+    assert [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] == records
+    assert control.records == [] and w.next == len(records)  # read records leave the actor
+
+
+def test_watcher_hands_a_fatal_error_over_once(tmp_path):
+    from launcher.control import RunControl
+    from launcher.monitoring import RunWatcher
+
+    control = RunControl("run")
+    seen: list[str] = []
+    w = RunWatcher(tmp_path, _cfg(), control.snapshot, stream=io.StringIO(), on_fatal=seen.append)
+    w.poll()
+    control.put_fatal(1, "cannot resume from X: model differs")
+    control.put_fatal(0, "a second one is not news")
+    w.poll()
+    w.poll()
+    assert seen == ["rank 1: cannot resume from X: model differs"]
 
 
 def test_watcher_says_what_resources_a_waiting_run_lacks(tmp_path):
-    from launcher.ray_train import RunWatcher
+    from launcher.control import RunControl
+    from launcher.monitoring import RunWatcher
 
+    feed = RunControl("run").snapshot
     out = io.StringIO()
     w = RunWatcher(
-        tmp_path, _cfg(num_workers=4), stream=out, wait_warning=0.0, resources=lambda: {"CPU": 2.0}
+        tmp_path, _cfg(num_workers=4), feed, stream=out, wait_warning=0.0, resources=lambda: {"CPU": 2.0}
     )
     w.check_waiting()
     w.check_waiting()  # said once
@@ -126,14 +148,14 @@ def test_watcher_says_what_resources_a_waiting_run_lacks(tmp_path):
 
     out = io.StringIO()
     w = RunWatcher(
-        tmp_path, _cfg(num_workers=2), stream=out, wait_warning=0.0, resources=lambda: {"CPU": 8.0}
+        tmp_path, _cfg(num_workers=2), feed, stream=out, wait_warning=0.0, resources=lambda: {"CPU": 8.0}
     )
     w.check_waiting()
     assert out.getvalue() == "", "enough CPUs: a slow start is not worth a message"
 
 
 def test_embedded_ray_gets_a_token_in_the_environment_not_a_file(monkeypatch):
-    from launcher.ray_train import _embedded_ray_auth
+    from launcher.cluster import embedded_ray_auth as _embedded_ray_auth
 
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
@@ -147,7 +169,7 @@ def test_embedded_ray_gets_a_token_in_the_environment_not_a_file(monkeypatch):
 
 WORKER_SCRIPT = """
 import logging, sys, warnings
-from launcher.monitoring import setup_worker_logging
+from launcher.worker import setup_worker_logging
 log_file = setup_worker_logging(sys.argv[1], int(sys.argv[2]))
 logging.getLogger("mlctl.engine").info("step 10/80 loss 1.0")
 logging.getLogger("mlctl.model").warning("fresh MLM head")

@@ -327,7 +327,7 @@ def s3(monkeypatch):
 
 
 def test_object_store_checkpoints_survive_a_killed_worker(
-    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3, capfd
 ):
     """No shared filesystem: checkpoints go to S3 through Ray's persistence, a SIGKILLed worker's
     replacement downloads the newest one, and the run ends with the uninterrupted run's weights."""
@@ -347,9 +347,12 @@ def test_object_store_checkpoints_survive_a_killed_worker(
     run_dir = launch(cfg)
     try:
         assert (tmp_path / "fired").read_text().split() == [str(kill_step)]
-        # The replacement workers resumed from the copy they downloaded, not from a local folder.
-        restored = json.loads((run_dir / "restored" / "rank00001" / "meta.json").read_text())
-        assert restored["step"] == EVERY
+        # The replacement workers resumed from the copy they downloaded, not from a local folder,
+        # and the node keeps neither that copy nor its staged checkpoints once Ray has them.
+        out = capfd.readouterr()
+        assert f"resumed from {run_dir}/restored/step_{EVERY:08d} at step {EVERY}" in out.out + out.err
+        assert not any((run_dir / "restored").iterdir())
+        assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "step_" in p.name]
         fs, base = s3["fs"], f"{s3['root']}/{name}/step_{MAX_STEPS:08d}"
         with fs.open_input_file(f"{base}/meta.json") as f:
             m = json.loads(f.read())
@@ -363,3 +366,97 @@ def test_object_store_checkpoints_survive_a_killed_worker(
         assert not different, f"weights differ after kill + resume through S3: {different[:5]}"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _driver(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
+    full = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
+        **env,
+    }
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            cmd, env=full, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _steps_done(run_dir: Path) -> int:
+    path = run_dir / "pair_ids" / "rank00000.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _wait_steps(proc, run_dir: Path, n: int, log: Path, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and _steps_done(run_dir) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"driver exited ({proc.returncode}) before step {n}:\n" + log.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_at_the_step_it_stopped_on_and_the_rerun_ends_where_a_clean_run_ends(
+    tmp_path, clean_run, tiny_model_dir, tiny_shards
+):
+    """A stop is a save: SIGTERM mid-run -> every rank finishes its step, the run saves there and
+    exits 143; the same command resumes from that step and ends with the uninterrupted run's weights."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlctl.cli",
+        "train",
+        *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "stopped"}),
+    ]
+    run_dir = tmp_path / "stopped"
+    log = tmp_path / "driver.log"
+    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 0.5}))
+    _wait_steps(proc, run_dir, EVERY + 2, log)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    stop_seconds = time.monotonic() - t0
+    text = log.read_text()
+    assert proc.returncode == 143, text[-3000:]
+    stopped_at = _steps_done(run_dir)
+    assert EVERY + 2 <= stopped_at < MAX_STEPS
+    # the newest checkpoint is the step the run stopped on, not the periodic one before it
+    assert meta(run_dir)["step"] == stopped_at, text[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    assert f"stopped by SIGTERM at step {stopped_at}: checkpoint step_{stopped_at:08d} saved" in text
+    assert "stopping after the current step and saving a checkpoint" in text
+    print(f"\nmeasured: SIGTERM -> driver exit 143 after the save: {stop_seconds:.1f} s")
+
+    again = _driver(cmd, tmp_path / "rerun.log")
+    again.wait(timeout=400)
+    rerun = (tmp_path / "rerun.log").read_text()
+    assert again.returncode == 0, rerun[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{stopped_at:08d} at step {stopped_at}" in rerun
+    a, b = final_weights(clean_run["run_dir"]), final_weights(run_dir)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"weights differ after a stop at {stopped_at} and a resume: {different[:5]}"
+
+
+def test_ctrl_c_twice_aborts_without_waiting(tmp_path, tiny_model_dir, tiny_shards):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlctl.cli",
+        "train",
+        *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "twice"}),
+    ]
+    run_dir = tmp_path / "twice"
+    log = tmp_path / "driver.log"
+    # slow steps: the first Ctrl-C cannot be honoured before the second arrives
+    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 5.0}))
+    _wait_steps(proc, run_dir, 1, log)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "SIGINT: stopping after the current step" in text
+    assert "SIGINT again: aborting now, without waiting for the save" in text
+    assert (
+        "aborted (second signal (SIGINT) during the stop); the same command resumes it from the start" in text
+    )
+    assert "Traceback" not in text, text[-3000:]

@@ -100,6 +100,10 @@ STATE_VERSION = 2  # 2: "block", "bucket" and "resized" (version 1 states still 
 _HOLE = object()  # a position of a corrupt shard: counts as read, yields nothing
 
 
+class NoReadableData(RuntimeError):
+    """Every shard of the folder is damaged: there is nothing to train on (retrying cannot help)."""
+
+
 class CorruptShard(ValueError):
     """A shard whose bytes do not match what the manifest recorded."""
 
@@ -240,7 +244,9 @@ def _borrow(plan: _Plan, epoch: int, start: int, want: int) -> list[dict]:
             remaining -= step
         if out:
             return out[:want]
-    raise RuntimeError(f"no readable sample in any shard under {storage.display(plan.root)} (epoch {epoch})")
+    raise NoReadableData(
+        f"no readable sample in any shard under {storage.display(plan.root)} (epoch {epoch})"
+    )
 
 
 def _decode(sample: dict, where: str) -> dict | None:

@@ -228,6 +228,7 @@ class RunWatcher(threading.Thread):
         self.seen: dict[int, dict[str, Any]] = {}
         self.next = 0
         self.skipped: dict[int, dict[str, int]] = {}
+        self.saved: dict[str, Any] | None = None
         self.last: dict[str, Any] = {}
         self.progress = ProgressLine(total=cfg.train.max_steps, stream=stream or sys.stdout)
         self.wait_warning, self.resources = wait_warning, resources
@@ -258,6 +259,7 @@ class RunWatcher(threading.Thread):
         self.show_records(snap["records"])
         self.next = snap["next"]
         self.show_skipped(snap["skipped"])
+        self.show_saved(snap.get("saved"))
         self.check_waiting()
         if snap.get("fatal") and not self.fatal_seen:
             self.fatal_seen = True
@@ -322,6 +324,12 @@ class RunWatcher(threading.Thread):
             elif rec.get("event") == "eval" and isinstance(rec.get("eval"), dict):
                 figures = " ".join(f"{k} {v:.3f}" for k, v in rec["eval"].items() if isinstance(v, float))
                 self.progress.write(f"[mlctl] eval step {rec['step']}: {figures}")
+
+    def show_saved(self, saved: dict[str, Any] | None) -> None:
+        """One line per checkpoint the run has published (and, to an object store, committed)."""
+        if saved and saved != self.saved:
+            self.saved = saved
+            self.progress.write(f"[mlctl] checkpoint at step {saved['step']} saved: {saved['where']}")
 
     def show_skipped(self, skipped: dict[int, dict[str, int]]) -> None:
         for rank, counts in sorted(skipped.items()):

@@ -151,7 +151,7 @@ def check_resume(cfg: Config, run_dir: Path, tokenizer_hash: str) -> None:
 def checkpoint_bytes(cfg: Config, run_dir: Path) -> tuple[int, str]:
     """About how many bytes the next checkpoint takes, and how that was judged: the newest
     checkpoint's size, else the model's weight files times the optimizer state that comes with them
-    (AdamW's two moments, and an fp32 master copy under bf16/fp16)."""
+    (AdamW's two moments and the fp32 copy ZeRO partitions, plus the bf16/fp16 weights)."""
     from mlctl.checkpoint import CheckpointDir
     from mlctl.hub import resolve_model_path
 
@@ -165,7 +165,7 @@ def checkpoint_bytes(cfg: Config, run_dir: Path) -> tuple[int, str]:
         for f in folder.glob(pattern)
         if f.is_file()
     )
-    factor = 3 if cfg.deepspeed.precision == "fp32" else 4
+    factor = 4 if cfg.deepspeed.precision == "fp32" else 5
     return weights * factor, f"{factor} x the model's weight files"
 
 

@@ -40,9 +40,9 @@ class RayReporter(Reporter):
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         self._saved(path, step)
 
-    def _saved(self, path: Path, step: int) -> None:
+    def _saved(self, where: Path | str, step: int) -> None:
         if self.rank == 0 and self.control is not None:
-            self.control.put_saved.remote(step, str(path))
+            self.control.put_saved.remote(step, str(where))
 
     def count_attempt(self, run_dir: Path, rank: int) -> int:
         """Counted on the control actor, which every node reaches (a file in a node-local run folder
@@ -140,11 +140,12 @@ class ObjectStoreReporter(RayReporter):
             # NOTE: the controller registers reports when it next polls the workers; a worker killed
             # before that would take the registration with it and the restart would start over.
             # Waiting for the commit makes "saved" mean "Ray will hand it back".
-            ray.train.get_all_reported_checkpoints(
+            committed = ray.train.get_all_reported_checkpoints(
                 consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED
             )
         finally:
             shutil.rmtree(stage, ignore_errors=True)
+        where = str(committed[-1].checkpoint.path) if committed else path.name
         # Every rank's files are in the store now: each node drops its local copy (published or
         # still under the temp name), so nothing piles up on nodes that never publish.
         if dist.is_initialized():
@@ -152,7 +153,7 @@ class ObjectStoreReporter(RayReporter):
         if self.local_rank == 0:
             shutil.rmtree(path, ignore_errors=True)
             shutil.rmtree(path.with_name(TMP_PREFIX + path.name), ignore_errors=True)
-        self._saved(path, step)
+        self._saved(where, step)
 
     def restored_from(self) -> Path | None:
         """The checkpoint Ray hands back, downloaded into this node's run folder: the files every
@@ -164,21 +165,23 @@ class ObjectStoreReporter(RayReporter):
         if ckpt is None:
             return None
         dest = self.run_dir / "restored" / Path(ckpt.path).name
+        got: list[str] = []
         if self.local_rank == 0:
             shutil.rmtree(dest, ignore_errors=True)
-            self._download(ckpt, dest, lambda owner: owner is None)
+            got += self._download(ckpt, dest, lambda owner: owner is None)
         if dist.is_initialized():
             dist.barrier()
-        self._download(ckpt, dest, lambda owner: owner == self.rank)
+        got += self._download(ckpt, dest, lambda owner: owner == self.rank)
         if dist.is_initialized():
             dist.barrier()
-        if self.rank == 0:
-            log.info("downloaded checkpoint %s to %s", ckpt.path, dest)
+        log.info("rank %d downloaded %s from %s into %s", self.rank, ", ".join(sorted(got)), ckpt.path, dest)
         return dest
 
-    def _download(self, ckpt: Any, dest: Path, wanted) -> None:
+    def _download(self, ckpt: Any, dest: Path, wanted) -> list[str]:
+        """The checkpoint's files whose owner ``wanted`` accepts, into ``dest``; their names."""
         import pyarrow.fs as pafs
 
+        got = []
         infos = ckpt.filesystem.get_file_info(pafs.FileSelector(ckpt.path, recursive=True))
         for info in infos:
             if info.type != pafs.FileType.File:
@@ -190,6 +193,8 @@ class ObjectStoreReporter(RayReporter):
             target.parent.mkdir(parents=True, exist_ok=True)
             with ckpt.filesystem.open_input_stream(info.path) as src, open(target, "wb") as out:
                 shutil.copyfileobj(src, out, length=8 << 20)
+            got.append(rel)
+        return got
 
     def release(self, path: Path) -> None:
         """Loaded on every rank: the node's downloaded copy goes."""

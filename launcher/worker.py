@@ -53,6 +53,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     run_dir = Path(loop_config["run_dir"])
     setup_worker_logging(run_dir, rank)
     cfg = config_from_dict(loop_config["config"])
+    if loop_config.get("object_store"):
+        # The driver keeps metrics.jsonl on its node from rank 0's records (launcher.monitoring):
+        # this node's run folder is its own, and may be the driver's.
+        cfg.metrics.jsonl = False
     node = f"node{ctx.get_node_rank()}-{ray.get_runtime_context().get_node_id()[:6]}"
     if isinstance(cfg.ray.num_workers, list) and rank == 0:
         # Say how many workers this attempt got, so a shrunk (or regrown) run is visible in the log.

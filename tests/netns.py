@@ -229,8 +229,16 @@ class NetnsCluster:
         """A fresh short Ray temp folder per `ray start` (a restarted node gets a new one)."""
         return self.root / f"r{node}-{next(_counter)}"
 
-    def start_ray(self, node: int, num_cpus: int) -> float:
-        """``ray start`` on node ``node`` (the head when 0); returns the seconds it took."""
+    def node_tmp(self, node: int) -> Path:
+        """A temp folder of node ``node``'s own (its processes get it as TMPDIR when a test asks):
+        what each host's /tmp is on a real cluster, where the filesystem is not shared."""
+        path = self.root / f"tmp{node}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def start_ray(self, node: int, num_cpus: int, **env: str) -> float:
+        """``ray start`` on node ``node`` (the head when 0); returns the seconds it took. ``env``
+        reaches the node's raylet and so every worker it starts."""
         argv = [
             str(RAY),
             "start",
@@ -245,7 +253,7 @@ class NetnsCluster:
         else:
             argv += [f"--address={self.address}"]
         t0 = time.monotonic()
-        out = self.run(node, argv, timeout=180)
+        out = self.run(node, argv, timeout=180, **env)
         if out.returncode != 0:
             raise RuntimeError(f"ray start on node {node} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
         return time.monotonic() - t0

@@ -111,3 +111,29 @@ def test_kuberay_manifest_matches_the_dockerfile_and_scrapes_every_rank():
     )
     replicas = workers["replicas"]
     assert f"--num-workers {replicas * ranks}" in job["spec"]["entrypoint"]
+
+
+def test_kuberay_pods_save_before_they_go_and_share_no_disk():
+    """Every pod's preStop hook asks the run to stop (save at its step) and waits for the save,
+    inside the pod's grace period; the job is retried to resume; nothing mounts a shared volume."""
+    from launcher.stop import add_arguments
+
+    job, _ = yaml.safe_load_all((CLUSTER / "kuberay-rayjob.yaml").read_text())
+    spec = job["spec"]
+    assert spec["backoffLimit"] >= 1
+    assert "s3://" in spec["entrypoint"] and "--storage s3://" in spec["entrypoint"]
+    groups = [spec["rayClusterSpec"]["headGroupSpec"], *spec["rayClusterSpec"]["workerGroupSpecs"]]
+    for group in groups:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        hook = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert hook[:3] == ["mlctl", "stop", "--all"], hook
+        # the hook's wait must end before Kubernetes kills the pod
+        parser = __import__("argparse").ArgumentParser()
+        add_arguments(parser)
+        waited = parser.parse_args(hook[2:]).wait
+        assert 0 < waited < pod["terminationGracePeriodSeconds"], (
+            waited,
+            pod["terminationGracePeriodSeconds"],
+        )
+        assert not [v for v in pod["volumes"] if "persistentVolumeClaim" in v], "a shared volume is mounted"

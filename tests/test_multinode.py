@@ -142,11 +142,55 @@ def one_node_run(tmp_path_factory, tiny_model_dir, tiny_shards):
     return launch(cfg)
 
 
+# A moto S3 server on node 0's address: the object store of the tests that share no path.
+S3_PORT = 9000
+S3_BUCKET = "mlctl-test"
+AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def node_env(cluster: NetnsCluster, node: int) -> dict[str, str]:
+    """What every process of node ``node`` gets: its own temp folder (a host's /tmp is its own; a
+    run whose storage is s3:// keeps its working folder there) and the store's credentials."""
+    return {"TMPDIR": str(cluster.node_tmp(node)), **AWS}
+
+
+def s3_uri(cluster: NetnsCluster, prefix: str) -> str:
+    return (
+        f"s3://{S3_BUCKET}/{prefix}?endpoint_override={cluster.ips[0]}:{S3_PORT}&scheme=http&region=us-east-1"
+    )
+
+
+def start_node(cluster: NetnsCluster, node: int) -> float:
+    return cluster.start_ray(node, num_cpus=1, **node_env(cluster, node))
+
+
+def start_s3(cluster: NetnsCluster) -> None:
+    """moto's server on node 0's address, with an empty bucket (created from inside node 0: the
+    test process itself cannot reach the namespaces' subnet)."""
+    moto = Path(sys.executable).parent / "moto_server"
+    cluster.popen(0, [moto, "-H", cluster.ips[0], "-p", str(S3_PORT)], cluster.root / "moto.log")
+    create = (
+        "import sys, time, boto3\n"
+        "for _ in range(100):\n"
+        "    try:\n"
+        f"        boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='{S3_BUCKET}'); break\n"
+        "    except Exception:\n"
+        "        time.sleep(0.2)\n"
+        "else:\n"
+        "    raise SystemExit('moto did not answer')\n"
+    )
+    out = cluster.run(
+        0, [sys.executable, "-c", create, f"http://{cluster.ips[0]}:{S3_PORT}"], timeout=60, **AWS
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     with NetnsCluster(3) as c:
-        TIMES["ray start, head"] = c.start_ray(0, num_cpus=1)
-        TIMES["ray start, second node"] = c.start_ray(1, num_cpus=1)
+        start_s3(c)
+        TIMES["ray start, head"] = start_node(c, 0)
+        TIMES["ray start, second node"] = start_node(c, 1)
         c.wait_for_nodes(2)
         yield c
     print("\nmeasured: " + json.dumps({k: round(v, 1) for k, v in TIMES.items()}))
@@ -203,7 +247,7 @@ def two_node_run(tmp_path_factory, cluster, tiny_model_dir, tiny_shards):
     log = storage.parent / "driver.log"
     argv = train_argv(cluster, storage, "two", tiny_model_dir, tiny_shards)
     t0 = time.monotonic()
-    driver = cluster.popen(0, argv, log, **slow_steps(1.5))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.5), **node_env(cluster, 0))
     TIMES["driver start -> first step logged"] = wait_for(r"step 1/", log, driver, timeout=400)
     driver.wait(timeout=400)
     TIMES["two-node run, total"] = time.monotonic() - t0
@@ -264,7 +308,7 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
     log = tmp_path / "driver.log"
     argv = train_argv(cluster, storage, "fail", tiny_model_dir, tiny_shards)
     # Slowed steps leave time to kill the node between the checkpoint at step 4 and the end.
-    driver = cluster.popen(0, argv, log, **slow_steps(1.0))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.0), **node_env(cluster, 0))
     latest = storage / "fail" / "checkpoints" / "latest"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not latest.exists():
@@ -285,7 +329,7 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
     time.sleep(3)
     assert driver.poll() is None, "the driver gave up instead of waiting:\n" + log.read_text()[-4000:]
     t_back = time.monotonic()
-    cluster.start_ray(1, num_cpus=1)
+    start_node(cluster, 1)
     TIMES["node restart (ray start)"] = time.monotonic() - t_back
     TIMES["node restart -> resumed from checkpoint"] = after_kill(r"resumed from", timeout=400) - (
         t_back - t_kill
@@ -303,7 +347,8 @@ def test_node_failure_waits_for_the_node_and_resumes_to_the_same_weights(
 def test_elastic_run_continues_on_the_surviving_node(tmp_path, cluster, tiny_model_dir, tiny_shards):
     """`ray.num_workers=[1, 2]`: when node 1 dies the run does not wait for it; Ray Train restarts
     the worker group with the one worker that fits, it resumes from the checkpoint and says so.
-    (ZeRO-0: an elastic run must be able to load a checkpoint written by another number of ranks.)"""
+    (ZeRO-0: an elastic run must be able to load a checkpoint written by another number of ranks.)
+    The epoch goes on where the two ranks had got to: no pair is seen twice, none is skipped."""
     storage = tmp_path / "runs"
     log = tmp_path / "driver.log"
     argv = train_argv(
@@ -312,9 +357,9 @@ def test_elastic_run_continues_on_the_surviving_node(tmp_path, cluster, tiny_mod
         "elastic",
         tiny_model_dir,
         tiny_shards,
-        **{"ray.num_workers": "[1,2]", "deepspeed.zero_stage": 0},
+        **{"ray.num_workers": "[1,2]", "deepspeed.zero_stage": 0, "train.log_pair_ids": "true"},
     )
-    driver = cluster.popen(0, argv, log, **slow_steps(1.0))
+    driver = cluster.popen(0, argv, log, **slow_steps(1.0), **node_env(cluster, 0))
     latest = storage / "elastic" / "checkpoints" / "latest"
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline and not latest.exists():
@@ -341,5 +386,141 @@ def test_elastic_run_continues_on_the_surviving_node(tmp_path, cluster, tiny_mod
     assert re.search(r"resumed from \S+step_\d+", after), text[-4000:]
     m = meta(storage / "elastic")
     assert m["step"] == MAX_STEPS and m["restarts"] == 1 and m["world_size"] == 1, m
+    resumed_at = int(re.search(r"resumed from \S+step_(\d+)", after).group(1))
+    assert_no_replay(storage / "elastic", tiny_shards, resumed_at)
     # Restore the second node for anything that runs after this test.
-    cluster.start_ray(1, num_cpus=1)
+    start_node(cluster, 1)
+
+
+def assert_no_replay(run_dir: Path, shards: Path, resumed_at: int) -> None:
+    """The pairs the run trained on (two ranks up to the checkpoint, then one rank) are exactly what
+    the loader gives for a 2 -> 1 resize at that step: the old ranks' batches, then the rest of their
+    epoch re-split, with no pair twice and none skipped."""
+    from mlctl.data.dataset import ShardLoader
+
+    logged: dict[tuple[int, int], list[str]] = {}
+    for f in sorted((run_dir / "pair_ids").glob("rank*.jsonl")):
+        rank = int(f.stem[4:])
+        for rec in records(f):
+            # the first attempt's steps past the checkpoint were redone by the second
+            if rec["restarts"] == 0 and rec["step"] <= resumed_at or rec["restarts"] == 1:
+                logged[(rank, rec["step"])] = rec["pair_ids"]
+    kw = dict(batch_size=4, shuffle_buffer=16, bucket_by_length=True, seed=0)
+    old = [ShardLoader(shards, rank=r, world_size=2, **kw) for r in range(2)]
+    expected = {}
+    for r, loader in enumerate(old):
+        it = iter(loader)
+        for step in range(1, resumed_at + 1):
+            expected[(r, step)] = next(it)["pair_ids"]
+        loader.close()
+    new = ShardLoader(shards, rank=0, world_size=1, **kw)
+    new.load_resized_state([loader.state_dict() for loader in old])
+    it = iter(new)
+    for step in range(resumed_at + 1, MAX_STEPS + 1):
+        expected[(0, step)] = next(it)["pair_ids"]
+    new.close()
+    assert logged == expected
+    seen = [p for ids in logged.values() for p in ids]
+    assert len(seen) == len(set(seen)), "a pair was trained twice within the epoch"
+
+
+FETCH = """
+import sys, pyarrow.fs as pafs
+fs, base = pafs.FileSystem.from_uri(sys.argv[1])
+with fs.open_input_stream(base + "/" + sys.argv[2]) as src, open(sys.argv[3], "wb") as out:
+    out.write(src.read())
+"""
+
+
+def fetch_from_s3(cluster: NetnsCluster, uri: str, key: str, dest: Path) -> Path:
+    """Copy one object out of the store (from node 0: only the namespaces reach it)."""
+    out = cluster.run(0, [sys.executable, "-c", FETCH, uri, key, str(dest)], timeout=60, **AWS)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return dest
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_no_shared_path_prepare_train_and_node_loss_through_s3(
+    tmp_path, cluster, one_node_run, tiny_model_dir
+):
+    """The cluster shares no path the run writes: prepare writes the shards to S3, training streams
+    them from S3 and checkpoints to S3, each node keeps its working folder in its own temp folder,
+    and the driver learns everything through Ray. SIGKILL node 1 after a checkpoint, bring it back:
+    the run resumes from the store and ends with the one-node run's weights."""
+    shards = s3_uri(cluster, "shards")
+    runs = s3_uri(cluster, "runs")
+    prep = (
+        "import sys; sys.path.insert(0, sys.argv[3])\n"
+        "from fixture_data import prepare_fixture_shards\n"
+        "prepare_fixture_shards(sys.argv[1], sys.argv[2])\n"
+    )
+    t0 = time.monotonic()
+    out = cluster.run(
+        0,
+        [sys.executable, "-c", prep, shards, str(tiny_model_dir), str(ROOT / "tests")],
+        **node_env(cluster, 0),
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    TIMES["s3: prepare to the store"] = time.monotonic() - t0
+
+    log = tmp_path / "driver.log"
+    argv = train_argv(cluster, Path("unused"), "s3two", tiny_model_dir, "unused")
+    argv[argv.index("--storage") + 1] = runs
+    argv = [a if not a.startswith("data.shards=") else f"data.shards={shards}" for a in argv]
+    driver = cluster.popen(0, argv, log, **slow_steps(1.0), **node_env(cluster, 0))
+    # The driver keeps rank 0's records on its own node (the workers' folders are on theirs), and
+    # says when a checkpoint is committed to the store (what a restart gets back).
+    driver_records = cluster.node_tmp(0) / "mlctl-runs" / "s3two" / "metrics.jsonl"
+    wait_for(rf"checkpoint at step {EVERY} saved: ", log, driver, timeout=400)
+    offset = len(log.read_text(errors="replace"))
+    assert cluster.kill_node(1), "node 1 had no processes"
+    t_kill = time.monotonic()
+    TIMES["s3: node kill -> failure in driver log"] = wait_after(
+        log, offset, t_kill, FAILURE_SEEN, driver, 120
+    )
+    t_back = time.monotonic()
+    start_node(cluster, 1)
+    TIMES["s3: node restart -> resumed from the store"] = wait_after(
+        log, offset, t_kill, r"resumed from \S+restored/step_00000004 at step 4", driver, 400
+    ) - (t_back - t_kill)
+    driver.wait(timeout=400)
+    text = log.read_text(errors="replace")
+    assert driver.returncode == 0, text[-4000:]
+    assert "finished; 1 worker failure(s) recovered" in text
+    # both workers' endpoints reached the driver through the control actor, not a shared folder
+    placed = set(re.findall(r"metrics at http://([\d.]+):", text))
+    assert placed == {cluster.ips[0], cluster.ips[1]}, text[-4000:]
+    assert [r["step"] for r in records(driver_records) if r.get("event") == "train"][-1] == MAX_STEPS
+
+    weights = fetch_from_s3(
+        cluster,
+        runs,
+        f"s3two/step_{MAX_STEPS:08d}/engine/state/mp_rank_00_model_states.pt",
+        tmp_path / "w.pt",
+    )
+    mine = torch.load(weights, map_location="cpu", weights_only=False)["module"]
+    ref = final_weights(one_node_run)
+    different = [k for k in ref if not torch.equal(ref[k], mine[k])]
+    assert not different, f"weights differ from the one-node run after a node loss over S3: {different[:5]}"
+
+    # Each node worked in its own folder, and left no staged checkpoint nor downloaded copy behind.
+    folders = [cluster.node_tmp(n) / "mlctl-runs" / "s3two" for n in (0, 1)]
+    for folder in folders:
+        assert sorted(p.name for p in (folder / "logs").glob("rank*.log")), folder
+        assert not [p for p in (folder / "checkpoints").glob("*step_*")], folder
+        assert not any((folder / "restored").glob("*")) if (folder / "restored").exists() else True
+    # After the restart each rank downloaded what it loads: the shared files once per node, and
+    # its own optimizer shard only.
+    downloads = {}
+    for folder in folders:
+        for rank_log in (folder / "logs").glob("rank*.log"):
+            for m in re.finditer(r"rank (\d) downloaded (.+?) from ", rank_log.read_text()):
+                downloads[int(m.group(1))] = set(m.group(2).split(", "))
+    assert sorted(downloads) == [0, 1], downloads
+    for rank, files in downloads.items():
+        shards_seen = {f for f in files if "zero_pp_rank_" in f}
+        assert shards_seen == {f"engine/state/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"}, files
+        assert {"meta.json", "engine/state/mp_rank_00_model_states.pt"} <= files, files

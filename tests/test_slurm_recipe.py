@@ -218,16 +218,19 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm, tmp_path, tiny_model_dir, tiny_
 
 TRAPPED = "[mlctl] time limit near: stopping the run and requeueing"  # the script's trap
 LEAD_S = 300  # the script's `#SBATCH --signal=B:USR1@300`
-MAX_STEPS, EVERY, STEP_SLEEP = 48, 4, 1.5
+MAX_STEPS, STEP_SLEEP = 48, 1.5
 
 
 def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_model_dir, tiny_shards):
-    """The script's own requeue path, driven by slurmctld's time-limit warning (module docstring)."""
+    """The script's own requeue path, driven by slurmctld's time-limit warning (module docstring).
+    No periodic checkpoint: the one the re-run resumes from is the save of the stop itself, at the
+    step the signal found the run on."""
     assert f"--signal=B:USR1@{LEAD_S}" in (ROOT / "cluster" / "slurm.sbatch").read_text()
     storage = tmp_path / "runs"
     latest = storage / "slurm" / "checkpoints" / "latest"
+    metrics = storage / "slurm" / "metrics.jsonl"
     config = tiny_config(
-        tmp_path / "tiny.yaml", tiny_model_dir, tiny_shards, max_steps=MAX_STEPS, every_steps=EVERY
+        tmp_path / "tiny.yaml", tiny_model_dir, tiny_shards, max_steps=MAX_STEPS, every_steps=0
     )
     log = tmp_path / "job.log"
     # Slowed steps (the test-only fault hook's sleep) leave room for the signal to land mid-run.
@@ -251,7 +254,8 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
             time.sleep(poll)
         times[what] = time.monotonic() - t0
 
-    wait("first checkpoint", latest.exists, timeout=600)
+    wait("training", lambda: metrics.is_file() and metrics.read_text().count('"event": "train"') >= 2, 600)
+    assert not latest.exists(), "no periodic checkpoint in this test"
     # Less than LEAD_S seconds left from now: slurmctld's next time-limit check (every 30 s) sends
     # the warning signal, and the trap still has over four minutes before the hard limit.
     info = slurm.job(job)
@@ -287,9 +291,11 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
 
     first, sep, second = log_text.partition(TRAPPED)
     assert sep, f"the trap never ran; job: {final}\n{log_text[-4000:]}"
-    # The driver unwound on SIGTERM (launcher.ray_train.Stopped) and named its resume point.
+    # The driver stopped on SIGTERM: every rank finished its step, the run saved there (exit 143).
     stopped = re.search(
-        r"\[mlctl\] run slurm stopped by SIGTERM; the same command resumes it from \S+/step_(\d+)", second
+        r"\[mlctl\] run slurm stopped by SIGTERM at step (\d+): checkpoint step_\d+ saved; "
+        r"the same command resumes it from step \d+",
+        second,
     )
     assert stopped, log_text[-4000:]
     assert pending["JobState"] in ("PENDING", "REQUEUED"), pending
@@ -301,7 +307,7 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
     resumed = re.search(r"resumed from \S+/(step_\d+) at step (\d+)", second)
     assert resumed, log_text[-4000:]
     assert resumed.groups() == (first_run_ckpt, str(step)), resumed.group(0)
-    assert 0 < int(stopped.group(1)) <= step, stopped.group(0)
+    assert int(stopped.group(1)) == step, stopped.group(0)  # the re-run starts at the signal's step
     assert "[mlctl] done:" in second, log_text[-4000:]
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
     assert latest.read_text().strip() == f"step_{MAX_STEPS:08d}"

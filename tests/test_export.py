@@ -143,5 +143,6 @@ def test_not_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_model(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="latest is missing"):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
         find_checkpoint(tmp_path)

@@ -406,6 +406,12 @@ def preflight(cfg: Config) -> Config:
     if missing:
         raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
     cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
+    from mlctl.evaluate import read_pair_file
+
+    for path in cfg.eval.pairs:
+        # Read once here: a file every worker would refuse at its first evaluation (in another
+        # encoding, without a pair) stops the run before it starts, not steps into it.
+        read_pair_file(path, cfg.eval.max_pairs)
     if isinstance(cfg.ray.num_workers, list) and cfg.deepspeed.zero_stage != 0:
         raise ValueError(
             f"ray.num_workers={cfg.ray.num_workers} (elastic) needs deepspeed.zero_stage=0, got "

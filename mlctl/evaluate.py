@@ -31,6 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mlctl.data.readers import Counts, text_lines
+from mlctl.preflight import check_input_file
+
 log = logging.getLogger(__name__)
 
 MIN_MINING_PAIRS = 10  # below this a half holds too few gold pairs for a threshold to mean anything
@@ -38,6 +41,13 @@ MARGIN_K = 4
 
 
 # ---- input ---------------------------------------------------------------------------------------
+
+
+# How `mlctl eval` is given a pair file's encoding (named when a file in another one is refused).
+ENCODING_OPTION = "--encoding {enc}"
+LOG_FIRST_SKIPS = 5  # skipped lines of a file named one by one; the rest are counted
+# The line decoder's reasons (mlctl.data.charset) in the words of a pair-file skip.
+DECODE_REASONS = {"invalid_utf8": "not UTF-8", "invalid_encoding": "undecodable", "nul_byte": "NUL byte"}
 
 
 @dataclass
@@ -49,45 +59,56 @@ class PairFile:
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one skipped line; the first few are logged with their ``file:line``."""
+        self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if self.skipped <= LOG_FIRST_SKIPS:
+            log.warning("%s: skipped (%s)%s", where, reason, f": {detail}" if detail else "")
 
-def read_pair_file(path: str | Path, max_pairs: int | None = None) -> PairFile:
+
+class _DecodeSkips(Counts):
+    """Counts the lines the decoder could not decode into a :class:`PairFile`, in its words."""
+
+    def __init__(self, pf: PairFile) -> None:
+        super().__init__()
+        self.pf = pf
+
+    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        for _ in range(n):
+            self.pf.skip(DECODE_REASONS.get(reason, reason), where, detail)
+
+
+def read_pair_file(path: str | Path, max_pairs: int | None = None, encoding: str = "") -> PairFile:
     """Read ``en<TAB>xx[<TAB>ignored...]`` lines (gzip'd when the name ends in .gz).
 
-    Lines without two non-empty fields are skipped with a warning naming ``file:line``; a missing
-    file raises FileNotFoundError, a file without a single usable pair ValueError.
+    The text is decoded as `mlctl prepare` decodes its inputs (:mod:`mlctl.data.charset`): a BOM,
+    UTF-16/32 without one, ``encoding`` if given, else UTF-8. A file in another encoding is refused
+    (:class:`~mlctl.data.readers.InputError` naming its likely encoding), never half read; the odd
+    undecodable line, like a line without two non-empty fields, is skipped with a warning naming
+    ``file:line``. A missing file raises FileNotFoundError, a file without a single usable pair
+    ValueError.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pairs file not found: {p}")
-    from mlctl.data.readers import open_text_bytes
-
-    out = PairFile(str(p), [])
-    with open_text_bytes(p) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if max_pairs is not None and len(out.pairs) >= max_pairs:
-                break
-            try:
-                line: str | None = raw.decode("utf-8").rstrip("\n").rstrip("\r").removeprefix("\ufeff")
-            except UnicodeDecodeError:
-                line = None
-            if line is None:
-                reason = "not UTF-8"
-            elif not line.strip():
-                reason = "empty line"
-            else:
-                fields = line.split("\t")
-                if len(fields) < 2:
-                    reason = "no tab (expected en<TAB>xx)"
-                elif not fields[0].strip() or not fields[1].strip():
-                    reason = "empty sentence"
-                else:
-                    out.pairs.append((fields[0].strip(), fields[1].strip()))
-                    continue
-            out.skipped += 1
-            out.reasons[reason] = out.reasons.get(reason, 0) + 1
-            if out.skipped <= 5:  # name the first few, count the rest
-                log.warning("%s:%d: skipped (%s)", p, lineno, reason)
-    if out.skipped > 5:
+    p = check_input_file(path, "pairs file")
+    out = PairFile(str(path), [])
+    for lineno, line in text_lines(p, _DecodeSkips(out), encoding, ENCODING_OPTION):
+        if max_pairs is not None and len(out.pairs) >= max_pairs:
+            break
+        if line is None:
+            continue  # counted by the decoder
+        line = line.removeprefix("\ufeff")  # a BOM inside: files concatenated with `cat`
+        fields = line.split("\t")
+        if not line.strip():
+            reason = "empty line"
+        elif len(fields) < 2:
+            reason = "no tab (expected en<TAB>xx)"
+        elif not fields[0].strip() or not fields[1].strip():
+            reason = "empty sentence"
+        else:
+            out.pairs.append((fields[0].strip(), fields[1].strip()))
+            continue
+        out.skip(reason, f"{p}:{lineno}")
+    if out.skipped > LOG_FIRST_SKIPS:
         log.warning("%s: %d lines skipped in all: %s", p, out.skipped, out.reasons)
     if not out.pairs:
         raise ValueError(f"{p}: no en<TAB>xx pairs in the file ({out.skipped} lines skipped)")
@@ -526,6 +547,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="TSV en<TAB>xx, gzip'd or not (repeat for several languages)",
     )
     parser.add_argument(
+        "--encoding",
+        default="",
+        help="encoding of the --pairs files without a byte-order mark (default: UTF-8, or UTF-16 "
+        "where the bytes show it)",
+    )
+    parser.add_argument(
         "--layers",
         type=parse_layers,
         default=None,
@@ -556,7 +583,7 @@ def run(args: argparse.Namespace) -> int:
         # Everything that can be checked cheaply is, before the model load (seconds to minutes):
         # the encoder's folder or run checkpoint, every pair file read whole, the report's path.
         source = locate_encoder(args.model, args.checkpoint)
-        pair_files = [read_pair_file(path, args.max_pairs) for path in args.pairs]
+        pair_files = [read_pair_file(path, args.max_pairs, args.encoding) for path in args.pairs]
         if args.out:
             check_output_file(args.out)
         # A progress bar only where someone watches it: in a log it is a screenful of \r lines.

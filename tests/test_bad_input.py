@@ -223,12 +223,52 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(hub, "load_tokenizer", refuse)
 
 
-def test_eval_skips_and_counts_lines_in_another_encoding(files):
+def test_eval_refuses_a_pair_file_in_another_encoding(files, tiny_model_dir, capsys, no_model_load):
     from mlctl.evaluate import read_pair_file
 
-    pf = read_pair_file(files / "latin1.tsv")
-    assert pf.pairs == [("Hello world", "Hallo Welt")]
-    assert pf.reasons == {"not UTF-8": 1}
+    _latin1_tsv(files / "latin1.tsv")
+    argv = ["eval", "--model", str(tiny_model_dir), "--pairs", str(files / "pairs.tsv")]
+    assert main([*argv, "--pairs", str(files / "latin1.tsv")]) == 2
+    assert error_line(capsys) == (
+        f"mlctl eval: error: {files}/latin1.tsv: not UTF-8: 10 of its first 20 lines do not decode "
+        "(the first at line 2, byte offset 30: 0xe9); it looks like Latin-1/cp1252 (Western European): "
+        "re-encode it to UTF-8 (iconv -f cp1252 -t utf-8) or give its encoding (--encoding cp1252)"
+    )
+    # as the message says: with its encoding given, every line is read
+    pf = read_pair_file(files / "latin1.tsv", encoding="cp1252")
+    assert len(pf.pairs) == 200 and pf.pairs[1] == ("Café number 1", "Milchkaffee Nummer 1 für Sie")
+    assert pf.skipped == 0
+
+
+def test_train_refuses_eval_pairs_in_another_encoding_before_it_starts(files):
+    from launcher.ray_train import preflight
+    from mlctl.config import Config
+    from mlctl.data.readers import InputError
+
+    _latin1_tsv(files / "latin1.tsv")
+    (files / "shards").mkdir()
+    (files / "shards" / "manifest.json").write_text("{}")
+    cfg = Config()
+    cfg.data.shards, cfg.eval.pairs = str(files / "shards"), [str(files / "latin1.tsv")]
+    with pytest.raises(InputError, match=f"^{files}/latin1.tsv: not UTF-8: 10 of its first 20 lines"):
+        preflight(cfg)
+
+
+def test_eval_reads_utf16_and_counts_a_few_broken_lines(tmp_path, caplog):
+    from mlctl.evaluate import read_pair_file
+
+    for encoding in ("utf-16", "utf-16-le", "utf-8-sig"):  # with a BOM, without one, UTF-8's BOM
+        p = tmp_path / f"{encoding}.tsv"
+        p.write_bytes("".join(f"{a}\t{b}\r\n" for a, b in PAIRS).encode(encoding))
+        assert read_pair_file(p).pairs == PAIRS, encoding
+    rows = [f"Grüße {i}\tHello world {i}".encode() for i in range(400)]
+    rows[7] = b"Gr\xfc\xdfe\tHello world"  # one line a tool mangled
+    (tmp_path / "mostly.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    pf = read_pair_file(tmp_path / "mostly.tsv")
+    assert len(pf.pairs) == 399 and pf.skipped == 1 and pf.reasons == {"not UTF-8": 1}
+    assert (
+        f"{tmp_path}/mostly.tsv:8: skipped (not UTF-8): 'utf-8' codec can't decode byte 0xfc" in caplog.text
+    )
 
 
 @pytest.mark.parametrize(

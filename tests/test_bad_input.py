@@ -814,6 +814,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
 @pytest.mark.parametrize("verb", ["export", "eval"])
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(a_run, tmp_path, caplog, verb, damage):
@@ -857,6 +858,7 @@ def wider_model(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny48"), hidden=48)
 
 
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
 def test_a_checkpoint_that_does_not_load_and_has_no_older_one_is_named(a_run, capsys):
     run = a_run(0, newest=None)
     _truncate(run / "checkpoints" / "step_00000001" / STATES)
@@ -868,6 +870,7 @@ def test_a_checkpoint_that_does_not_load_and_has_no_older_one_is_named(a_run, ca
     assert not (run.parent / "exported").exists()
 
 
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
 @pytest.mark.parametrize("verb", ["export", "eval"])
 def test_a_named_checkpoint_is_never_substituted(a_run, capsys, verb):
     run = a_run(0)
@@ -897,6 +900,7 @@ def test_a_named_checkpoint_is_never_substituted(a_run, capsys, verb):
     )
 
 
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
 def test_a_checkpoint_of_another_model_is_named_with_what_differs(a_run, wider_model, capsys, caplog):
     run = a_run(0)
     config = run / "config.yaml"
@@ -917,6 +921,33 @@ def test_a_checkpoint_of_another_model_is_named_with_what_differs(a_run, wider_m
     assert "cannot load step_00000002" in caplog.text and "step_00000001, the newest complete" in caplog.text
 
 
+def _fake_run(run: Path, model: Path, steps: tuple[int, ...] = (1,)) -> Path:
+    """A run folder laid out as training leaves it, its checkpoints complete but without real
+    weights: enough for every check made before a model load, and a loader to reach if not."""
+    from mlctl.checkpoint import CheckpointDir, CheckpointMeta
+    from mlctl.config import Config
+
+    run.mkdir()
+    cfg = Config()
+    cfg.model.name_or_path = str(model)
+    cfg.save(run / "config.yaml")
+    ckpts = CheckpointDir(run)
+    ckpts.root.mkdir()
+    for step in steps:
+        tmp = ckpts.prepare(step)
+        (tmp / "engine" / "state").mkdir(parents=True)
+        (tmp / STATES).write_bytes(b"weights")
+        (tmp / "data_state_rank00000.json").write_text("{}")
+        meta = dict(samples_seen=0, tokens_seen=0, restarts=0, tokenizer_hash="", manifest_hash="")
+        ckpts.publish(
+            step,
+            CheckpointMeta(
+                step=step, model=str(model), world_size=1, zero_stage=0, config_fingerprint="", **meta
+            ),
+        )
+    return run
+
+
 @pytest.mark.parametrize(
     "harm, expected",
     [
@@ -930,14 +961,11 @@ def test_a_checkpoint_of_another_model_is_named_with_what_differs(a_run, wider_m
 )
 @pytest.mark.parametrize("verb", ["export", "eval"])
 def test_a_run_without_a_complete_checkpoint_is_refused_before_any_load(
-    a_run, capsys, no_model_load, verb, harm, expected
+    tmp_path, tiny_model_dir, capsys, no_model_load, verb, harm, expected
 ):
-    run = a_run(0)
-    for ckpt in ("step_00000001", "step_00000002"):
-        if harm == "all damaged":
-            (run / "checkpoints" / ckpt / "meta.json").unlink()
-        else:
-            shutil.rmtree(run / "checkpoints" / ckpt)
+    run = _fake_run(tmp_path / "run", tiny_model_dir, steps=(1, 2) if harm == "all damaged" else ())
+    for ckpt in run.glob("checkpoints/step_*"):
+        (ckpt / "meta.json").unlink()
     argv = (
         ["export", str(run), str(run.parent / "x")]
         if verb == "export"
@@ -1004,18 +1032,21 @@ def test_eval_names_a_folder_that_is_neither_a_model_nor_a_run(files, capsys, no
     ],
 )
 def test_export_checks_its_output_before_loading_the_model(
-    files, a_run, capsys, no_model_load, out, expected
+    files, tiny_model_dir, capsys, no_model_load, out, expected
 ):
     (files / "busy").mkdir()
     (files / "busy" / "notes.txt").write_text("keep me")
-    assert main(["export", str(a_run(0)), str(files / out)]) == 2
+    run = _fake_run(files / "run", tiny_model_dir)
+    assert main(["export", str(run), str(files / out)]) == 2
     assert error_line(capsys) == "mlctl export: error: " + expected.format(files=files)
     assert (files / "busy" / "notes.txt").read_text() == "keep me"
 
 
-def test_export_into_a_read_only_folder_is_refused_before_loading(a_run, capsys, small_mount, no_model_load):
+def test_export_into_a_read_only_folder_is_refused_before_loading(
+    tmp_path, tiny_model_dir, capsys, small_mount, no_model_load
+):
     ro = small_mount("ro")
-    assert main(["export", str(a_run(0)), str(ro / "exported")]) == 2
+    assert main(["export", str(_fake_run(tmp_path / "run", tiny_model_dir)), str(ro / "exported")]) == 2
     assert error_line(capsys) == (
         f"mlctl export: error: cannot write {ro}/exported: {ro} is on a read-only file system"
     )

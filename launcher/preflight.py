@@ -38,11 +38,17 @@ def preflight(cfg: Config, run_dir: Path | None = None) -> Config:
         raise FileNotFoundError("data.shards is empty: point it at a folder written by `mlctl prepare`")
     if not storage.is_remote(cfg.data.shards):
         cfg.data.shards = str(Path(cfg.data.shards).expanduser().resolve())
-    manifest = read_manifest(cfg)
     missing = [p for p in cfg.eval.pairs if not Path(p).expanduser().is_file()]
     if missing:
         raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
     cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
+    from mlctl.evaluate import read_pair_file
+
+    for path in cfg.eval.pairs:
+        # Read once here: a file every worker would refuse at its first evaluation (in another
+        # encoding, without a pair) stops the run before it starts, not steps into it.
+        read_pair_file(path, cfg.eval.max_pairs)
+    manifest = read_manifest(cfg)
     if isinstance(cfg.ray.num_workers, list) and cfg.deepspeed.zero_stage != 0:
         raise ValueError(
             f"ray.num_workers={cfg.ray.num_workers} (elastic) needs deepspeed.zero_stage=0, got "

@@ -33,7 +33,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -239,52 +239,82 @@ class CheckpointDir:
         ``latest`` is trusted when it names a complete folder and nothing newer is complete. When
         it is missing, unreadable or names a damaged folder, the newest complete folder is used
         instead and a warning says why; a fresh start only when no folder is complete."""
-        pointer = self.root / LATEST
-        named: Path | None = None
-        problem = ""
-        try:
-            text = pointer.read_text().strip()
-            if _STEP_DIR.match(text) and not text.startswith(OLD_PREFIX):
-                named = self.root / text
-            else:
-                problem = f"{pointer} holds {text[:40]!r}, not a checkpoint name"
-        except FileNotFoundError:
-            problem = f"{pointer} is missing"
-        except (OSError, UnicodeDecodeError) as e:
-            problem = f"{pointer} is unreadable ({e})"
-        if named is not None:
-            reason = incomplete_reason(named)
-            if reason is None:
-                newer = [p for s, p in self._published() if s > _step_of(named)]
-                if not any(incomplete_reason(p) is None for p in newer):
-                    return named
-            else:
-                problem = f"{pointer} names {named.name}, which is damaged: {reason}"
+        found = self.newest_complete()
+        if quiet:
+            return found.path
+        if found.path is not None and found.passed_over:
+            log.warning(
+                "%s; resuming from %s, the newest complete checkpoint",
+                "; ".join(found.passed_over),
+                found.path,
+            )
         published = self._published()
-        skipped: list[str] = []
-        for _, path in published:
-            reason = incomplete_reason(path)
-            if reason is None:
-                if (problem or skipped) and not quiet:
-                    log.warning(
-                        "%s; resuming from %s, the newest complete checkpoint",
-                        "; ".join([problem] * bool(problem) + skipped),
-                        path,
-                    )
-                return path
-            if named is None or path != named:  # the pointer's own damage is already in `problem`
-                skipped.append(f"skipped {path.name}: {reason}")
-        if published and not quiet:
+        if found.path is None and published:
             log.warning(
                 "%s; no checkpoint in %s is complete (%s): starting from scratch",
-                problem or "no complete checkpoint",
+                found.pointer_problem or "no complete checkpoint",
                 self.root,
                 "; ".join(f"{p.name}: {incomplete_reason(p)}" for _, p in published),
             )
-        return None
+        return found.path
+
+    def newest_complete(self) -> NewestCheckpoint:
+        """What :meth:`latest` picks, with why it passed over the pointer or newer folders; for
+        callers that say it in their own words (`mlctl eval` and `mlctl export` do not resume)."""
+        named, problem = self._pointed()
+        if named is not None:
+            reason = incomplete_reason(named)
+            if reason is None:
+                newer = [p for s, p in self._published() if s > step_of(named)]
+                if not any(incomplete_reason(p) is None for p in newer):
+                    return NewestCheckpoint(named)
+            else:
+                problem = f"{self.root / LATEST} names {named.name}, which is damaged: {reason}"
+        skipped: list[str] = []
+        for _, path in self._published():
+            reason = incomplete_reason(path)
+            if reason is None:
+                return NewestCheckpoint(path, problem, skipped)
+            if named is None or path != named:  # the pointer's own damage is already in `problem`
+                skipped.append(f"skipped {path.name}: {reason}")
+        return NewestCheckpoint(None, problem, skipped)
+
+    def complete(self) -> list[Path]:
+        """Every complete checkpoint folder, newest first (a published folder before a set-aside
+        copy of the same step)."""
+        return [p for _, p in self._published() if incomplete_reason(p) is None]
+
+    def _pointed(self) -> tuple[Path | None, str]:
+        """(the folder ``latest`` names, or None; what is wrong with the pointer, or '')."""
+        pointer = self.root / LATEST
+        try:
+            text = pointer.read_text().strip()
+        except FileNotFoundError:
+            return None, f"{pointer} is missing"
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"{pointer} is unreadable ({e})"
+        if _STEP_DIR.match(text) and not text.startswith(OLD_PREFIX):
+            return self.root / text, ""
+        return None, f"{pointer} holds {text[:40]!r}, not a checkpoint name"
 
 
-def _step_of(path: Path) -> int:
+@dataclass
+class NewestCheckpoint:
+    """The newest complete checkpoint of a run (None when none is) and what was passed over."""
+
+    path: Path | None
+    pointer_problem: str = ""  # what is wrong with ``latest`` ('' when it was fine or not needed)
+    skipped: list[str] = field(default_factory=list)  # "skipped NAME: why", newer damaged folders
+
+    @property
+    def passed_over(self) -> list[str]:
+        """Everything worth a warning, in order: the pointer's problem, then the skipped folders."""
+        return [self.pointer_problem] * bool(self.pointer_problem) + self.skipped
+
+
+def step_of(path: Path) -> int:
+    """The step in a checkpoint folder's name (``step_00000040``, ``.old-step_00000040``); -1 for
+    any other name."""
     m = _STEP_DIR.match(path.name)
     return int(m.group(1)) if m else -1
 

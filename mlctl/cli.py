@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mlctl",
         description="Align multilingual text encoders with ML-CTL (multi-level contrastive learning).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and the libraries' own output (progress bars, load reports) where a verb hides it",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb, (module, helptext) in VERBS.items():
         p = sub.add_parser(verb, help=helptext, description=helptext)

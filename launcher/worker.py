@@ -45,15 +45,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from launcher.control import find_control
+    from launcher.naming import local_run_dir
     from launcher.reporters import ObjectStoreReporter, RayReporter
     from mlctl.engine import Trainer
 
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    run_dir = Path(loop_config["run_dir"])
+    # With an object store every node works in a folder of its own; otherwise all share the run's.
+    object_store = bool(loop_config.get("object_store"))
+    run_dir = local_run_dir(loop_config["run_name"]) if object_store else Path(loop_config["run_dir"])
     setup_worker_logging(run_dir, rank)
     cfg = config_from_dict(loop_config["config"])
-    if loop_config.get("object_store"):
+    if object_store:
         # The driver keeps metrics.jsonl on its node from rank 0's records (launcher.monitoring):
         # this node's run folder is its own, and may be the driver's.
         cfg.metrics.jsonl = False
@@ -69,7 +72,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     control = find_control(loop_config["run_name"])
     reporter = (
         ObjectStoreReporter(control, rank, ctx.get_local_rank(), run_dir)
-        if loop_config.get("object_store")
+        if object_store
         else RayReporter(control, rank)
     )
     trainer = Trainer(

@@ -178,7 +178,11 @@ class Trainer:
 
         torch.manual_seed(cfg.train.seed)  # identical fusion-MLP init on every rank
         model = MLCTLModel.from_pretrained(
-            cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad, cfg.model.attention
+            cfg.model.name_or_path,
+            cfg.model.pool_layers,
+            cfg.model.unpad,
+            cfg.model.attention,
+            head_matters=cfg.loss.mlm_weight > 0,  # without MLM a fresh head is nobody's concern
         )
         self.vocab_size = model.config.vocab_size
 

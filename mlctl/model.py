@@ -6,7 +6,7 @@ Architecture only: no DeepSpeed, no collectives, no checkpoint policy (those liv
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,18 +26,6 @@ class EncoderOutput:
     mlm_loss: torch.Tensor | None  # scalar, 0.5 * (MLM(x) + MLM(y)), when masked inputs were given
 
 
-def _moved(obj: Any, device: torch.device | str | None, non_blocking: bool, pin: bool) -> Any:
-    """``obj`` (a dataclass) with every tensor field pinned or moved; other fields kept."""
-    changes = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, torch.Tensor):
-            changes[f.name] = value.pin_memory() if pin else value.to(device, non_blocking=non_blocking)
-        elif hasattr(value, "to") and hasattr(value, "pin_memory"):  # Packing, MaskedTokens
-            changes[f.name] = value.pin_memory() if pin else value.to(device, non_blocking=non_blocking)
-    return replace(obj, **changes)
-
-
 @dataclass
 class MaskedTokens:
     """Where the MLM copy was masked, read on the host from its labels.
@@ -51,10 +39,10 @@ class MaskedTokens:
     x_count: int  # masked tokens on source rows
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedTokens:
-        return _moved(self, device, non_blocking, pin=False)
+        return packed.moved(self, device, non_blocking)
 
     def pin_memory(self) -> MaskedTokens:
-        return _moved(self, None, False, pin=True)
+        return packed.moved(self, pin=True)
 
 
 @dataclass
@@ -106,10 +94,10 @@ class EncoderInputs:
         return cls(ids, mask, rows, clean_tokens, packing, spans, masked)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> EncoderInputs:
-        return _moved(self, device, non_blocking, pin=False)
+        return packed.moved(self, device, non_blocking)
 
     def pin_memory(self) -> EncoderInputs:
-        return _moved(self, None, False, pin=True)
+        return packed.moved(self, pin=True)
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -89,20 +89,10 @@ class Packing:
         )
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Packing:
-        moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **moved)
+        return moved(self, device, non_blocking)
 
     def pin_memory(self) -> Packing:
-        pinned = {
-            f.name: getattr(self, f.name).pin_memory()
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **pinned)
+        return moved(self, pin=True)
 
     def pack(self, grid: torch.Tensor) -> torch.Tensor:
         """``[R, L, ...]`` -> ``[T, ...]``."""
@@ -115,6 +105,19 @@ class Packing:
         flat = tokens.new_zeros(rows * self.length, tokens.shape[-1])
         flat = flat.index_copy(0, self.index[: tokens.shape[0]], tokens)
         return flat.view(rows, self.length, -1)
+
+
+def moved(
+    obj: Any, device: torch.device | str | None = None, non_blocking: bool = False, pin: bool = False
+) -> Any:
+    """A copy of the dataclass ``obj`` whose tensor fields (and fields that move the same way, such
+    as a :class:`Packing`) are pinned (``pin``) or moved to ``device``; other fields kept."""
+    changes = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, torch.Tensor) or (hasattr(value, "to") and hasattr(value, "pin_memory")):
+            changes[f.name] = value.pin_memory() if pin else value.to(device, non_blocking=non_blocking)
+    return replace(obj, **changes)
 
 
 def resolve_attention(kind: Attention, device: torch.device, packing: Packing) -> str:

@@ -236,6 +236,7 @@ class RunWatcher(threading.Thread):
         self.started = time.monotonic()
         self.warned_wait = False
         self.fatal_seen = False
+        self.write_failed = False
 
     @property
     def workers_seen(self) -> bool:
@@ -255,8 +256,13 @@ class RunWatcher(threading.Thread):
             self.stop_event.set()
             return
         self.last = snap
-        self.show_endpoints(snap["endpoints"])
-        self.show_records(snap["records"])
+        try:
+            self.show_endpoints(snap["endpoints"])
+            self.show_records(snap["records"])
+        except OSError as e:  # the run folder's disk is full or gone: keep watching, say it once
+            if not self.write_failed:
+                self.write_failed = True
+                self.progress.write(f"[mlctl] cannot write to {self.run_dir}: {e}")
         self.next = snap["next"]
         self.show_skipped(snap["skipped"])
         self.show_saved(snap.get("saved"))

@@ -28,6 +28,7 @@ a pure function of (seed, epoch, position), so a resumed step is the same step b
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ TMP_PREFIX = ".tmp-"
 # and deleted only once its replacement is in place.
 OLD_PREFIX = ".old-"
 ENGINE_TAG = "state"
+FULL_DISK_BYTES = 1 << 20  # less free space than this after a failed save: the disk is full
 _STEP_DIR = re.compile(r"^(?:\.old-)?step_(\d{8})$")
 
 
@@ -412,8 +414,13 @@ class Checkpointer:
         try:
             engine.save_checkpoint(str(tmp / "engine"), tag=ENGINE_TAG, save_latest=False)
             (tmp / data_state_name(self.rank)).write_text(json.dumps(loader.state_dict()))
-        except OSError:
+        except (OSError, RuntimeError) as e:
+            # NOTE: torch.save reports a full disk as a RuntimeError from its zip writer ("unexpected
+            # pos"); the free space, read before the partial folder goes, tells what happened.
+            free = shutil.disk_usage(tmp).free
             shutil.rmtree(tmp, ignore_errors=True)
+            if free < FULL_DISK_BYTES and not (isinstance(e, OSError) and e.errno == errno.ENOSPC):
+                raise OSError(errno.ENOSPC, f"no space left while saving ({e})", str(tmp)) from e
             raise
         dist.barrier()
         if self.rank == 0:

@@ -69,18 +69,21 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    # cz_nce: the paper's CZ-NCE (positive left out of the denominator, can go below 0);
+    # info_nce: InfoNCE (the default recipe, configs/proof.yaml)
     kind: Literal["cz_nce", "info_nce"] = "cz_nce"
-    temperature: float = 0.07
+    temperature: float = 0.07  # similarities are cosine / temperature
+    # Also contrast each sentence with the other sentences of its own language in the global batch.
     same_language_negatives: bool = True
     # Additive margin (cosine units) taken off the positive's similarity; 0 is the paper's loss.
     margin: float = 0.0
-    mlm_weight: float = 0.1
-    mlm_probability: float = 0.15
+    mlm_weight: float = 0.1  # weight of the auxiliary masked-LM loss (0: no MLM copy is encoded)
+    mlm_probability: float = 0.15  # share of real tokens masked for the MLM loss (BERT's 80/10/10)
     # With model.word_level: loss = multilevel_weight * CL(MLP(s, w)) + sentence_weight * CL(s).
     # The paper is (1, 0). A sentence term trains the vector retrieval reads (s) directly, and with
     # it, pairs without an anchor (prepared with keep_no_anchor) feed only the sentence term.
     multilevel_weight: float = 1.0
-    sentence_weight: float = 0.0
+    sentence_weight: float = 0.0  # weight of CL(s) beside the multi-level term (see multilevel_weight)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -98,10 +101,10 @@ class LossConfig:
 
 @dataclass
 class PrepareInput:
-    path: str = ""
+    path: str = ""  # a file or folder of parallel text (TSV, Moses pair, multiway folder, TMX, .po/.mo)
     format: str = ""  # empty: from the file extension
-    src_lang: str = ""
-    tgt_lang: str = ""
+    src_lang: str = ""  # empty: data.prepare.src_lang
+    tgt_lang: str = ""  # empty: data.prepare.tgt_lang, or what the file says (TMX, catalogs)
     # Text encoding (latin-1, cp1252, ...); empty: the file's byte-order mark or declared charset
     # (.po header, TMX declaration), else UTF-8. A file not in the encoding it is read with is refused.
     encoding: str = ""
@@ -111,19 +114,20 @@ class PrepareInput:
 class PrepareConfig:
     """What `mlctl prepare` reads when run from a config file."""
 
-    inputs: list[PrepareInput] = field(default_factory=list)
-    src_lang: str = "en"
-    tgt_lang: str = ""
+    inputs: list[PrepareInput] = field(default_factory=list)  # the files to read, each with the keys below
+    src_lang: str = "en"  # the source language of every input that does not say otherwise
+    tgt_lang: str = ""  # the target language of every input that does not say otherwise
+    # [SRC-]TGT=PATH bilingual dictionaries the anchor words are mined with
     dictionaries: list[str] = field(default_factory=list)
     # [SRC-]TGT=PATH dictionaries listing the source words the loader may code-switch (mlctl.data.switch)
     code_switch: list[str] = field(default_factory=list)
-    out: str = ""
-    samples_per_shard: int = 10000
-    max_tokens: int = 128
-    truncate: bool = False
-    max_length_ratio: float = 3.0
-    keep_no_anchor: bool = False
-    workers: int = 1
+    out: str = ""  # the shard folder written (a local folder or an s3:// URI)
+    samples_per_shard: int = 10000  # pairs per WebDataset shard
+    max_tokens: int = 128  # longest side kept, in tokens with specials; longer pairs are skipped
+    truncate: bool = False  # cut over-long sides to max_tokens instead of skipping the pair
+    max_length_ratio: float = 3.0  # skip pairs whose sides' token counts differ more (0: off)
+    keep_no_anchor: bool = False  # keep pairs the dictionary finds no anchor word in
+    workers: int = 1  # tokenizing processes (or Ray tasks with --address)
     seed: int = 0  # the global shuffle of the written records
 
     def __post_init__(self) -> None:
@@ -145,12 +149,12 @@ class DataConfig:
     shards: str = ""
     batch_size: int = 32  # per rank, per micro-batch
     num_workers: int = 0  # loader worker processes per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples permuted together (the loader's block, rounded to batches)
     # Sort each shuffle block by length before cutting batches: 3.5x less padding work on CPU
     # (bench/RESULTS.md); batches stay random in order and exact to resume.
     bucket_by_length: bool = True
     bucket_size: int = 0  # samples sorted together when bucketing; 0 means 8 batches
-    seed: int = 0
+    seed: int = 0  # the data order: shard order, blocks, anchors and code-switching draws
     # Probability that a source word listed by prepare's code_switch dictionaries is replaced by a
     # translation (0: off). Needs shards prepared with data.prepare.code_switch.
     code_switch: float = 0.0
@@ -169,16 +173,17 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 100
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    schedule: Literal["constant", "linear", "cosine"] = "linear"
-    grad_clip: float = 1.0
+    max_steps: int = 100  # optimizer steps; raising it extends the same run
+    lr: float = 2e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.01  # AdamW's, not on biases and LayerNorm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW's
+    warmup_steps: int = 0  # linear warmup to lr
+    schedule: Literal["constant", "linear", "cosine"] = "linear"  # after warmup
+    grad_clip: float = 1.0  # global gradient norm clipped to this (0: off)
+    # micro-batches per optimizer step (each gathers its own negatives; more steps, not negatives)
     grad_accum: int = 1
-    seed: int = 0
-    log_every: int = 10
+    seed: int = 0  # model init of the fusion MLP, dropout and MLM masks (per step, rank and micro-batch)
+    log_every: int = 10  # steps between the workers' log lines (metrics are per step)
     # Append every step's pair ids per rank to RUN/pair_ids/ (audits exactly-once across restarts).
     log_pair_ids: bool = False
 
@@ -195,7 +200,8 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 1
+    zero_stage: int = 1  # DeepSpeed ZeRO: 0 plain data parallel, 1 optimizer, 2 + gradients, 3 + weights
+    # bf16: weights and activations; reductions and (ZeRO >= 1) accumulation stay fp32
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # Raw DeepSpeed config entries merged last (for anything not modelled above).
     extra: dict[str, Any] = field(default_factory=dict)
@@ -207,9 +213,9 @@ class DeepSpeedConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: off
-    every_minutes: float = 0.0  # 0: off
-    keep_last: int = 3
+    every_steps: int = 0  # a checkpoint every N steps (0: off; the last step and a stop always save)
+    every_minutes: float = 0.0  # a checkpoint when this long has passed since the last (0: off)
+    keep_last: int = 3  # newest checkpoints kept (the resume point never goes)
     resume: bool = True  # resume from the run's latest checkpoint when one exists
     # Resume even when the recipe (Config.recipe(): model, loss, data, train and DeepSpeed keys
     # other than length and cadence) differs from the checkpoint's; `mlctl train --resume-with-changes`.
@@ -222,19 +228,20 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    enabled: bool = True
+    enabled: bool = True  # serve Prometheus metrics from every worker
     port: int = 9400  # base port; each worker serves on port + local rank
+    # the address to serve on; a loopback address on a multi-node run becomes the node's own
     bind: str = "127.0.0.1"
     window_steps: int = 20  # sliding window for throughput
-    jsonl: bool = True
+    jsonl: bool = True  # rank 0 also appends every step, checkpoint and evaluation to RUN/metrics.jsonl
 
 
 @dataclass
 class EvalConfig:
     pairs: list[str] = field(default_factory=list)  # dev TSV files (en<TAB>xx)
-    every_steps: int = 0  # 0: off
-    max_pairs: int = 1000
-    batch_size: int = 128
+    every_steps: int = 0  # retrieval accuracy on eval.pairs every N steps (0: off)
+    max_pairs: int = 1000  # first N pairs of each file
+    batch_size: int = 128  # sentences per encoder call, shared across ranks
 
 
 @dataclass
@@ -243,11 +250,12 @@ class RayConfig:
     # An int, or [min, max] for elastic training (Ray Train V2 runs on as many workers as the
     # cluster has room for in that range; needs deepspeed.zero_stage=0, see launcher.preflight).
     num_workers: int | list[int] = 2
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # Ray resources of each training worker
+    gpus_per_worker: float = 0.0  # > 0: NCCL and DeepSpeed's CUDA accelerator
+    # where run folders live: a path every node mounts, or an object store (s3://...: no shared disk)
     storage_path: str = "runs"
     name: str = ""  # empty: derived from the config, so re-running resumes the same run
-    max_failures: int = 3
+    max_failures: int = 3  # worker-group failures Ray Train restarts from the newest checkpoint
     # Seconds a collective may wait for a peer before the process group fails (gloo and NCCL; with
     # NCCL, asynchronous error handling turns the timeout into a worker failure Ray retries).
     collective_timeout_s: float = 600.0

@@ -29,6 +29,9 @@ def sections() -> list[tuple[str, type]]:
             tp = hints[f.name]
             if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 walk(f"{prefix}.{f.name}" if prefix else f.name, tp)
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if isinstance(item, type) and dataclasses.is_dataclass(item):
+                walk(f"{prefix}.{f.name}[]", item)  # a list of sections: each item has these keys
 
     walk("", Config)
     return [(p, c) for p, c in out if p]
@@ -84,7 +87,8 @@ def rows() -> list[tuple[str, str, str, str]]:
             tp = hints[f.name]
             if isinstance(tp, type) and dataclasses.is_dataclass(tp):
                 continue  # its own section
-            out.append((f"{prefix}.{f.name}", _type_name(tp), _show(_default(f)), comments.get(f.name, "")))
+            kind = _type_name(tp).replace("mlctl.config.", "")
+            out.append((f"{prefix}.{f.name}", kind, _show(_default(f)), comments.get(f.name, "")))
     return out
 
 

@@ -190,3 +190,33 @@ def test_loss_term_weights_are_typed_and_checked():
     # word_level=false has a single (sentence) term: weighing it is an error, not silently ignored
     with pytest.raises(ConfigError, match=r"model\.word_level=false"):
         load_config(overrides=["model.word_level=false", "loss.sentence_weight=1"])
+
+
+def test_the_configuration_reference_covers_and_explains_every_key():
+    """docs/configuration.md is generated from the dataclasses (mlctl.config_reference): every key
+    of every section is there, each with the comment written beside it in mlctl/config.py."""
+    import dataclasses
+    import typing
+
+    from mlctl.config import Config
+    from mlctl.config_reference import reference_markdown, rows
+
+    def keys(cls: type, prefix: str) -> set[str]:
+        out = set()
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, key = hints[f.name], f"{prefix}{f.name}"
+            item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+            if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+                out |= keys(tp, key + ".")
+                continue
+            out.add(key)
+            if isinstance(item, type) and dataclasses.is_dataclass(item):
+                out |= keys(item, key + "[].")
+        return out
+
+    listed = {key: comment for key, _, _, comment in rows()}
+    assert set(listed) == keys(Config, "")
+    assert not [k for k, comment in listed.items() if not comment], "keys without a comment in mlctl/config.py"
+    text = reference_markdown()
+    assert all(f"`{k}`" in text for k in listed)

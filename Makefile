@@ -60,6 +60,7 @@ lint: setup
 	$(BIN)/ruff check mlctl launcher tests bench
 	$(BIN)/ruff format --check mlctl launcher tests bench
 	$(BIN)/mypy mlctl launcher --ignore-missing-imports
+	$(BIN)/mkdocs build --strict --quiet
 
 bench: setup
 	$(BIN)/python bench/bench_prepare.py

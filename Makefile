@@ -57,8 +57,8 @@ test-cluster: setup
 	MLCTL_TEST_CLUSTER=1 $(BIN)/python -m pytest tests/test_slurm_recipe.py tests/test_rayup_recipe.py tests/test_docker_image.py $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check mlctl launcher tests bench
-	$(BIN)/ruff format --check mlctl launcher tests bench
+	$(BIN)/ruff check mlctl launcher tests bench docs
+	$(BIN)/ruff format --check mlctl launcher tests bench docs
 	$(BIN)/mypy mlctl launcher --ignore-missing-imports
 	$(BIN)/mkdocs build --strict --quiet
 

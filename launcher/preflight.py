@@ -47,7 +47,7 @@ def preflight(cfg: Config, run_dir: Path | None = None) -> Config:
     for path in cfg.eval.pairs:
         # Read once here: a file every worker would refuse at its first evaluation (in another
         # encoding, without a pair) stops the run before it starts, not steps into it.
-        read_pair_file(path, cfg.eval.max_pairs)
+        read_pair_file(path, cfg.eval.max_pairs, options="")  # training reads UTF-8 only
     manifest = read_manifest(cfg)
     if isinstance(cfg.ray.num_workers, list) and cfg.deepspeed.zero_stage != 0:
         raise ValueError(

@@ -79,7 +79,9 @@ class _DecodeSkips(Counts):
             self.pf.skip(DECODE_REASONS.get(reason, reason), where, detail)
 
 
-def read_pair_file(path: str | Path, max_pairs: int | None = None, encoding: str = "") -> PairFile:
+def read_pair_file(
+    path: str | Path, max_pairs: int | None = None, encoding: str = "", options: str = ENCODING_OPTION
+) -> PairFile:
     """Read ``en<TAB>xx[<TAB>ignored...]`` lines (gzip'd when the name ends in .gz).
 
     The text is decoded as `mlctl prepare` decodes its inputs (:mod:`mlctl.data.charset`): a BOM,
@@ -87,11 +89,11 @@ def read_pair_file(path: str | Path, max_pairs: int | None = None, encoding: str
     (:class:`~mlctl.data.readers.InputError` naming its likely encoding), never half read; the odd
     undecodable line, like a line without two non-empty fields, is skipped with a warning naming
     ``file:line``. A missing file raises FileNotFoundError, a file without a single usable pair
-    ValueError.
+    ValueError. ``options`` says, in a refusal, how the command takes an encoding ("": it does not).
     """
     p = check_input_file(path, "pairs file")
     out = PairFile(str(path), [])
-    for lineno, line in text_lines(p, _DecodeSkips(out), encoding, ENCODING_OPTION):
+    for lineno, line in text_lines(p, _DecodeSkips(out), encoding, options):
         if max_pairs is not None and len(out.pairs) >= max_pairs:
             break
         if line is None:

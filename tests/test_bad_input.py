@@ -250,8 +250,10 @@ def test_train_refuses_eval_pairs_in_another_encoding_before_it_starts(files):
     (files / "shards" / "manifest.json").write_text("{}")
     cfg = Config()
     cfg.data.shards, cfg.eval.pairs = str(files / "shards"), [str(files / "latin1.tsv")]
-    with pytest.raises(InputError, match=f"^{files}/latin1.tsv: not UTF-8: 10 of its first 20 lines"):
+    with pytest.raises(InputError, match=f"^{files}/latin1.tsv: not UTF-8: 10 of its first 20 lines") as info:
         preflight(cfg)
+    # training has no --encoding: the message asks for UTF-8 only
+    assert str(info.value).endswith("re-encode it to UTF-8 (iconv -f cp1252 -t utf-8)")
 
 
 def test_eval_reads_utf16_and_counts_a_few_broken_lines(tmp_path, caplog):

@@ -128,13 +128,20 @@ def refusal(
     label = "UTF-8" if encoding == "utf-8" else encoding
     what, suggest = guess(sample)
     looks = f"; it looks like {what}" if what else ""
-    todo = (
-        f"re-encode it to UTF-8 (iconv -f {suggest} -t utf-8) or give its encoding "
-        f"({options.format(enc=suggest)})"
-        if suggest
-        else "find its encoding (e.g. `file -i`), then re-encode it to UTF-8 or give it "
-        f"({options.format(enc='NAME')})"
-    )
+    if not options:  # the command takes UTF-8 only (training's eval.pairs)
+        todo = (
+            f"re-encode it to UTF-8 (iconv -f {suggest} -t utf-8)"
+            if suggest
+            else "find its encoding (e.g. `file -i`), then re-encode it to UTF-8"
+        )
+    else:
+        todo = (
+            f"re-encode it to UTF-8 (iconv -f {suggest} -t utf-8) or give its encoding "
+            f"({options.format(enc=suggest)})"
+            if suggest
+            else "find its encoding (e.g. `file -i`), then re-encode it to UTF-8 or give it "
+            f"({options.format(enc='NAME')})"
+        )
     return f"{path}: not {label}: {failed}{looks}: {todo}"
 
 

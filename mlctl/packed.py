@@ -11,8 +11,8 @@ transformers forward to float rounding (``tests/test_packed.py``).
 Self-attention needs the row structure. Two ways, same numbers (fp32 rounding):
 
 * ``grid``: q, k, v are scattered back to the ``[R, heads, L, d]`` grid and SDPA gets the key
-  padding mask. Fastest on a CPU (measured in bench/RESULTS.md), but a dense boolean mask rules out
-  the flash kernel on CUDA.
+  padding mask. Faster on a CPU (jagged takes 1.18x its time there: bench/attention.py, in
+  bench/RESULTS.md), but a dense boolean mask rules out the flash kernel on CUDA.
 * ``jagged``: q, k, v stay packed and SDPA gets nested jagged tensors (``torch.nested``, layout
   ``jagged``) with the rows' offsets: no mask, so CUDA runs the flash (bf16/fp16) or the
   memory-efficient (fp32) variable-length kernel. ``auto`` picks it on CUDA.
@@ -27,11 +27,16 @@ absolute positions. Anything else falls back to the transformers forward (``unsu
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+# NOTE: SDPA over jagged tensors on a CPU goes through torch's strided nested tensors, which warn
+# once per process that their API is a prototype; the jagged layout used here is the supported one.
+warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 _BERT_LIKE = {"BertModel": 0, "RobertaModel": 1, "XLMRobertaModel": 1}  # 1: RoBERTa positions
 Attention = Literal["auto", "grid", "jagged"]

@@ -17,6 +17,10 @@ sets of ``--langs`` with :mod:`mlctl.evaluate` (retrieval both directions, minin
 - ``distill``: sentence-transformers multilingual distillation: ``MSELoss`` between the student's
   vectors of en and xx and the untrained teacher's vector of en (Reimers & Gurevych 2020).
 
+Trailing ``key=value`` overrides reach both mlctl arms last, after ``--batch``: a global batch beyond
+memory is ``--batch 1024 loss.cache_chunk=64`` (the cached step, docs/gradcache.md; give each such
+run its own ``--label``).
+
 Both mlctl recipes run the real training code (``mlctl.engine.Trainer``: DeepSpeed ZeRO-1, the
 streaming shard loader) in a single gloo process, so the global batch is the same ``--batch`` as
 the peers'. The peers train on the same cleaned pairs (the ``keep_no_anchor`` shards' text), a

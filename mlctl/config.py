@@ -84,8 +84,17 @@ class LossConfig:
     # it, pairs without an anchor (prepared with keep_no_anchor) feed only the sentence term.
     multilevel_weight: float = 1.0
     sentence_weight: float = 0.0  # weight of CL(s) beside the multi-level term (see multilevel_weight)
+    # GradCache (mlctl/gradcache.py, docs/gradcache.md): embed the rank's micro-batch in chunks of
+    # this many pairs without keeping activations, take the gathered loss's gradient with respect
+    # to the embeddings, then back-propagate it chunk by chunk. The same loss and gradient as the
+    # plain step at the activation memory of one chunk, for one extra forward. 0: off.
+    cache_chunk: int = 0
 
     def __post_init__(self) -> None:
+        if self.cache_chunk < 0:
+            raise ConfigError(
+                f"loss.cache_chunk must be >= 0 (pairs per chunk; 0: off), got {self.cache_chunk}"
+            )
         if self.temperature <= 0:
             raise ConfigError(f"loss.temperature must be > 0, got {self.temperature}")
         for key in ("multilevel_weight", "sentence_weight"):
@@ -304,6 +313,13 @@ class Config:
         if self.model.word_level and self.loss.multilevel_weight + self.loss.sentence_weight == 0:
             raise ConfigError(
                 "loss.multilevel_weight and loss.sentence_weight are both 0: no contrastive loss left"
+            )
+        chunk = self.loss.cache_chunk
+        if chunk and chunk >= self.data.batch_size:
+            raise ConfigError(
+                f"loss.cache_chunk={chunk} is not below data.batch_size={self.data.batch_size}: it counts "
+                "pairs of one rank's micro-batch, and one chunk holding the whole micro-batch saves no "
+                "memory for an extra forward; set it below data.batch_size, or 0 (off)"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ Runs under Ray (launcher/) or on its own in a process group set up by torch.dist
 environment variables (the tests do that). One optimizer step = ``grad_accum`` micro-batches; each
 micro-batch gathers its own negatives across ranks (the contrastive batch is the global
 micro-batch, not the accumulated one). DeepSpeed divides the loss by the accumulation steps in
-``engine.backward``; the step does not divide it again.
+``engine.backward``; the step does not divide it again. With ``loss.cache_chunk`` the micro-step
+embeds its pairs in chunks and back-propagates the gathered loss chunk by chunk (mlctl.gradcache).
 """
 
 from __future__ import annotations
@@ -336,18 +337,7 @@ class Trainer:
         the host from the CPU batch, then moved in one go (pinned, non-blocking on CUDA): the step
         never has to read the device back to learn a shape."""
         cfg = self.cfg
-        mlm_ids = mlm_labels = None
-        if cfg.loss.mlm_weight > 0:
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
-            mlm_ids, mlm_labels = mask_tokens(
-                batch["input_ids"],
-                batch["attention_mask"],
-                self.special_ids,
-                self.tokenizer.mask_token_id,
-                self.vocab_size,
-                cfg.loss.mlm_probability,
-                generator=gen,
-            )
+        mlm_ids, mlm_labels = self.mlm_copy(batch, micro)
         word_level = cfg.model.word_level
         inputs = EncoderInputs.build(
             batch["input_ids"],
@@ -359,6 +349,25 @@ class Trainer:
         anchored = self.to_device(batch["anchored"]) if word_level else None
         return self.to_device(inputs), anchored, self.to_device(batch["source_ids"])
 
+    def mlm_copy(
+        self, batch: dict[str, Any], micro: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        """The micro-batch's masked copy and its labels (CPU), seeded by step, rank and micro-batch;
+        (None, None) without an MLM term."""
+        cfg = self.cfg
+        if cfg.loss.mlm_weight <= 0:
+            return None, None
+        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
+        return mask_tokens(
+            batch["input_ids"],
+            batch["attention_mask"],
+            self.special_ids,
+            self.tokenizer.mask_token_id,
+            self.vocab_size,
+            cfg.loss.mlm_probability,
+            generator=gen,
+        )
+
     def to_device(self, x: Any) -> Any:
         """A CPU tensor (or EncoderInputs) on the step's device: pinned and non-blocking on CUDA."""
         if self.device.type == "cuda":
@@ -367,6 +376,10 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         cfg = self.cfg
+        if cfg.loss.cache_chunk:
+            from mlctl.gradcache import cached_micro_step
+
+            return cached_micro_step(self, batch, micro)
         inputs, anchored, sids = self.batch_inputs(batch, micro)
         out = self.engine(inputs)
         # Translations of one source sentence (multiway corpora) are never each other's negatives.

@@ -37,6 +37,10 @@ class MaskedTokens:
     flat: torch.Tensor  # [M] row * L + col in the call's [2R, L] grid (the padded forward)
     labels: torch.Tensor  # [M] the original token ids
     x_count: int  # masked tokens on source rows
+    # Each side's mean is scaled by its weight. A chunk of a larger batch (mlctl.gradcache) gets its
+    # share of the batch's masked tokens, so the chunks' losses add up to the batch's mean.
+    x_weight: float = 1.0
+    y_weight: float = 1.0
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedTokens:
         return packed.moved(self, device, non_blocking)
@@ -279,7 +283,8 @@ class MLCTLModel(nn.Module):
         has nothing masked."""
         losses = []
         total = masked.labels.shape[0]
-        for side in (slice(0, masked.x_count), slice(masked.x_count, total)):
+        sides = ((slice(0, masked.x_count), masked.x_weight), (slice(masked.x_count, total), masked.y_weight))
+        for side, weight in sides:
             if side.stop == side.start:
                 # Nothing masked on this side (short rows): still run the head, with weight 0, so
                 # every parameter gets a gradient. Otherwise this rank's gradient buckets differ
@@ -288,7 +293,11 @@ class MLCTLModel(nn.Module):
                 losses.append(self._lm_logits(fallback).float().sum() * 0.0)
                 continue
             logits = self._lm_logits(hidden[side])
-            losses.append(F.cross_entropy(logits.float(), masked.labels[side]))
+            # at least float32 (a float64 model stays float64, for exact reference checks)
+            loss = F.cross_entropy(
+                logits.to(torch.promote_types(logits.dtype, torch.float32)), masked.labels[side]
+            )
+            losses.append(loss if weight == 1.0 else loss * weight)
         return 0.5 * (losses[0] + losses[1])
 
     @torch.no_grad()

@@ -238,7 +238,8 @@ class StandInEngine:
 
     ``backward`` divides by the accumulation steps as DeepSpeed does; ``step`` steps the optimizer
     at the accumulation boundary, after clipping, and keeps the gradient norm on the device (as
-    ZeRO 1/2 do); the checkpoint holds the module state in DeepSpeed's file layout."""
+    ZeRO 1/2 do); the boundary can be read and overridden (the cached step does); the checkpoint
+    holds the module state in DeepSpeed's file layout."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device, cfg: Any, rank: int):
         from mlctl.engine import lr_lambda, param_groups
@@ -253,6 +254,7 @@ class StandInEngine:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         self.micro = 0
+        self.boundary: bool | None = None  # set_gradient_accumulation_boundary's override
         self.norm: torch.Tensor | None = None
 
     def __call__(self, *args, **kwargs):
@@ -266,6 +268,14 @@ class StandInEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        if self.boundary is not None:
+            return self.boundary
+        return (self.micro + 1) % self.grad_accum == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        self.boundary = is_boundary
 
     def step(self) -> None:
         self.micro += 1

@@ -76,6 +76,17 @@ RECIPES = {
     ],
     # the paper exactly (no sentence term) on the CPU's attention path
     "paper-grid": ["model.word_level=true", "loss.mlm_weight=0.1", "model.attention=grid"],
+    # the cached step (mlctl.gradcache): chunks of 3 and 1 pairs, MLM riding in each chunk call,
+    # both word-level terms, gradient accumulation
+    "cached": [
+        "loss.cache_chunk=3",
+        "loss.kind=cz_nce",
+        "loss.mlm_weight=0.1",
+        "model.word_level=true",
+        "loss.sentence_weight=0.5",
+        "train.grad_accum=2",
+        "model.attention=jagged",
+    ],
 }
 
 
@@ -170,13 +181,13 @@ def test_one_rank_under_cuda_rules(recipe, tmp_path, tiny_model_dir, switch_shar
     assert seen["flops"] > 0
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, shards: str, tmp: str) -> None:
+def _rank(rank: int, world: int, port: int, model_dir: str, shards: str, tmp: str, recipe: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(DS_ACCELERATOR="cpu")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    cfg = _config(Path(model_dir), Path(shards), RECIPES["paper+mlm+accum"])
+    cfg = _config(Path(model_dir), Path(shards), RECIPES[recipe])
     result: dict = {}
     try:
         result = run_under_rules(cfg, Path(tmp) / "run", Path(tmp), rank, world)
@@ -190,10 +201,11 @@ def _rank(rank: int, world: int, port: int, model_dir: str, shards: str, tmp: st
 
 
 @pytest.mark.slow
-def test_two_ranks_under_cuda_rules(tmp_path, tiny_model_dir, switch_shards):
+@pytest.mark.parametrize("recipe", ["paper+mlm+accum", "cached"])
+def test_two_ranks_under_cuda_rules(recipe, tmp_path, tiny_model_dir, switch_shards):
     mp.spawn(
         _rank,
-        args=(2, free_port(), str(tiny_model_dir), str(switch_shards), str(tmp_path)),
+        args=(2, free_port(), str(tiny_model_dir), str(switch_shards), str(tmp_path), recipe),
         nprocs=2,
         join=True,
     )

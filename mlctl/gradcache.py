@@ -209,21 +209,15 @@ def chunk_backwards(engine: Any) -> Iterator[Callable[[torch.Tensor, bool], None
     are parts of one micro-batch's loss, each divided by the accumulation steps once, as the plain
     step's loss is; the gradient with respect to the embeddings is taken outside engine.backward.
 
-    NOTE: the optimizer's backward prologue runs before every chunk. DeepSpeed runs it from hooks
-    it puts on the forward's output tensors, and finds none in an EncoderOutput, so it never runs
-    in mlctl. Under ZeRO-1 with bf16 (mlctl asks for fp32 gradient accumulation, which DeepSpeed
-    serves with its BF16_Optimizer) that prologue is what clears the bf16 gradients each backward
-    adds to the fp32 ones: without it every backward adds all the earlier ones again (a 2-chunk
-    step measured 1.6-1.9x the gradient). Clearing is idempotent, and a no-op (or nothing to call)
-    for the other stages.
+    The optimizer's backward prologue (under ZeRO-1 + bf16 it clears the bf16 gradients each backward
+    adds to the fp32 ones) runs from the hooks DeepSpeed hangs on the forward's outputs: each
+    chunk's grad pass is a forward of its own, so each backward gets it (EncoderOutput is a tuple
+    so that DeepSpeed finds those outputs).
     """
     boundary = engine.is_gradient_accumulation_boundary()
-    prologue = getattr(engine.optimizer, "backward_prologue", None)
 
     def backward(surrogate: torch.Tensor, last: bool) -> None:
         engine.set_gradient_accumulation_boundary(boundary and last)
-        if prologue is not None:
-            prologue()
         engine.backward(surrogate)
 
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +19,12 @@ from mlctl.hub import resolve_model_path
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class EncoderOutput:
+class EncoderOutput(NamedTuple):
+    """What the encoder returns. A tuple on purpose: DeepSpeed finds the output tensors of a forward
+    in tuples, lists and dicts (not in a dataclass) and hangs its backward prologue on them, which
+    under ZeRO clears and tracks the gradients of each backward (without it, ZeRO-1 + bf16 added
+    earlier micro-batches' gradients again)."""
+
     sentence: torch.Tensor  # [R, H] sentence vectors s
     fused: torch.Tensor | None  # [R, 2H] MLP(concat(s, w)), when anchor spans were given
     mlm_loss: torch.Tensor | None  # scalar, 0.5 * (MLM(x) + MLM(y)), when masked inputs were given

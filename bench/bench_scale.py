@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlctl, and the test helpers (tiny_models, ranks)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PER_SHARD = 10_000
@@ -144,9 +144,10 @@ def measure(corpus: Path, ks: list[int]) -> list[dict]:
 
 
 def prepare_rate(tmp: Path, pairs: int, workers: int) -> float:
+    from tiny_models import make_tiny_model
+
     from mlctl.config import PrepareConfig, PrepareInput
     from mlctl.data.prepare import prepare
-    from mlctl.testing import make_tiny_model
 
     tok = tmp / "tiny"
     if not tok.exists():

@@ -66,7 +66,7 @@ for _k, _v in (
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlctl, and the test helpers (tiny_models, ranks)
 
 REF_MAX_LEN = 128  # the reference pads every batch to this
 TAU, MLM_WEIGHT, MLM_PROB, LR = 0.07, 0.1, 0.15, 2e-5
@@ -490,9 +490,8 @@ def build_shaped_model(out: Path, shape: dict, texts: list[str]) -> Path:
     ``shape`` (the vocabulary rows beyond the tokenizer's are never looked up but cost what mBERT's
     embedding and MLM decoder cost)."""
     import torch
+    from tiny_models import train_wordpiece
     from transformers import BertConfig, BertForMaskedLM
-
-    from mlctl.testing import train_wordpiece
 
     tok = train_wordpiece(texts, out / "_tok", vocab_size=min(8000, shape["vocab"]))
     torch.manual_seed(0)
@@ -543,7 +542,7 @@ def device_main(args) -> None:
             with gzip.open(src, "rt", encoding="utf-8") as f:
                 texts = [part for line in itertools.islice(f, args.pairs) for part in line.split("\t")[:2]]
         else:
-            from mlctl.testing import fixture_texts
+            from tiny_models import fixture_texts
 
             texts = fixture_texts()
         model = build_shaped_model(tmp / "model", shape, texts)

@@ -28,7 +28,7 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BertForMaskedLM with a WordPiece vocabulary trained on tests/data."""
-    from mlctl.testing import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
 

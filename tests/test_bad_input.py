@@ -853,7 +853,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(a_run, tmp_path
 @pytest.fixture(scope="module")
 def wider_model(tmp_path_factory) -> Path:
     """Another tiny BERT (hidden size 48): what a run's config names when it was edited by mistake."""
-    from mlctl.testing import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny48"), hidden=48)
 

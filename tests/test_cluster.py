@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from mlctl.testing import kill_marked
+from tiny_models import kill_marked
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

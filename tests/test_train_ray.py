@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import kill_marked, processes_marked
 
 from mlctl.config import load_config
-from mlctl.testing import kill_marked, processes_marked
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 import yaml
 from netns import NetnsCluster
+from s3_server import BUCKET, CREDENTIALS, Bucket
 
 from mlctl.config import load_config
 
@@ -144,20 +145,16 @@ def one_node_run(tmp_path_factory, tiny_model_dir, tiny_shards):
 
 # A moto S3 server on node 0's address: the object store of the tests that share no path.
 S3_PORT = 9000
-S3_BUCKET = "mlctl-test"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def node_env(cluster: NetnsCluster, node: int) -> dict[str, str]:
     """What every process of node ``node`` gets: its own temp folder (a host's /tmp is its own; a
     run whose storage is s3:// keeps its working folder there) and the store's credentials."""
-    return {"TMPDIR": str(cluster.node_tmp(node)), **AWS}
+    return {"TMPDIR": str(cluster.node_tmp(node)), **CREDENTIALS}
 
 
 def s3_uri(cluster: NetnsCluster, prefix: str) -> str:
-    return (
-        f"s3://{S3_BUCKET}/{prefix}?endpoint_override={cluster.ips[0]}:{S3_PORT}&scheme=http&region=us-east-1"
-    )
+    return Bucket(BUCKET, S3_PORT, cluster.ips[0]).uri(prefix)
 
 
 def start_node(cluster: NetnsCluster, node: int) -> float:
@@ -173,14 +170,14 @@ def start_s3(cluster: NetnsCluster) -> None:
         "import sys, time, boto3\n"
         "for _ in range(100):\n"
         "    try:\n"
-        f"        boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='{S3_BUCKET}'); break\n"
+        f"        boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='{BUCKET}'); break\n"
         "    except Exception:\n"
         "        time.sleep(0.2)\n"
         "else:\n"
         "    raise SystemExit('moto did not answer')\n"
     )
     out = cluster.run(
-        0, [sys.executable, "-c", create, f"http://{cluster.ips[0]}:{S3_PORT}"], timeout=60, **AWS
+        0, [sys.executable, "-c", create, f"http://{cluster.ips[0]}:{S3_PORT}"], timeout=60, **CREDENTIALS
     )
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -434,7 +431,7 @@ with fs.open_input_stream(base + "/" + sys.argv[2]) as src, open(sys.argv[3], "w
 
 def fetch_from_s3(cluster: NetnsCluster, uri: str, key: str, dest: Path) -> Path:
     """Copy one object out of the store (from node 0: only the namespaces reach it)."""
-    out = cluster.run(0, [sys.executable, "-c", FETCH, uri, key, str(dest)], timeout=60, **AWS)
+    out = cluster.run(0, [sys.executable, "-c", FETCH, uri, key, str(dest)], timeout=60, **CREDENTIALS)
     assert out.returncode == 0, out.stderr[-2000:]
     return dest
 

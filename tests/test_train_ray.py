@@ -293,41 +293,8 @@ def test_more_failures_than_allowed_reports_count_and_checkpoint(
     assert (tmp_path / "fired").read_text().split() == ["6", "6"]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A local S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields the storage URI
-    the launcher takes and the pyarrow filesystem to look into it."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
-    import logging
-    import socket
-
-    import boto3
-    import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)  # the embedded Ray's workers inherit them
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mlctl-test")
-        uri = f"s3://mlctl-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
-        yield {"uri": uri, "fs": fs, "root": "mlctl-test/runs"}
-    finally:
-        server.stop()
-
-
 def test_object_store_checkpoints_survive_a_killed_worker(
-    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3, capfd
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3_bucket, capfd
 ):
     """No shared filesystem: checkpoints go to S3 through Ray's persistence, a SIGKILLed worker's
     replacement downloads the newest one, and the run ends with the uninterrupted run's weights."""
@@ -341,7 +308,9 @@ def test_object_store_checkpoints_survive_a_killed_worker(
     kill_step = 6
     cfg = load_config(
         None,
-        overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": name, "ray.storage_path": s3["uri"]}),
+        overrides(
+            tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": name, "ray.storage_path": s3_bucket.uri("runs")}
+        ),
     )
     faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
     run_dir = launch(cfg)
@@ -353,7 +322,7 @@ def test_object_store_checkpoints_survive_a_killed_worker(
         assert f"resumed from {run_dir}/restored/step_{EVERY:08d} at step {EVERY}" in out.out + out.err
         assert not any((run_dir / "restored").iterdir())
         assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "step_" in p.name]
-        fs, base = s3["fs"], f"{s3['root']}/{name}/step_{MAX_STEPS:08d}"
+        fs, base = s3_bucket.filesystem(), f"{s3_bucket.name}/runs/{name}/step_{MAX_STEPS:08d}"
         with fs.open_input_file(f"{base}/meta.json") as f:
             m = json.loads(f.read())
         assert m["step"] == MAX_STEPS and m["restarts"] == 1

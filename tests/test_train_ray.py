@@ -14,38 +14,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_runs import ROOT, fault_env, final_weights, meta, run_overrides, slow_steps
 from tiny_models import kill_marked, processes_marked
 
 from mlctl.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
 EVERY = 4
 
 
+# This module's runs: 12 steps, checkpoints every 4 (5 kept), pair ids logged for the replay checks.
+RUN = {
+    "train.max_steps": MAX_STEPS,
+    "train.log_every": 4,
+    "train.log_pair_ids": True,
+    "checkpoint.every_steps": EVERY,
+    "checkpoint.keep_last": 5,
+    "metrics.port": 19400,
+}
+
+
 def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str]:
-    base = {
-        "model.name_or_path": str(model_dir),
-        "data.shards": str(shards),
-        "data.batch_size": 4,
-        "data.shuffle_buffer": 16,
-        "train.max_steps": MAX_STEPS,
-        "train.lr": 1e-3,
-        "train.warmup_steps": 2,
-        "train.log_every": 4,
-        "train.log_pair_ids": True,
-        "checkpoint.every_steps": EVERY,
-        "checkpoint.keep_last": 5,
-        "ray.storage_path": str(storage),
-        "ray.num_workers": 2,
-        "ray.max_failures": 2,
-        "metrics.port": 19400,
-        "deepspeed.zero_stage": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return run_overrides(model_dir, shards, **{**RUN, "ray.storage_path": str(storage), **extra})
 
 
 @pytest.fixture
@@ -58,16 +50,6 @@ def faults(monkeypatch):
         monkeypatch.setenv("MLCTL_TEST_FAULT", json.dumps(spec))
 
     return arm
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    states = torch.load(
-        run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
-        map_location="cpu",
-        weights_only=False,
-    )
-    return states["module"]
 
 
 def pair_log(run_dir: Path) -> dict[int, list[dict]]:
@@ -86,11 +68,6 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if rec.get("event") == "train":
             out[rec["step"]] = rec["loss"]
     return out
-
-
-def meta(run_dir: Path) -> dict:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return json.loads((run_dir / "checkpoints" / step / "meta.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +105,8 @@ def clean_run(tmp_path_factory, tiny_model_dir, tiny_shards):
     t = threading.Thread(target=scraper, daemon=True)
     t.start()
     with pytest.MonkeyPatch.context() as mp:  # module scope: no function-scoped monkeypatch
-        mp.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
-        mp.setenv("MLCTL_TEST_FAULT", json.dumps({"sleep": 0.4}))
+        for k, v in slow_steps(0.4).items():
+            mp.setenv(k, v)
         run_dir = launch(cfg)
     t.join(timeout=5)
     return {"run_dir": run_dir, "scrapes": scrapes, "errors": errors}
@@ -229,13 +206,7 @@ def _train_cmd(model_dir, shards, storage, name, *extra):
 
 def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     marker = f"{os.getpid()}-{time.time_ns()}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        "MLCTL_TEST_FAULT": json.dumps({"sleep": 0.5}),
-        "MLCTL_TEST_MARKER": marker,
-    }
+    env = {**os.environ, **slow_steps(0.5), "MLCTL_TEST_MARKER": marker}
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -309,7 +280,10 @@ def test_object_store_checkpoints_survive_a_killed_worker(
     cfg = load_config(
         None,
         overrides(
-            tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": name, "ray.storage_path": s3_bucket.uri("runs")}
+            tiny_model_dir,
+            tiny_shards,
+            tmp_path,
+            **{"ray.name": name, "ray.storage_path": s3_bucket.uri("runs")},
         ),
     )
     faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
@@ -337,13 +311,8 @@ def test_object_store_checkpoints_survive_a_killed_worker(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _driver(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
-    full = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        **env,
-    }
+def _driver(cmd: list[str], log: Path, fault: dict | None = None) -> subprocess.Popen:
+    full = {**os.environ, **fault_env(fault or {})}
     with open(log, "w") as f:
         return subprocess.Popen(
             cmd, env=full, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -377,7 +346,7 @@ def test_sigterm_saves_at_the_step_it_stopped_on_and_the_rerun_ends_where_a_clea
     ]
     run_dir = tmp_path / "stopped"
     log = tmp_path / "driver.log"
-    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 0.5}))
+    proc = _driver(cmd, log, {"sleep": 0.5})
     _wait_steps(proc, run_dir, EVERY + 2, log)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -415,7 +384,7 @@ def test_ctrl_c_twice_aborts_without_waiting(tmp_path, tiny_model_dir, tiny_shar
     run_dir = tmp_path / "twice"
     log = tmp_path / "driver.log"
     # slow steps: the first Ctrl-C cannot be honoured before the second arrives
-    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 5.0}))
+    proc = _driver(cmd, log, {"sleep": 5.0})
     _wait_steps(proc, run_dir, 1, log)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)

@@ -217,6 +217,8 @@ def test_the_configuration_reference_covers_and_explains_every_key():
 
     listed = {key: comment for key, _, _, comment in rows()}
     assert set(listed) == keys(Config, "")
-    assert not [k for k, comment in listed.items() if not comment], "keys without a comment in mlctl/config.py"
+    assert not [k for k, comment in listed.items() if not comment], (
+        "keys without a comment in mlctl/config.py"
+    )
     text = reference_markdown()
     assert all(f"`{k}`" in text for k in listed)

@@ -64,14 +64,16 @@ def build_tiny_bert(
     intermediate: int = 64,
     max_positions: int = 256,
     seed: int = 0,
+    vocab_size: int | None = None,
 ) -> Path:
-    """A randomly initialised BertForMaskedLM (decoder tied to the embeddings) saved with its tokenizer."""
+    """A randomly initialised BertForMaskedLM (decoder tied to the embeddings) saved with its tokenizer.
+    ``vocab_size`` beyond the tokenizer's gives rows never looked up (a big model's embedding cost)."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
     cfg = BertConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,

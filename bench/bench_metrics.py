@@ -90,13 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(make_tiny_model(tmp / "tiny"))
     step, tokens = build_step(model_dir, args.batch, args.max_length)
 
-    import socket
+    from ranks import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     exp = MetricsExporter(
-        MetricsConfig(port=port), run="bench", rank=0, node="local", local_rank=0, run_dir=tmp / "run"
+        MetricsConfig(port=free_port()), run="bench", rank=0, node="local", local_rank=0, run_dir=tmp / "run"
     )
     exp.start()
     stop = threading.Event()

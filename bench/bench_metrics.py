@@ -1,6 +1,6 @@
 """Step time with metrics on versus off, measured in the same run.
 
-The training step is real: the tiny BERT from :mod:`mlctl.testing` (or ``--model``), a batch of
+The training step is real: the tiny BERT of tests/tiny_models.py (or ``--model``), a batch of
 fixture pairs, forward with the masked copy, CZ-NCE + 0.1 x MLM, backward, AdamW. "on" adds what the
 engine adds per step: ``MetricsExporter.log_step`` with the HTTP endpoint up, rank 0's
 metrics.jsonl, and a scraper thread reading the endpoint like Prometheus does. Modes alternate in
@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlctl, and the test helpers (tiny_models, ranks)
 
 
 def build_step(model_dir: str, batch: int, max_length: int):
     import torch
+    from tiny_models import fixture_texts
 
     from mlctl.hub import load_tokenizer
     from mlctl.losses import cz_nce, inbatch_accuracy
     from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
-    from mlctl.testing import fixture_texts
 
     tok = load_tokenizer(model_dir)
     model = MLCTLModel.from_pretrained(model_dir, [1, -1])
@@ -85,18 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_metrics_"))
     model_dir = args.model
     if not model_dir:
-        from mlctl.testing import make_tiny_model
+        from tiny_models import make_tiny_model
 
         model_dir = str(make_tiny_model(tmp / "tiny"))
     step, tokens = build_step(model_dir, args.batch, args.max_length)
 
-    import socket
+    from ranks import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     exp = MetricsExporter(
-        MetricsConfig(port=port), run="bench", rank=0, node="local", local_rank=0, run_dir=tmp / "run"
+        MetricsConfig(port=free_port()), run="bench", rank=0, node="local", local_rank=0, run_dir=tmp / "run"
     )
     exp.start()
     stop = threading.Event()

@@ -32,7 +32,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlctl, and the test helpers (tiny_models, ranks)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PER_SHARD = 10_000
@@ -94,17 +93,15 @@ def make_corpus(base: Path, base_shards: list[dict], pairs: int, out: Path) -> P
     return out
 
 
-def _rank(rank: int, port: int, corpus: str, out: str, ks: list[int]) -> None:
+def _rank(rank: int, world: int, corpus: str, ks: list[int]) -> dict:
     """One rank: start-up to step 1, then restarts at batch k (fresh loader each time)."""
     import torch
     import torch.distributed as dist
 
     from mlctl.data.dataset import ShardLoader
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     dist.barrier()
-    kw = dict(batch_size=BATCH, rank=rank, world_size=2, shuffle_buffer=1000, bucket_by_length=True)
+    kw = dict(batch_size=BATCH, rank=rank, world_size=world, shuffle_buffer=1000, bucket_by_length=True)
     t0, c0 = time.perf_counter(), time.process_time()
     lo = ShardLoader(corpus, **kw)
     next(iter(lo))
@@ -124,29 +121,21 @@ def _rank(rank: int, port: int, corpus: str, out: str, ks: list[int]) -> None:
         restarts[str(k)] = time.perf_counter() - t0
         lo.close()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"startup": startup, "startup_cpu": startup_cpu, "rss_mb": rss, "restarts": restarts})
-    )
-    dist.destroy_process_group()
+    return {"startup": startup, "startup_cpu": startup_cpu, "rss_mb": rss, "restarts": restarts}
 
 
 def measure(corpus: Path, ks: list[int]) -> list[dict]:
-    import torch.multiprocessing as mp
+    """Each rank's figures, from 2 ranks in a real gloo group (one spawned process each)."""
+    from ranks import run_ranks
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = Path(tempfile.mkdtemp(prefix="bench_scale_"))
-    mp.spawn(_rank, args=(port, str(corpus), str(out), ks), nprocs=2, join=True)
-    res = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    shutil.rmtree(out)
-    return res
+    return run_ranks(_rank, 2, str(corpus), ks, timeout=3600)
 
 
 def prepare_rate(tmp: Path, pairs: int, workers: int) -> float:
+    from tiny_models import make_tiny_model
+
     from mlctl.config import PrepareConfig, PrepareInput
     from mlctl.data.prepare import prepare
-    from mlctl.testing import make_tiny_model
 
     tok = tmp / "tiny"
     if not tok.exists():

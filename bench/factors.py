@@ -5,9 +5,11 @@
 
 Trains ``configs/paper-proof`` settings (``configs/paper.yaml``'s method on the proof data, see
 bench/alignment.py) with the given overrides, in a thin single-process loop over mlctl's own
-pieces: :class:`~mlctl.model.MLCTLModel`, :func:`mlctl.model.mask_tokens`, the loss composition
-:func:`mlctl.losses.contrastive_terms` (the function ``Trainer.micro_step`` calls), the streaming
-:class:`~mlctl.data.dataset.ShardLoader` and the engine's learning-rate schedule. What it leaves out
+pieces: :class:`~mlctl.model.MLCTLModel`, the step's inputs from ``Trainer.batch_inputs`` (MLM copy
+included), the loss composition :func:`mlctl.losses.contrastive_terms` (the function
+``Trainer.micro_step`` calls), the streaming :class:`~mlctl.data.dataset.ShardLoader` (or, for
+other batches, its :func:`~mlctl.data.collate.collate` and code-switching) and the engine's
+learning-rate schedule. What it leaves out
 is DeepSpeed and the process group, which do not change the arithmetic on one process (fp32,
 ZeRO-1 on one rank is plain AdamW) but cost a minute of start-up per run on this machine.
 ``NAME=mnrl`` trains sentence-transformers' MultipleNegativesRankingLoss on the same pairs instead.
@@ -32,20 +34,34 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+MAX_TOKENS = 64  # the random/nn/lex batches' rows (the proof shards' max_tokens is larger)
 
 
-def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0.0)):
-    from mlctl.checkpoint import step_seed
+def host_trainer(cfg, tok, vocab_size: int):
+    """The engine's :class:`~mlctl.engine.Trainer` without DeepSpeed or a process group, holding what
+    ``Trainer.setup`` gives :meth:`~mlctl.engine.Trainer.batch_inputs` (one CPU process, rank 0), so
+    this loop builds its inputs exactly as training does."""
+    from mlctl.engine import Trainer
+
+    trainer = Trainer(cfg, ROOT / "runs" / "factors", rank=0, world_size=1)
+    trainer.device = torch.device("cpu")
+    trainer.tokenizer = tok
+    trainer.special_ids = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
+    trainer.vocab_size = vocab_size
+    return trainer
+
+
+def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=((), 0.0)):
     from mlctl.data.dataset import ShardLoader
     from mlctl.engine import lr_lambda, param_groups
     from mlctl.hub import load_tokenizer
     from mlctl.losses import contrastive_terms
-    from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
+    from mlctl.model import MLCTLModel
 
     tok = load_tokenizer(cfg.model.name_or_path)
-    special = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
     torch.manual_seed(cfg.train.seed)
     model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad)
+    trainer = host_trainer(cfg, tok, model.config.vocab_size)
     loader = ShardLoader(
         cfg.data.shards,
         batch_size=cfg.data.batch_size,
@@ -69,22 +85,12 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0
     )
     t0 = time.perf_counter()
     for step in range(steps):
-        batch = next(it)
-        spans = batch["spans"] if cfg.model.word_level else None
-        mlm_ids = mlm_labels = None
-        if cfg.loss.mlm_weight > 0:
-            gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, step, 0, 0))
-            mlm_ids, mlm_labels = mask_tokens(
-                batch["input_ids"], batch["attention_mask"], special, tok.mask_token_id,
-                model.config.vocab_size, cfg.loss.mlm_probability, generator=gen,
-            )  # fmt: skip
-        out = model(
-            EncoderInputs.build(batch["input_ids"], batch["attention_mask"], spans, mlm_ids, mlm_labels)
-        )
-        anchored = batch["anchored"] if cfg.model.word_level else None
-        cl, _, _ = contrastive_terms(cfg, out, anchored, 0, 1, source_ids=batch.get("source_ids"))
+        trainer.state.step = step  # the MLM masks' seed
+        inputs, anchored, source_ids = trainer.batch_inputs(next(it), micro=0)
+        out = model(inputs)
+        cl, _, _ = contrastive_terms(cfg, out, anchored, 0, 1, source_ids=source_ids)
         mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros(())
-        loss = cl + cfg.loss.mlm_weight * mlm
+        loss = cl + cfg.loss.mlm_weight * mlm  # as Trainer.micro_step
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -92,7 +98,7 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=({}, 0
         sched.step()
         if (step + 1) % 10 == 0:
             print(f"step {step + 1} cl {float(cl):.3f} mlm {float(mlm):.3f}", flush=True)
-    loader.close() if hasattr(loader, "close") else None
+    loader.close()
     return model.eval(), tok, time.perf_counter() - t0
 
 
@@ -157,41 +163,42 @@ def similar_batches(
     return groups
 
 
-def usual_words(langs: Sequence[str]) -> dict[str, list[str]]:
-    """English word -> its translations in ``langs`` from the paper's mlctl-usual-words lists."""
-    import alignment
+def switch_dictionaries(langs: Sequence[str], folder: Path | None = None) -> list:
+    """Code-switch dictionaries from English into ``langs``: the paper's mlctl-usual-words lists
+    (what ``configs/proof.yaml`` prepares its shards with), or the word lists in ``folder``."""
+    from mlctl.data.dictionary import load_list_dictionary
 
-    folder = alignment.DATA / "dict" / "mlctl-usual-words"
-    en = (folder / "en.txt").read_text(encoding="utf-8").splitlines()
-    cols = [(folder / f"{lg}.txt").read_text(encoding="utf-8").splitlines() for lg in langs]
-    table: dict[str, list[str]] = {}
-    for i, w in enumerate(en):
-        outs = [c[i].strip() for c in cols if c[i].strip()]
-        if w.strip() and outs:
-            table.setdefault(w.strip().lower(), []).extend(outs)
-    return table
+    if folder is None:
+        import alignment
 
-
-def code_switch(text: str, table: dict[str, list[str]], p: float, rnd) -> str:
-    """``text`` with each word found in ``table`` replaced, with probability ``p``, by one of its
-    translations (CoSDA-ML style code-switching)."""
-    import re
-
-    def swap(m):
-        outs = table.get(m.group(0).lower())
-        return rnd.choice(outs) if outs and rnd.random() < p else m.group(0)
-
-    return re.sub(r"[A-Za-z]+", swap, text)
+        folder = alignment.DATA / "dict" / "mlctl-usual-words"
+    return [load_list_dictionary(folder, "en", lg, what="code-switch dictionary") for lg in langs]
 
 
 def pair_batches(
-    model, tok, pairs: list[tuple[str, str]], batch: int, mode: str, seed: int, switch=({}, 0.0)
+    model,
+    tok,
+    pairs: list[tuple[str, str]],
+    batch: int,
+    mode: str,
+    seed: int,
+    switch=((), 0.0),
 ):
     """``pairs`` cut into batches: ``random`` (their seeded order), ``nn`` (each batch one pair and
     its nearest unbatched neighbours by the starting encoder's English vectors: hard negatives) or
-    ``lex`` (:func:`similar_batches` on the English token ids, per pool of ``POOL`` pairs)."""
+    ``lex`` (:func:`similar_batches` on the English token ids, per pool of ``POOL`` pairs).
+
+    Each batch is what the loader hands the trainer (:func:`mlctl.data.collate.collate`), made from
+    the pairs tokenized to 64 tokens: no anchor (a pair's spans are its whole sides), identical
+    English sides sharing a source id (the same sentence is not a negative), and with ``switch`` =
+    (dictionaries, p) > 0 the English words those dictionaries know code-switched with
+    probability p, as ``mlctl prepare --code-switch`` and ``data.code_switch`` do."""
+    import hashlib
     import random
 
+    from mlctl.data.anchors import SpanMapper
+    from mlctl.data.collate import collate
+    from mlctl.data.switch import switch_candidates
     from mlctl.evaluate import encode_texts
 
     n = len(pairs) // batch
@@ -222,19 +229,30 @@ def pair_batches(
             groups = similar_batches([rows[i] for i in part], batch, rng)
             groups = [groups[i] for i in rng.permutation(len(groups))]
             order += [part[i] for g in groups for i in g]
-    cs_table, cs_p = switch  # the text-level code-switching prototype (--code-switch)
-    cs_rnd = random.Random(seed + 7)
+    dicts, p_switch = switch
+
+    def phrase_ids(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def record(i: int) -> dict:
+        src, tgt = pairs[i]
+        enc = tok(src, truncation=True, max_length=MAX_TOKENS, return_offsets_mapping=True)
+        same = src.strip().lower()  # identical English sides are the same sentence
+        meta = {
+            "id": str(i),
+            "src_lang": "en",
+            "tgt_lang": "xx",
+            "anchors": [],
+            "sid": hashlib.blake2b(same.encode("utf-8"), digest_size=8).hexdigest(),
+        }
+        if p_switch > 0:
+            meta["switch"] = switch_candidates(src, dicts, SpanMapper(enc["offset_mapping"]), phrase_ids)
+        tgt_ids = tok(tgt, truncation=True, max_length=MAX_TOKENS)["input_ids"]
+        return {"meta": meta, "src": np.asarray(enc["input_ids"]), "tgt": np.asarray(tgt_ids)}
+
     for b in range(n):
-        chunk = [pairs[i] for i in order[b * batch : (b + 1) * batch]]
-        srcs = [code_switch(p[0], cs_table, cs_p, cs_rnd) if cs_p > 0 else p[0] for p in chunk]
-        enc = tok(
-            srcs + [p[1] for p in chunk],
-            padding=True, truncation=True, max_length=64, return_tensors="pt",
-        )  # fmt: skip
-        # Identical English sides are the same sentence, not a negative.
-        ids = {t: k for k, t in enumerate(dict.fromkeys(p[0].strip().lower() for p in chunk))}
-        sids = torch.tensor([ids[p[0].strip().lower()] for p in chunk], dtype=torch.int64)
-        yield {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "source_ids": sids}
+        samples = [record(i) for i in order[b * batch : (b + 1) * batch]]
+        yield collate(samples, tok.pad_token_id, seed, 0, p_switch, MAX_TOKENS)
 
 
 def main() -> int:
@@ -254,8 +272,13 @@ def main() -> int:
     p.add_argument(
         "--pairs-seed", type=int, default=0, help="which seeded sample of pairs random/nn/lex/mnrl train"
     )
-    p.add_argument("--code-switch", type=float, default=0.0, help="prototype: word swap probability")
-    p.add_argument("--cs-langs", default="ar,es,fr,ru,zh")
+    p.add_argument(
+        "--code-switch",
+        type=float,
+        default=0.0,
+        help="random/nn/lex: probability of switching each English word the --cs-langs word lists know",
+    )
+    p.add_argument("--cs-langs", default="ar,es,fr,ru,zh", help="--code-switch: languages switched into")
     p.add_argument("--peer-lr", type=float, default=5e-5, help="learning rate of NAME=mnrl")
     p.add_argument("--out", default=str(ROOT / "runs" / "factors.json"))
     args = p.parse_args()
@@ -265,7 +288,11 @@ def main() -> int:
     from mlctl.config import load_config
     from mlctl.evaluate import evaluate_files
 
-    switch = (usual_words(args.cs_langs.split(",")), args.code_switch) if args.code_switch > 0 else ({}, 0.0)
+    switch = (
+        (switch_dictionaries(args.cs_langs.split(",")), args.code_switch)
+        if args.code_switch > 0
+        else ((), 0.0)
+    )
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = ROOT / "runs" / "alignment"
     paths = [str(alignment.DATA / "dev" / f"{lg}.tsv.gz") for lg in args.langs.split(",")]

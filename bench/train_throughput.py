@@ -6,9 +6,11 @@
   AdamW), world size 1 over gloo.
 * (a) reference style: plain PyTorch + ``AutoModelForMaskedLM`` of the same model; every batch is
   tokenized inside the loop and padded to 128 tokens, source and target go through two separate
-  forwards with hidden states, the input is MLM-masked in place and the MLM loss comes from the same
-  forward (full-vocabulary logits at every position), first+last layer means, fusion MLP on the same
-  anchors, one-direction CZ-NCE, AdamW.
+  forwards with hidden states, the input is MLM-masked (the contrastive pass sees the masks too)
+  and the MLM loss comes from the same forward (full-vocabulary logits at every position),
+  first+last layer means, fusion MLP on the same anchors, CZ-NCE, AdamW. The masking, pooling, MLP
+  and loss are mlctl's functions (the reference's own sum the layer means and take one direction
+  of the loss: the same cost).
 * (b) sentence-transformers: ``SentenceTransformer`` (same weights, mean pooling, max 128 tokens) with
   ``MultipleNegativesRankingLoss``; a manual loop doing what ``SentenceTransformerTrainer`` does per
   step: the collator's ``model.preprocess`` per column, the loss, backward, clip to norm 1, fused
@@ -35,7 +37,6 @@ import gzip
 import itertools
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -66,16 +67,24 @@ for _k, _v in (
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # mlctl, and the test helpers (tiny_models, ranks)
 
 REF_MAX_LEN = 128  # the reference pads every batch to this
 TAU, MLM_WEIGHT, MLM_PROB, LR = 0.07, 0.1, 0.15, 2e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def one_process_group() -> None:
+    """The environment of a world-size-1 gloo group in this process (Trainer.setup joins it)."""
+    from ranks import free_port
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,70 +191,50 @@ def batches_with_texts(shards: Path, batch: int, texts: dict, bucket: bool):
 
 
 class ReferenceStep:
-    """(a): the reference code's training step, written plainly but not slowed down on purpose."""
+    """(a): the reference code's training step, written plainly but not slowed down on purpose. The
+    pieces mlctl has too (masking, pooling, fusion MLP, loss) are mlctl's; what differs is how the
+    reference calls them (the module docstring's list)."""
 
     def __init__(self, model: str, batches):
         import torch
-        from torch import nn
         from transformers import AutoModelForMaskedLM, AutoTokenizer
 
         from mlctl.hub import resolve_model_path
+        from mlctl.model import FusionMLP
 
         path = resolve_model_path(model)
         self.tok = AutoTokenizer.from_pretrained(path)
         self.mlm = AutoModelForMaskedLM.from_pretrained(path)
-        h = self.mlm.config.hidden_size
         torch.manual_seed(0)
-        self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, 2 * h))
+        self.mlp = FusionMLP(self.mlm.config.hidden_size)
         self.opt = torch.optim.AdamW(list(self.mlm.parameters()) + list(self.mlp.parameters()), lr=LR)
         self.special = torch.tensor(sorted(set(self.tok.all_special_ids)))
         self.batches = batches
         self.mlm.train()
 
-    def _mask_in_place(self, ids, attn):
-        import torch
-
-        labels = ids.clone()
-        eligible = attn.bool() & ~torch.isin(ids, self.special)
-        picked = eligible & (torch.rand(ids.shape) < MLM_PROB)
-        labels[~picked] = -100
-        r = torch.rand(ids.shape)
-        ids[picked & (r < 0.8)] = self.tok.mask_token_id
-        rnd = picked & (r >= 0.8) & (r < 0.9)
-        ids[rnd] = torch.randint(self.mlm.config.vocab_size, ids.shape)[rnd]
-        return labels
-
     def _side(self, texts, spans):
-        import torch
+        from mlctl.model import mask_tokens, pool_layers, span_mask
 
         enc = self.tok(
             texts, padding="max_length", max_length=REF_MAX_LEN, truncation=True, return_tensors="pt"
         )
-        ids, attn = enc["input_ids"], enc["attention_mask"]
-        labels = self._mask_in_place(ids, attn)  # the contrastive pass sees the masked tokens too
+        attn = enc["attention_mask"]
+        args = (self.special, self.tok.mask_token_id, self.mlm.config.vocab_size, MLM_PROB)
+        ids, labels = mask_tokens(enc["input_ids"], attn, *args)  # the contrastive pass sees the masks
         out = self.mlm(input_ids=ids, attention_mask=attn, labels=labels, output_hidden_states=True)
-        m = attn.unsqueeze(-1).float()
-        pos = torch.arange(ids.shape[1]).unsqueeze(0)
-        w = ((pos >= spans[:, :1]) & (pos <= spans[:, 1:2])).unsqueeze(-1).float() * m
-        hs = out.hidden_states
-        sent = sum((hs[i] * m).sum(1) / m.sum(1) for i in (1, -1))  # the reference sums the two means
-        word = sum((hs[i] * w).sum(1) / w.sum(1).clamp_min(1) for i in (1, -1))
-        return self.mlp(torch.cat([sent, word], -1)), out.loss
+        real = attn.bool()
+        sent = pool_layers(out.hidden_states, [1, -1], real)
+        word = pool_layers(out.hidden_states, [1, -1], span_mask(spans, ids.shape[1]) & real)
+        return self.mlp(sent, word), out.loss
 
     def __call__(self):
-        import torch
-        import torch.nn.functional as F
+        from mlctl.losses import cz_nce
 
         src, tgt, spans = next(self.batches)
         b = len(src)
         vx, mlm_x = self._side(src, spans[:b])
         vy, mlm_y = self._side(tgt, spans[b:])
-        x, y = F.normalize(vx, dim=-1), F.normalize(vy, dim=-1)
-        cross, same = x @ y.T / TAU, x @ x.T / TAU  # one direction, as in the reference
-        eye = torch.eye(b, dtype=torch.bool)
-        neg = torch.cat([cross.masked_fill(eye, -1e4), same.masked_fill(eye, -1e4)], dim=1)
-        cl = (torch.logsumexp(neg, dim=1) - cross.diagonal()).mean()
-        loss = cl + MLM_WEIGHT * 0.5 * (mlm_x + mlm_y)
+        loss = cz_nce(vx, vy, TAU) + MLM_WEIGHT * 0.5 * (mlm_x + mlm_y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
@@ -328,10 +317,9 @@ def interleaved(steps: dict, warmup: int, rounds: int, per_round: int, batch: in
     return rates
 
 
-def _dist_worker(
+def _dist_rank(
     rank: int,
     world: int,
-    port: int,
     shards: str,
     model: str,
     batch: int,
@@ -339,19 +327,11 @@ def _dist_worker(
     steps: int,
     run_dir: str,
     extra: tuple[str, ...],
-    queue,
-) -> None:
+) -> tuple[float, float]:
+    """One rank of :func:`per_worker_rate`: (pairs/s, seconds of one gradient-sized all-reduce)."""
     import torch
+    import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
     logging.disable(logging.WARNING)
     trainer = mlctl_trainer(Path(shards), model, batch, Path(run_dir), rank, world, extra)
     step = mlctl_step(trainer)
@@ -361,8 +341,6 @@ def _dist_worker(
     for _ in range(steps):
         step()
     rate = steps * batch / (time.perf_counter() - t0)
-    import torch.distributed as dist
-
     # The communication alone: one all-reduce of a gradient-sized fp32 buffer (what data parallelism
     # moves per step), to tell gloo's cost from the two processes competing for the cores.
     flat = torch.zeros(sum(p.numel() for p in trainer.model.parameters()))
@@ -372,8 +350,8 @@ def _dist_worker(
         tc = time.perf_counter()
         dist.all_reduce(flat)
         comm.append(time.perf_counter() - tc)
-    queue.put((rank, rate, min(comm) if world > 1 else 0.0))
-    dist.destroy_process_group()
+    trainer.loader.close()
+    return rate, min(comm) if world > 1 else 0.0
 
 
 def per_worker_rate(
@@ -385,31 +363,14 @@ def per_worker_rate(
     steps: int,
     tmp: Path,
     extra: tuple[str, ...],
-) -> list[tuple[int, float, float]]:
-    """(rank, pairs/s, seconds of one gradient-sized all-reduce) of each of ``world`` spawned gloo
-    workers (1 thread each)."""
-    import torch.multiprocessing as mp
+) -> list[tuple[float, float]]:
+    """(pairs/s, seconds of one gradient-sized all-reduce) of each of ``world`` spawned gloo
+    workers (1 thread each), in rank order."""
+    from ranks import run_ranks
 
-    queue = mp.get_context("spawn").SimpleQueue()
     run_dir = tempfile.mkdtemp(dir=tmp, prefix=f"ws{world}_")
-    mp.spawn(
-        _dist_worker,
-        nprocs=world,
-        join=True,
-        args=(
-            world,
-            free_port(),
-            str(shards),
-            model,
-            batch,
-            warmup,
-            steps,
-            run_dir,
-            extra,
-            queue,
-        ),
-    )
-    return sorted(queue.get() for _ in range(world))
+    args = (str(shards), model, batch, warmup, steps, run_dir, extra)
+    return run_ranks(_dist_rank, world, *args, init="env", timeout=3600)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,26 +450,19 @@ def build_shaped_model(out: Path, shape: dict, texts: list[str]) -> Path:
     """A WordPiece tokenizer trained on ``texts`` and a randomly initialised BertForMaskedLM of
     ``shape`` (the vocabulary rows beyond the tokenizer's are never looked up but cost what mBERT's
     embedding and MLM decoder cost)."""
-    import torch
-    from transformers import BertConfig, BertForMaskedLM
-
-    from mlctl.testing import train_wordpiece
+    from tiny_models import build_tiny_bert, train_wordpiece
 
     tok = train_wordpiece(texts, out / "_tok", vocab_size=min(8000, shape["vocab"]))
-    torch.manual_seed(0)
-    cfg = BertConfig(
+    return build_tiny_bert(
+        out,
+        tok,
+        hidden=shape["hidden"],
+        layers=shape["layers"],
+        heads=shape["heads"],
+        intermediate=shape["intermediate"],
+        max_positions=512,
         vocab_size=max(shape["vocab"], len(tok)),
-        hidden_size=shape["hidden"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        intermediate_size=shape["intermediate"],
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=True,
     )
-    BertForMaskedLM(cfg).save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    return out
 
 
 def _recording(it, lengths: list[list[int]]):
@@ -543,7 +497,7 @@ def device_main(args) -> None:
             with gzip.open(src, "rt", encoding="utf-8") as f:
                 texts = [part for line in itertools.islice(f, args.pairs) for part in line.split("\t")[:2]]
         else:
-            from mlctl.testing import fixture_texts
+            from tiny_models import fixture_texts
 
             texts = fixture_texts()
         model = build_shaped_model(tmp / "model", shape, texts)
@@ -563,14 +517,7 @@ def device_main(args) -> None:
         print(f"peak: {peak if peak else 'none'} TFLOP/s ({peak_from})", flush=True)
         if args.check_flops:
             check_encoder_flops(shape, model)
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
+        one_process_group()
         rows = []
         for batch in batches:
             extra = (f"deepspeed.precision={precision}", "data.bucket_by_length=true", "model.unpad=true")
@@ -767,14 +714,7 @@ def main() -> None:
             flush=True,
         )
 
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(free_port()),
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            LOCAL_WORLD_SIZE="1",
-        )
+        one_process_group()
         trainer = mlctl_trainer(shards, args.model, args.batch, tmp / "run", extra=overrides)
         steps = {"mlctl": mlctl_step(trainer)}
         variants = {"mlctl, no MLM": ("loss.mlm_weight=0",)} if args.no_mlm_variant else {}
@@ -847,14 +787,14 @@ def main() -> None:
                 )
                 for n in (1, 2)
             )
-            per1, per2 = one[0][1], statistics.mean(r for _, r, _ in two)
-            comm = max(c for _, _, c in two)
+            per1, per2 = one[0][0], statistics.mean(r for r, _ in two)
+            comm = max(c for _, c in two)
             print(
                 f"\nmlctl step, gloo, 1 thread per worker, {args.dist_steps} steps after {args.warmup} warm-up:"
             )
             print(f"  world size 1: {per1:.1f} pairs/s per worker")
             print(
-                f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for _, r, _ in two)}), "
+                f"  world size 2: {per2:.1f} pairs/s per worker ({' / '.join(f'{r:.1f}' for r, _ in two)}), "
                 f"{2 * per2:.1f} in total"
             )
             print(f"  per-worker overhead of 2 workers: {100 * (1 - per2 / per1):.1f}%")

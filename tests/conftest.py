@@ -28,7 +28,7 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BertForMaskedLM with a WordPiece vocabulary trained on tests/data."""
-    from mlctl.testing import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
 
@@ -44,3 +44,13 @@ def tiny_tokenizer(tiny_model_dir):
 def tiny_shards(tmp_path_factory, tiny_model_dir) -> Path:
     """Anchored shards of the fixture pairs, tokenized with the tiny model's tokenizer."""
     return prepare_fixture_shards(tmp_path_factory.mktemp("tiny_shards"), str(tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def s3_bucket():
+    """A moto S3 server on 127.0.0.1 with an empty bucket, for one test module (tests/s3_server.py);
+    each test keeps to prefixes of its own. Skips without moto's server."""
+    from s3_server import moto_bucket
+
+    with moto_bucket() as bucket:
+        yield bucket

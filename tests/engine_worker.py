@@ -6,16 +6,11 @@ FAULT_JSON: a fault spec of tests/fault_injection.py (e.g. {"event": "save", "st
 
 import json
 import os
-import socket
 import sys
 
+from ranks import free_port
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -27,11 +27,13 @@ import itertools
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,23 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def wait_until(
+    what: str,
+    done: Callable[[], bool],
+    timeout: float,
+    poll: float = 0.2,
+    detail: Callable[[], str] = lambda: "",
+) -> float:
+    """Poll ``done()`` every ``poll`` seconds until it is true; returns the seconds waited. Fails the
+    test after ``timeout`` seconds, naming ``what`` it waited for, with ``detail()`` (logs, state)."""
+    t0 = time.monotonic()
+    while not done():
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"no {what} within {timeout:.0f}s\n{detail()}")
+        time.sleep(poll)
+    return time.monotonic() - t0
 
 
 def netns_pids(ns: str) -> list[int]:
@@ -201,8 +220,10 @@ class NetnsCluster:
 
     # ---- processes ---------------------------------------------------------------------------
 
-    def cmd(self, node: int, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", self.namespaces[node], *map(str, argv)]
+    def cmd(self, node: int | None, argv: list) -> list[str]:
+        """``argv`` run inside node ``node``; ``None``: on the machine itself, outside every node."""
+        argv = [str(a) for a in argv]
+        return argv if node is None else ["ip", "netns", "exec", self.namespaces[node], *argv]
 
     def run(
         self, node: int, argv: list[str], timeout: float = 300, **env: str
@@ -212,8 +233,9 @@ class NetnsCluster:
             self.cmd(node, argv), env=self.env(**env), capture_output=True, text=True, timeout=timeout
         )
 
-    def popen(self, node: int, argv: list[str], log: Path, **env: str) -> subprocess.Popen:
-        """Start ``argv`` inside node ``node`` in its own session, output to ``log``."""
+    def popen(self, node: int | None, argv: list, log: Path, **env: str) -> subprocess.Popen:
+        """Start ``argv`` inside node ``node`` (``None``: on the machine) in its own session, output
+        to ``log``; the teardown kills it."""
         with open(log, "w") as f:
             p = subprocess.Popen(
                 self.cmd(node, argv),
@@ -223,6 +245,31 @@ class NetnsCluster:
                 start_new_session=True,
             )
         self.started.append(p)
+        return p
+
+    def daemon(
+        self,
+        node: int,
+        argv: list,
+        log: Path,
+        *,
+        setup: list[str] = (),
+        ready: Callable[[], bool] | None = None,
+        timeout: float = 30,
+        **env: str,
+    ) -> subprocess.Popen:
+        """A server of node ``node`` (sshd, slurmd), started like :meth:`popen` in a private mount
+        namespace of its own: the shell commands ``setup`` run there first (mounts that only this
+        server and its children see, never the machine), then ``argv`` replaces the shell. Waits
+        until ``ready()`` when given (failing the test with ``log`` after ``timeout`` seconds)."""
+        script = " && ".join([*setup, f"exec {shlex.join(map(str, argv))}"])
+        p = self.popen(
+            node, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], log, **env
+        )
+        if ready is not None:
+            wait_until(
+                f"{Path(str(argv[0])).name} ready on node {node}", ready, timeout, detail=log.read_text
+            )
         return p
 
     def temp_dir(self, node: int) -> Path:
@@ -274,6 +321,30 @@ class NetnsCluster:
             time.sleep(1)
         raise RuntimeError(f"cluster did not reach {count} alive nodes in {timeout}s (last: {last})")
 
+    def ray_left(self, node: int) -> list[str]:
+        """The Ray processes still running on node ``node`` (those `ray stop` would stop, and a
+        blocking `ray start`), each as "name: start of its command line"."""
+        import psutil
+
+        left = []
+        for proc in ray_processes(netns_pids(self.namespaces[node]), cli=True):
+            try:
+                left.append(f"{proc.name()}: {' '.join(proc.cmdline())[:160]}")
+            except psutil.Error:
+                pass
+        return left
+
+    def keep(self, dest: Path, *patterns: str) -> list[Path]:
+        """Copy the files of the cluster folder that match ``patterns`` (globs relative to it) into
+        ``dest``, named by their path there with "-" for "/": the teardown deletes the folder, and
+        these are the logs that explain a failure. Returns the copies."""
+        kept = []
+        for pattern in patterns:
+            for f in sorted(self.root.glob(pattern)):
+                if f.is_file():
+                    kept.append(Path(shutil.copy(f, dest / "-".join(f.relative_to(self.root).parts))))
+        return kept
+
     def kill_node(self, node: int) -> list[int]:
         """SIGKILL every process of node ``node`` (its raylet, object store, workers): a node
         failure. Returns the pids that were killed."""
@@ -290,15 +361,18 @@ def is_ray_process(proc) -> bool:
     return any(word in (proc.name() if by_name else args) for word, by_name in RAY_PROCESSES)
 
 
-def ray_processes(pids: list[int]) -> list:
-    """The Ray processes among ``pids`` (e.g. ``netns_pids(ns)``: the Ray of one node)."""
+def ray_processes(pids: list[int], cli: bool = False) -> list:
+    """The Ray processes among ``pids`` (e.g. ``netns_pids(ns)``: the Ray of one node); with
+    ``cli``, a `ray start` still running (``--block``) too."""
     import psutil
 
     found = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
-            if pid != os.getpid() and is_ray_process(proc):
+            if pid == os.getpid():
+                continue
+            if is_ray_process(proc) or (cli and "ray start" in subprocess.list2cmdline(proc.cmdline())):
                 found.append(proc)
         except psutil.Error:
             pass

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from ranks import free_port
 
 TEXTS = [
     "The file could not be saved.",
@@ -32,11 +32,8 @@ def write_run(run_dir: Path, model_dir: str, stage: int) -> None:
     """One DeepSpeed step of an MLCTLModel, a checkpoint in the run-folder layout (complete, as
     training publishes it), and the vectors the trained in-memory model gives for TEXTS (the
     reference an export must reproduce)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
     )
     import deepspeed
 

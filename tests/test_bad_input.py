@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from s3_server import BUCKET
 
 from mlctl.cli import main
 
@@ -453,31 +454,12 @@ def test_an_output_folder_holding_other_files_is_refused(files, tiny_model_dir, 
 
 
 @pytest.fixture()
-def s3(monkeypatch, tmp_path):
-    """An S3 bucket on a moto server on loopback; yields the URI of a prefix in it. The local temp
-    folder (staging and lock of an object-store output) is a fresh one, so leftovers are visible."""
-    import logging
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
-        monkeypatch.setenv(k, v)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+def s3(s3_bucket, monkeypatch, tmp_path):
+    """A prefix in the module's moto bucket (tests/s3_server.py). The local temp folder (staging and
+    lock of an object-store output) is a fresh one, so leftovers are visible."""
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1").create_bucket(
-            Bucket="mlctl-data"
-        )
-        yield f"s3://mlctl-data/shards?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-    finally:
-        server.stop()
+    return s3_bucket.uri("shards")
 
 
 def test_prepare_into_an_object_store_writes_the_manifest_last(
@@ -491,7 +473,7 @@ def test_prepare_into_an_object_store_writes_the_manifest_last(
         return {n: storage.read_bytes(storage.join(s3, n)) for n in storage.list_names(s3)}
 
     args = prepare_args(files, tiny_model_dir, "pairs.tsv")
-    args[args.index("--out") + 1] = s3.replace("mlctl-data", "no-such-bucket")
+    args[args.index("--out") + 1] = s3.replace(BUCKET, "no-such-bucket")
     assert main(args) == 2  # before any work
     assert (
         error_line(capsys)
@@ -524,7 +506,7 @@ def test_prepare_into_an_object_store_writes_the_manifest_last(
     assert main([*args, "--samples-per-shard", "1"]) == 2
     line = error_line(capsys)
     assert (
-        "mlctl prepare: error: s3://mlctl-data/shards: uploading shard-000001.tar failed after 1 of 3 "
+        f"mlctl prepare: error: s3://{BUCKET}/shards: uploading shard-000001.tar failed after 1 of 3 "
         "shard(s); no manifest.json was written there, so readers see no dataset until a prepare "
         "succeeds: connection reset" in line
     ), line
@@ -855,7 +837,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(a_run, tmp_path
 @pytest.fixture(scope="module")
 def wider_model(tmp_path_factory) -> Path:
     """Another tiny BERT (hidden size 48): what a run's config names when it was edited by mistake."""
-    from mlctl.testing import make_tiny_model
+    from tiny_models import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny48"), hidden=48)
 

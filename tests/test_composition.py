@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.config import load_config
 from mlctl.losses import contrastive_loss, contrastive_terms
@@ -82,25 +81,16 @@ def test_sentence_level_only():
     assert torch.equal(got, contrastive_loss(s[:B], s[B:], 0.07))
 
 
-def _worker(rank: int, world_size: int, port: int, out: dict) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        s, f, spans = _inputs()
-        b = B // world_size  # this rank's pairs: rows rank*b.. of each side
-        rows = torch.cat([torch.arange(rank * b, (rank + 1) * b), B + torch.arange(rank * b, (rank + 1) * b)])
-        ls, lf = s.detach()[rows].clone().requires_grad_(), f.detach()[rows].clone().requires_grad_()
-        cfg = _cfg("loss.sentence_weight=0.5")
-        loss = _terms(cfg, ls, lf, spans[rows], rank, world_size)
-        loss.backward()
-        # What the data-parallel step does to parameter gradients: mean over ranks.
-        grads = [ls.grad / world_size, lf.grad / world_size]
-        out[rank] = (float(loss), [g.clone() for g in grads], rows)
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+def _rank(rank: int, world_size: int) -> tuple[float, list[torch.Tensor], torch.Tensor]:
+    s, f, spans = _inputs()
+    b = B // world_size  # this rank's pairs: rows rank*b.. of each side
+    rows = torch.cat([torch.arange(rank * b, (rank + 1) * b), B + torch.arange(rank * b, (rank + 1) * b)])
+    ls, lf = s.detach()[rows].clone().requires_grad_(), f.detach()[rows].clone().requires_grad_()
+    cfg = _cfg("loss.sentence_weight=0.5")
+    loss = _terms(cfg, ls, lf, spans[rows], rank, world_size)
+    loss.backward()
+    # What the data-parallel step does to parameter gradients: mean over ranks.
+    return float(loss), [ls.grad / world_size, lf.grad / world_size], rows
 
 
 @pytest.mark.slow
@@ -109,13 +99,10 @@ def test_two_ranks_equal_one_process():
     cfg = _cfg("loss.sentence_weight=0.5")
     want = _terms(cfg, s, f, spans)
     want.backward()
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
-        results = dict(out)
+    results = run_ranks(_rank, 2)
     # mean over ranks of each rank's loss = the global loss (both terms in the gathered form).
-    assert abs(sum(r[0] for r in results.values()) / 2 - float(want.detach())) < 1e-10
-    for _loss, (gs, gf), rows in results.values():
+    assert abs(sum(r[0] for r in results) / 2 - float(want.detach())) < 1e-10
+    for _loss, (gs, gf), rows in results:
         # each rank's backward sees the sum over ranks through the gather; / world_size = global grad
         assert torch.allclose(gs, s.grad[rows], rtol=1e-9, atol=1e-12)
         assert torch.allclose(gf, f.grad[rows], rtol=1e-9, atol=1e-12)

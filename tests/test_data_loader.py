@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.data.dataset import ShardLoader
 from mlctl.data.shards import ShardWriter, split_member
@@ -417,56 +417,38 @@ def test_resume_in_a_new_process(uneven, tmp_path):
     assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
 
 
-def _gloo_worker(rank: int, port: int, shards: str, out_dir: str, workers: int) -> None:
+def _rank(rank: int, world: int, shards: str, workers: int) -> dict:
     """One rank of a real gloo group: builds the loader (rank 0 decides, then broadcasts) and runs
     one all_reduce per batch, as the trainer's step does; a rank with fewer batches would hang."""
-    import datetime
-
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=2,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    if rank == 1:  # prove rank 1 takes rank 0's decision instead of checking the files itself
+        ShardLoader._check_manifest = lambda self: (_ for _ in ()).throw(AssertionError("rank 1 checked"))
+    res: dict = {}
     try:
-        if rank == 1:  # prove rank 1 takes rank 0's decision instead of checking the files itself
-            ShardLoader._check_manifest = lambda self: (_ for _ in ()).throw(AssertionError("rank 1 checked"))
-        res: dict = {}
-        try:
-            lo = ShardLoader(
-                shards, batch_size=B, rank=rank, world_size=2, num_workers=workers, shuffle_buffer=8
-            )
-        except ValueError as e:
-            res["error"] = str(e)
-        else:
-            res["start_skipped"] = dict(lo.skipped)
-            steps = 2 * lo.batches_per_epoch + 1
-            total = torch.zeros(1)
-            ids = []
-            for batch in _take(iter(lo), steps):
-                t = torch.ones(1)
-                dist.all_reduce(t)  # one collective per step: equal counts or a hang
-                total += t
-                ids.append(batch["pair_ids"])
-            lo.close()
-            res.update(steps=steps, collectives=float(total), ids=ids, skipped=dict(lo.skipped))
-        dist.barrier()
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+        lo = ShardLoader(
+            shards, batch_size=B, rank=rank, world_size=world, num_workers=workers, shuffle_buffer=8
+        )
+    except ValueError as e:
+        res["error"] = str(e)
+    else:
+        res["start_skipped"] = dict(lo.skipped)
+        steps = 2 * lo.batches_per_epoch + 1
+        total = torch.zeros(1)
+        ids = []
+        for batch in _take(iter(lo), steps):
+            t = torch.ones(1)
+            dist.all_reduce(t)  # one collective per step: equal counts or a hang
+            total += t
+            ids.append(batch["pair_ids"])
+        lo.close()
+        res.update(steps=steps, collectives=float(total), ids=ids, skipped=dict(lo.skipped))
+    return res
 
 
-def _spawn_gloo(shards: Path, out: Path, workers: int = 0) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    out.mkdir()
-    mp.spawn(_gloo_worker, args=(free_port(), str(shards), str(out), workers), nprocs=2, join=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+def _spawn_gloo(shards: Path, workers: int = 0) -> list[dict]:
+    # A short collective timeout: a rank left waiting for a collective its peer never makes fails.
+    return run_ranks(_rank, 2, str(shards), workers, timeout=120)
 
 
 @pytest.mark.slow
@@ -474,7 +456,7 @@ def test_corrupt_shards_on_real_gloo_ranks(uneven, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(uneven, bad)
     _damage(bad)
-    r0, r1 = _spawn_gloo(bad, tmp_path / "out")
+    r0, r1 = _spawn_gloo(bad)
     assert r0["start_skipped"] == r1["start_skipped"] == {"corrupt_shard": 1}
     assert r0["steps"] == r1["steps"] and r0["collectives"] == r1["collectives"] == 2 * r0["steps"]
     good = {
@@ -492,5 +474,5 @@ def test_corrupt_shards_on_real_gloo_ranks(uneven, tmp_path):
     m = json.loads((bad / "manifest.json").read_text())
     m["shards"][0]["samples"] = "many"
     (bad / "manifest.json").write_text(json.dumps(m))
-    e0, e1 = _spawn_gloo(bad, tmp_path / "out2")
+    e0, e1 = _spawn_gloo(bad)
     assert "shards[0]" in e0["error"] and e0["error"] == e1["error"]

@@ -11,13 +11,10 @@ Each check also asserts that a gradient N times too large or too small would fai
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.distributed import all_gather_with_grad, all_reduce_mean
 from mlctl.losses import cz_nce, info_nce
@@ -44,52 +41,40 @@ def _small_model(dtype=torch.float64) -> torch.nn.Linear:
     return torch.nn.Linear(D_IN, D).to(dtype)
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        data = _global_data(world_size)
-        rows = slice(rank * B, (rank + 1) * B)
-        res: dict[str, object] = {}
+def _rank(rank: int, world_size: int) -> dict[str, object]:
+    data = _global_data(world_size)
+    rows = slice(rank * B, (rank + 1) * B)
+    res: dict[str, object] = {}
 
-        # The gather itself: rows in rank order, contiguous, autograd-aware.
-        local = data["x"][rows].clone().requires_grad_(True)
-        gathered = all_gather_with_grad(local.t().contiguous().t())  # a non-contiguous view in
-        res["gathered"] = gathered.detach().clone()
-        gathered.sum().backward()
-        res["gather_grad"] = local.grad.clone()  # every rank's ones summed: world_size
-        res["mean"] = all_reduce_mean(torch.tensor(float(rank)))
+    # The gather itself: rows in rank order, contiguous, autograd-aware.
+    local = data["x"][rows].clone().requires_grad_(True)
+    gathered = all_gather_with_grad(local.t().contiguous().t())  # a non-contiguous view in
+    res["gathered"] = gathered.detach().clone()
+    gathered.sum().backward()
+    res["gather_grad"] = local.grad.clone()  # every rank's ones summed: world_size
+    res["mean"] = all_reduce_mean(torch.tensor(float(rank)))
 
-        for name, fn in LOSSES.items():
-            for same_lang in (True, False):
-                x = data["x"][rows].clone().requires_grad_(True)
-                y = data["y"][rows].clone().requires_grad_(True)
-                loss = fn(x, y, TEMP, same_language_negatives=same_lang, rank=rank, world_size=world_size)
-                loss.backward()
-                res[f"{name}/{same_lang}"] = (loss.detach(), x.grad.clone(), y.grad.clone())
+    for name, fn in LOSSES.items():
+        for same_lang in (True, False):
+            x = data["x"][rows].clone().requires_grad_(True)
+            y = data["y"][rows].clone().requires_grad_(True)
+            loss = fn(x, y, TEMP, same_language_negatives=same_lang, rank=rank, world_size=world_size)
+            loss.backward()
+            res[f"{name}/{same_lang}"] = (loss.detach(), x.grad.clone(), y.grad.clone())
 
-            # A small model producing x and y: the data-parallel parameter gradient, in float64
-            # and in float32 (the training dtype of the loss).
-            for dtype in (torch.float64, torch.float32):
-                model = _small_model(dtype)
-                a, b = data["a"][rows].to(dtype), data["b"][rows].to(dtype)
-                loss = fn(model(a), model(b), TEMP, rank=rank, world_size=world_size)
-                loss.backward()
-                grads = []
-                for p in model.parameters():
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                    grads.append(p.grad / world_size)
-                res[f"{name}/model/{dtype}"] = (loss.detach(), grads)
-        torch.save(res, Path(out_dir) / f"rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
-
-
-def _run(world_size: int, out_dir: Path) -> list[dict]:
-    mp.spawn(_worker, args=(world_size, free_port(), str(out_dir)), nprocs=world_size, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(world_size)]
+        # A small model producing x and y: the data-parallel parameter gradient, in float64
+        # and in float32 (the training dtype of the loss).
+        for dtype in (torch.float64, torch.float32):
+            model = _small_model(dtype)
+            a, b = data["a"][rows].to(dtype), data["b"][rows].to(dtype)
+            loss = fn(model(a), model(b), TEMP, rank=rank, world_size=world_size)
+            loss.backward()
+            grads = []
+            for p in model.parameters():
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                grads.append(p.grad / world_size)
+            res[f"{name}/model/{dtype}"] = (loss.detach(), grads)
+    return res
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -104,9 +89,9 @@ def _assert_equal_and_discriminating(got: torch.Tensor, want: torch.Tensor, worl
 
 
 @pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=["ws2", "ws4"])
-def spawned(request, tmp_path_factory):
+def spawned(request):
     ws = request.param
-    return ws, _run(ws, tmp_path_factory.mktemp(f"dist{ws}"))
+    return ws, run_ranks(_rank, ws)
 
 
 def test_all_gather_with_grad(spawned):

@@ -181,7 +181,7 @@ def test_every_restart_counts_even_between_the_same_two_checkpoints(tmp_path, ti
 def test_resume_from_a_checkpoint_of_another_model_is_refused(
     tmp_path, tiny_model_dir, tiny_tokenizer, tiny_shards
 ):
-    from mlctl.testing import build_tiny_bert
+    from tiny_models import build_tiny_bert
 
     run = tmp_path / "run"
     out = _worker(run, None, *_base(tiny_model_dir, tiny_shards, **{"train.max_steps": 4}))

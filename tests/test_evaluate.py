@@ -9,6 +9,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from ranks import run_ranks
 
 from mlctl import evaluate as ev
 from mlctl.cli import main
@@ -137,39 +138,24 @@ def test_encoding_does_not_depend_on_batching(tiny, tiny_tokenizer, data_dir):
     assert not torch.allclose(last, big[:5])
 
 
-def _sharded_rank(rank: int, world: int, port: int, model_dir: str, pairs_file: str, out: str) -> None:
-    import torch.distributed as dist
-    from ranks import exit_rank
-
+def _sharded_rank(rank: int, world: int, model_dir: str, pairs_file: str) -> dict:
     from mlctl.hub import load_tokenizer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = MLCTLModel.from_pretrained(model_dir, [1, -1]).eval()
     pairs = ev.load_pairs(pairs_file, max_pairs=25)  # not a multiple of the world size
-    r = ev.retrieval_accuracy_on_pairs(
+    return ev.retrieval_accuracy_on_pairs(
         model, load_tokenizer(model_dir), pairs, 4, rank=rank, world_size=world
     )
-    torch.save(r, f"{out}/rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_rank()
 
 
 @pytest.mark.slow
-def test_training_evaluation_is_shared_out_and_scored_once(
-    tiny, tiny_tokenizer, tiny_model_dir, data_dir, tmp_path
-):
+def test_training_evaluation_is_shared_out_and_scored_once(tiny, tiny_tokenizer, tiny_model_dir, data_dir):
     """In training every rank encodes a share of the dev pairs; rank 0 scores, with the figures a
     single process gets."""
-    import torch.multiprocessing as mp
-    from ranks import free_port
-
     path = data_dir / "pairs.en-de.tsv"
-    mp.spawn(_sharded_rank, args=(2, free_port(), str(tiny_model_dir), str(path), str(tmp_path)), nprocs=2)
+    scored = run_ranks(_sharded_rank, 2, str(tiny_model_dir), str(path))
     single = ev.retrieval_accuracy_on_pairs(tiny, tiny_tokenizer, ev.load_pairs(path, max_pairs=25), 4)
-    assert torch.load(tmp_path / "rank0.pt") == single
-    assert torch.load(tmp_path / "rank1.pt") == {}
+    assert scored == [single, {}]
 
 
 def test_retrieval_accuracy_on_pairs_api(tiny, tiny_tokenizer, data_dir):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.losses import inbatch_accuracy
 
@@ -37,33 +35,15 @@ def test_single_process_counts_nearest_neighbours():
     assert float(inbatch_accuracy(x, y)) == pytest.approx(want)
 
 
-def _worker(rank: int, world_size: int, port: int, q) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        x, y = _batch(world_size * B)
-        rows = slice(rank * B, (rank + 1) * B)
-        q.put((rank, float(inbatch_accuracy(x[rows], y[rows], rank=rank, world_size=world_size))))
-        q.close()
-        q.join_thread()  # the put is sent by a feeder thread that exit_rank would not wait for
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+def _rank(rank: int, world_size: int) -> float:
+    x, y = _batch(world_size * B)
+    rows = slice(rank * B, (rank + 1) * B)
+    return float(inbatch_accuracy(x[rows], y[rows], rank=rank, world_size=world_size))
 
 
 @pytest.mark.slow
 def test_mean_over_ranks_is_the_global_batch_accuracy():
     world_size = 2
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, q)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_ranks(_rank, world_size)
     x, y = _batch(world_size * B)
-    assert sum(got.values()) / world_size == pytest.approx(_by_hand(x, y))
+    assert sum(got) / world_size == pytest.approx(_by_hand(x, y))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,34 +17,6 @@ from mlctl.data.dataset import ShardLoader
 pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
 
 B = 4
-BUCKET = "mlctl-shards"
-
-
-@pytest.fixture(scope="module")
-def store():
-    """A moto S3 server with one bucket; yields ``uri(prefix)``, the location of a prefix in it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            mp.setenv(k, v)  # DataLoader workers inherit them
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket=BUCKET)
-            query = f"endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-            yield lambda prefix: f"s3://{BUCKET}/{prefix}?{query}"
-        finally:
-            server.stop()
 
 
 def upload(folder: Path, uri: str) -> str:
@@ -55,8 +26,8 @@ def upload(folder: Path, uri: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def s3_shards(store, tiny_shards) -> str:
-    return upload(tiny_shards, store("tiny"))
+def s3_shards(s3_bucket, tiny_shards) -> str:
+    return upload(tiny_shards, s3_bucket.uri("tiny"))
 
 
 def _ids(batches) -> list[list[str]]:
@@ -112,12 +83,12 @@ def _damage(folder: Path) -> None:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_damaged_and_missing_objects_are_skipped_like_local_files(
-    store, tiny_shards, tmp_path, workers, caplog
+    s3_bucket, tiny_shards, tmp_path, workers, caplog
 ):
     bad = tmp_path / "bad"
     shutil.copytree(tiny_shards, bad)
     _damage(bad)
-    uri = upload(bad, store(f"bad-{workers}"))
+    uri = upload(bad, s3_bucket.uri(f"bad-{workers}"))
     kw = dict(batch_size=B, world_size=2, num_workers=workers, seed=2, shuffle_buffer=8)
     for rank in range(2):
         local = ShardLoader(bad, rank=rank, **kw)
@@ -129,22 +100,22 @@ def test_damaged_and_missing_objects_are_skipped_like_local_files(
         assert _ids(_take(local, n)) == _ids(_take(remote, n))
         assert remote.skipped == local.skipped and remote.skipped["corrupt_shard"] > 2
     # locations in messages carry no endpoint or region (storage.display)
-    assert "endpoint_override" not in caplog.text and f"s3://{BUCKET}/bad-{workers}/" in caplog.text
+    assert "endpoint_override" not in caplog.text and f"s3://{s3_bucket.name}/bad-{workers}/" in caplog.text
 
 
-def test_missing_manifest_names_the_uri(store, tiny_shards):
-    uri = store("nothing-here")
+def test_missing_manifest_names_the_uri(s3_bucket, tiny_shards):
+    uri = s3_bucket.uri("nothing-here")
     storage.upload_file(tiny_shards / "shard-000000.tar", storage.join(uri, "shard-000000.tar"))
     with pytest.raises(FileNotFoundError, match="mlctl prepare") as e:
         ShardLoader(uri, batch_size=B)
-    assert f"s3://{BUCKET}/nothing-here" in str(e.value) and "endpoint_override" not in str(e.value)
+    assert f"s3://{s3_bucket.name}/nothing-here" in str(e.value) and "endpoint_override" not in str(e.value)
 
 
-def test_old_manifest_in_a_store_is_refused(store, tiny_shards, tmp_path):
+def test_old_manifest_in_a_store_is_refused(s3_bucket, tiny_shards, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(tiny_shards, old)
     m = json.loads((old / "manifest.json").read_text())
     m["shards"] = [{"name": e["name"], "samples": e["samples"]} for e in m["shards"]]
     (old / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="re-run `mlctl prepare`"):
-        ShardLoader(upload(old, store("old")), batch_size=B)
+        ShardLoader(upload(old, s3_bucket.uri("old")), batch_size=B)

@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from ranks import free_port
 
 from launcher.monitoring import (
     ProgressLine,
@@ -32,9 +33,7 @@ DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana-dashboard.json"
 def free_port_block(n: int = 2) -> int:
     """A base port with ``n`` consecutive free ports (the OS picks the base)."""
     for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+        base = free_port()
         if base + n >= 65536:
             continue
         socks = []

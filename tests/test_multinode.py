@@ -12,7 +12,6 @@ be equal bitwise (CPU, fixed seeds, same world size; gloo's two-rank sum is exac
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
@@ -23,12 +22,13 @@ import pytest
 import torch
 import yaml
 from netns import NetnsCluster
+from ray_runs import ROOT, final_weights, meta, run_overrides, slow_steps
+from s3_server import BUCKET, CREDENTIALS, Bucket
 
 from mlctl.config import load_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 8
 EVERY = 4
 # The launcher's failure callback (in Ray Train's controller) prints this for every worker-group failure.
@@ -36,50 +36,18 @@ FAILURE_SEEN = r"\[mlctl\] worker group failed"  # printed by the launcher's fai
 TIMES: dict[str, float] = {}  # measured durations, printed at the end of the module (README numbers)
 
 
-def slow_steps(seconds: float) -> dict[str, str]:
-    """Driver environment that makes every worker's step ``seconds`` longer (tests/fault_injection.py,
-    reaching the workers through Ray's RAY_RUNTIME_ENV_HOOK), so a test can scrape or kill mid-run."""
-    return {
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        "MLCTL_TEST_FAULT": json.dumps({"sleep": seconds}),
-    }
+# This module's runs: 8 steps, checkpoints every 4, a log line per step, one worker per node.
+RUN = {
+    "train.max_steps": MAX_STEPS,
+    "train.log_every": 1,
+    "checkpoint.every_steps": EVERY,
+    "ray.cpus_per_worker": 1,
+    "metrics.port": 19700,
+}
 
 
 def overrides(model_dir: Path, shards: Path, **extra) -> list[str]:
-    base = {
-        "model.name_or_path": str(model_dir),
-        "data.shards": str(shards),
-        "data.batch_size": 4,
-        "data.shuffle_buffer": 16,
-        "train.max_steps": MAX_STEPS,
-        "train.lr": 1e-3,
-        "train.warmup_steps": 2,
-        "train.log_every": 1,
-        "checkpoint.every_steps": EVERY,
-        "ray.num_workers": 2,
-        "ray.cpus_per_worker": 1,
-        "ray.max_failures": 2,
-        "metrics.port": 19700,
-        "deepspeed.zero_stage": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    states = torch.load(
-        run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
-        map_location="cpu",
-        weights_only=False,
-    )
-    return states["module"]
-
-
-def meta(run_dir: Path) -> dict:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return json.loads((run_dir / "checkpoints" / step / "meta.json").read_text())
+    return run_overrides(model_dir, shards, **{**RUN, **extra})
 
 
 def assert_same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -107,19 +75,12 @@ def train_argv(cluster: NetnsCluster, storage: Path, name: str, model_dir, shard
 
 def wait_for(pattern: str, log: Path, proc, timeout: float) -> float:
     """Seconds until ``pattern`` (a regex) appears in ``log``; fails if ``proc`` exits first."""
-    t0 = time.monotonic()
-    rx = re.compile(pattern)
-    while time.monotonic() - t0 < timeout:
-        if rx.search(log.read_text(errors="replace")):
-            return time.monotonic() - t0
-        if proc.poll() is not None:
-            pytest.fail(f"driver exited ({proc.returncode}) before {pattern!r}:\n" + log.read_text()[-4000:])
-        time.sleep(0.2)
-    pytest.fail(f"no {pattern!r} in {timeout}s:\n" + log.read_text()[-4000:])
+    return wait_after(log, 0, time.monotonic(), pattern, proc, timeout)
 
 
 def wait_after(log: Path, offset: int, t0: float, pattern: str, proc, timeout: float) -> float:
-    """Seconds from ``t0`` until ``pattern`` appears in ``log`` past ``offset``."""
+    """Seconds from ``t0`` until ``pattern`` appears in ``log`` past ``offset``; fails if ``proc``
+    exits first."""
     rx = re.compile(pattern)
     while time.monotonic() - t0 < timeout:
         if rx.search(log.read_text(errors="replace")[offset:]):
@@ -144,20 +105,16 @@ def one_node_run(tmp_path_factory, tiny_model_dir, tiny_shards):
 
 # A moto S3 server on node 0's address: the object store of the tests that share no path.
 S3_PORT = 9000
-S3_BUCKET = "mlctl-test"
-AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def node_env(cluster: NetnsCluster, node: int) -> dict[str, str]:
     """What every process of node ``node`` gets: its own temp folder (a host's /tmp is its own; a
     run whose storage is s3:// keeps its working folder there) and the store's credentials."""
-    return {"TMPDIR": str(cluster.node_tmp(node)), **AWS}
+    return {"TMPDIR": str(cluster.node_tmp(node)), **CREDENTIALS}
 
 
 def s3_uri(cluster: NetnsCluster, prefix: str) -> str:
-    return (
-        f"s3://{S3_BUCKET}/{prefix}?endpoint_override={cluster.ips[0]}:{S3_PORT}&scheme=http&region=us-east-1"
-    )
+    return Bucket(BUCKET, S3_PORT, cluster.ips[0]).uri(prefix)
 
 
 def start_node(cluster: NetnsCluster, node: int) -> float:
@@ -173,14 +130,14 @@ def start_s3(cluster: NetnsCluster) -> None:
         "import sys, time, boto3\n"
         "for _ in range(100):\n"
         "    try:\n"
-        f"        boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='{S3_BUCKET}'); break\n"
+        f"        boto3.client('s3', endpoint_url=sys.argv[1]).create_bucket(Bucket='{BUCKET}'); break\n"
         "    except Exception:\n"
         "        time.sleep(0.2)\n"
         "else:\n"
         "    raise SystemExit('moto did not answer')\n"
     )
     out = cluster.run(
-        0, [sys.executable, "-c", create, f"http://{cluster.ips[0]}:{S3_PORT}"], timeout=60, **AWS
+        0, [sys.executable, "-c", create, f"http://{cluster.ips[0]}:{S3_PORT}"], timeout=60, **CREDENTIALS
     )
     assert out.returncode == 0, out.stderr[-2000:]
 
@@ -434,7 +391,7 @@ with fs.open_input_stream(base + "/" + sys.argv[2]) as src, open(sys.argv[3], "w
 
 def fetch_from_s3(cluster: NetnsCluster, uri: str, key: str, dest: Path) -> Path:
     """Copy one object out of the store (from node 0: only the namespaces reach it)."""
-    out = cluster.run(0, [sys.executable, "-c", FETCH, uri, key, str(dest)], timeout=60, **AWS)
+    out = cluster.run(0, [sys.executable, "-c", FETCH, uri, key, str(dest)], timeout=60, **CREDENTIALS)
     assert out.returncode == 0, out.stderr[-2000:]
     return dest
 

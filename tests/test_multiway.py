@@ -4,16 +4,13 @@ process and a real 2-rank gloo group)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.clean import normalize
@@ -118,29 +115,20 @@ def test_distinct_ids_give_the_unmasked_loss_and_all_same_gives_zero(tmp_path):
     assert contrastive_loss(x, y, TEMP, source_ids=same).item() == 0.0
 
 
-def _gloo_worker(rank: int, port: int, out_dir: str, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        x, y, sids = _fixture_batch(Path(tmp) / f"r{rank}")  # the same global batch on both ranks
-        b = len(x) // 2
-        rows = slice(rank * b, (rank + 1) * b)
-        xr = x[rows].clone().requires_grad_(True)
-        yr = y[rows].clone().requires_grad_(True)
-        loss = contrastive_loss(xr, yr, TEMP, rank=rank, world_size=2, source_ids=sids[rows])
-        loss.backward()
-        res = {"loss": loss.item(), "gx": xr.grad.tolist(), "gy": yr.grad.tolist()}
-        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(res))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    exit_rank()
+def _rank(rank: int, world: int, tmp: str) -> dict:
+    x, y, sids = _fixture_batch(Path(tmp) / f"r{rank}")  # the same global batch on both ranks
+    b = len(x) // world
+    rows = slice(rank * b, (rank + 1) * b)
+    xr = x[rows].clone().requires_grad_(True)
+    yr = y[rows].clone().requires_grad_(True)
+    loss = contrastive_loss(xr, yr, TEMP, rank=rank, world_size=world, source_ids=sids[rows])
+    loss.backward()
+    return {"loss": loss.item(), "gx": xr.grad, "gy": yr.grad}
 
 
 @pytest.mark.slow
 def test_gathered_two_ranks_equal_single_process(tmp_path):
-    mp.spawn(_gloo_worker, args=(free_port(), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    res = run_ranks(_rank, 2, str(tmp_path))
     x, y, sids = _fixture_batch(tmp_path / "single")
     x.requires_grad_(True)
     y.requires_grad_(True)
@@ -148,8 +136,8 @@ def test_gathered_two_ranks_equal_single_process(tmp_path):
     single.backward()
     assert abs((res[0]["loss"] + res[1]["loss"]) / 2 - single.item()) < 1e-12
     # the gathered gradients are N = 2 times the single-process gradient (see losses.py)
-    gx = torch.tensor(res[0]["gx"] + res[1]["gx"], dtype=torch.float64)
-    gy = torch.tensor(res[0]["gy"] + res[1]["gy"], dtype=torch.float64)
+    gx = torch.cat([res[0]["gx"], res[1]["gx"]]).double()
+    gy = torch.cat([res[0]["gy"], res[1]["gy"]]).double()
     assert torch.allclose(gx, 2 * x.grad, atol=1e-12) and torch.allclose(gy, 2 * y.grad, atol=1e-12)
     same = sids[:, None] == sids[None, :]
     assert bool((same[:10, 10:]).any())  # some source sentences do span both ranks

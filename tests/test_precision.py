@@ -8,13 +8,9 @@ gradient equals the fp32 mean of the ranks' bf16 gradients, and differs from a b
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ranks import exit_rank, free_port
+from ranks import run_ranks
 
 from mlctl.config import load_config
 from mlctl.engine import deepspeed_config
@@ -43,17 +39,7 @@ def test_fp32_config_leaves_the_defaults():
     assert ds["communication_data_type"] == "bf16"
 
 
-def _rank(rank: int, world: int, port: int, model_dir: str, stage: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
+def _rank(rank: int, world: int, model_dir: str, stage: int) -> dict:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
@@ -109,28 +95,19 @@ def _rank(rank: int, world: int, port: int, model_dir: str, stage: int, out: str
     flat = torch.cat([mine[n].reshape(-1) for n in names])
     parts = [torch.empty_like(flat) for _ in range(world)]
     dist.all_gather(parts, flat)
-    torch.save(
-        {
-            "reduced": torch.cat([reduced[n].reshape(-1) for n in names]),
-            "fp32_mean": torch.stack(parts).sum(0) / world,
-            "bf16_mean": (torch.stack([p.to(torch.bfloat16) for p in parts]).sum(0) / world).to(
-                torch.bfloat16
-            ),
-            "engine_optimizer": type(engine.optimizer).__name__,
-        },
-        Path(out) / f"rank{rank}.pt",
-    )
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_rank()
+    return {
+        "reduced": torch.cat([reduced[n].reshape(-1) for n in names]),
+        "fp32_mean": torch.stack(parts).sum(0) / world,
+        "bf16_mean": (torch.stack([p.to(torch.bfloat16) for p in parts]).sum(0) / world).to(torch.bfloat16),
+        "engine_optimizer": type(engine.optimizer).__name__,
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
-def test_two_rank_bf16_gradients_are_reduced_in_fp32(stage, tmp_path, tiny_model_dir):
-    mp.spawn(_rank, args=(2, free_port(), str(tiny_model_dir), stage, str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+def test_two_rank_bf16_gradients_are_reduced_in_fp32(stage, tiny_model_dir):
+    results = run_ranks(_rank, 2, str(tiny_model_dir), stage, init="env", env={"DS_ACCELERATOR": "cpu"})
+    for rank, r in enumerate(results):
         assert torch.equal(r["reduced"], r["fp32_mean"]), (
             f"rank {rank} ({r['engine_optimizer']}): max |diff| "
             f"{(r['reduced'] - r['fp32_mean']).abs().max():.3e} from the fp32 mean"

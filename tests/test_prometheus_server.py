@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ranks import free_port
 
 from launcher.monitoring import publish_service_discovery
 from mlctl.config import MetricsConfig
@@ -30,14 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "cluster" / "monitoring" / "prometheus.yml"
 DASHBOARD = ROOT / "cluster" / "monitoring" / "grafana-dashboard.json"
 WAIT_S = 60
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape_config_for(storage: Path) -> dict:

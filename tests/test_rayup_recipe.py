@@ -48,14 +48,13 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from netns import NetnsCluster, netns_pids, ray_processes
+from netns import NetnsCluster, wait_until
+from ray_runs import ROOT, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent
 SSHD = "/usr/sbin/sshd"
 STOP = '"$MLCTL_DIR/.venv/bin/ray" stop'
@@ -120,16 +119,16 @@ PrintMotd no
 PrintLastLog no
 """
     )
-    # A mount namespace of its own (private, so nothing propagates back to the machine), /root
-    # replaced by this host's home; every session and every Ray process of the host inherits it.
-    script = " && ".join([*binds, f"mount --rbind {home} /root", f"exec {SSHD} -D -e -f {conf}"])
+    # In sshd's own mount namespace, /root is this host's home; every session and every Ray
+    # process of the host inherits it.
     log = c.root / f"sshd{node}.log"
-    c.popen(node, ["unshare", "--mount", "--propagation", "private", "sh", "-c", script], log)
-    deadline = time.monotonic() + 30
-    while "Server listening" not in log.read_text(errors="replace"):
-        if time.monotonic() > deadline:
-            pytest.fail(f"sshd on node {node} did not start:\n{log.read_text()}")
-        time.sleep(0.2)
+    c.daemon(
+        node,
+        [SSHD, "-D", "-e", "-f", conf],
+        log,
+        setup=[*binds, f"mount --rbind {home} /root"],
+        ready=lambda: "Server listening" in log.read_text(errors="replace"),
+    )
     # The mounts must not be visible here: the teardown deletes these folders.
     leaked = [entry.name for entry in bound if any((home / entry.name).iterdir())]
     assert not leaked, f"mounts of node {node} are visible outside its namespace: {leaked}"
@@ -168,28 +167,11 @@ def ray_cli(c: NetnsCluster, args: list[str], home: Path, log: Path, timeout: fl
     return out.returncode, log.read_text(errors="replace")
 
 
-def ray_left(c: NetnsCluster, node: int) -> list[str]:
-    """The Ray processes still running on host ``node``: name and the start of the command line."""
-    left = []
-    for proc in ray_processes(netns_pids(c.namespaces[node])):
-        try:
-            left.append(f"{proc.name()}: {' '.join(proc.cmdline())[:160]}")
-        except psutil.Error:
-            pass
-    return left
-
-
 def keep_logs(c: NetnsCluster, dest: Path) -> None:
-    """Copy the hosts' Ray logs that explain a failure (autoscaler, raylet, GCS) and sshd's logs
-    out of the cluster folder, which the teardown deletes."""
-    for node in (0, 1):
-        logs = c.root / f"t{node}" / "ray" / "session_latest" / "logs"
-        for pattern in ("monitor*", "raylet*.out", "raylet*.err", "gcs_server.out"):
-            for f in logs.glob(pattern):
-                shutil.copy(f, dest / f"node{node}-{f.name}")
-        sshd = c.root / f"sshd{node}.log"
-        if sshd.exists():
-            shutil.copy(sshd, dest / f"node{node}-sshd.log")
+    """Keep the hosts' Ray logs that explain a failure (autoscaler, raylet, GCS) and sshd's logs."""
+    logs = "t[01]/ray/session_latest/logs"
+    c.keep(dest, *(f"{logs}/{p}" for p in ("monitor*", "raylet*.out", "raylet*.err", "gcs_server.out")))
+    c.keep(dest, "sshd[01].log")
 
 
 def ssh_control_dir(cluster_name: str) -> Path:
@@ -238,17 +220,7 @@ def test_ray_up_exec_down_on_two_hosts(tmp_path, tiny_model_dir, tiny_shards):
             TIMES["ray up returned -> worker joined"] = c.wait_for_nodes(2, timeout=180)
 
             storage = tmp_path / "runs"
-            config = tmp_path / "tiny.yaml"
-            config.write_text(
-                yaml.safe_dump(
-                    {
-                        "model": {"name_or_path": str(tiny_model_dir)},
-                        "data": {"shards": str(tiny_shards), "batch_size": 4, "shuffle_buffer": 16},
-                        "train": {"max_steps": 6, "warmup_steps": 2, "log_every": 1},
-                        "checkpoint": {"every_steps": 3},
-                    }
-                )
-            )
+            config = tiny_config(tmp_path / "tiny.yaml", tiny_model_dir, tiny_shards)
             train = (
                 '. ~/.mlctl/ray-cluster.env && cd "$MLCTL_DIR" && .venv/bin/mlctl train '
                 f"-c {config} --address auto --num-workers 2 --cpus-per-worker 1 "
@@ -269,19 +241,22 @@ def test_ray_up_exec_down_on_two_hosts(tmp_path, tiny_model_dir, tiny_shards):
             latest = (storage / "rayup" / "checkpoints" / "latest").read_text().strip()
             assert latest == "step_00000006"
 
-            assert ray_left(c, 1), "the worker host has no Ray before `ray down`"
+            assert c.ray_left(1), "the worker host has no Ray before `ray down`"
             t2 = time.monotonic()
             rc, text = ray_cli(c, ["down", "-y", str(cfg_path)], client, tmp_path / "down.log", timeout=300)
             TIMES["ray down"] = time.monotonic() - t2
             assert rc == 0, text[-6000:]
-            assert not ray_left(c, 0), f"Ray still runs on the head: {ray_left(c, 0)}"
+            assert not c.ray_left(0), f"Ray still runs on the head: {c.ray_left(0)}"
             # `ray down` does not reach the workers (the local provider only marks them terminated);
             # the worker's raylet exits by itself once it has lost the head for a minute.
-            deadline = time.monotonic() + 150
-            while any(p.startswith("raylet") for p in ray_left(c, 1)) and time.monotonic() < deadline:
-                time.sleep(1)
-            left = ray_left(c, 1)
-            assert not any(p.startswith("raylet") for p in left), f"raylet still runs on the worker: {left}"
+            wait_until(
+                "exit of the worker's raylet",
+                lambda: not any(p.startswith("raylet") for p in c.ray_left(1)),
+                150,
+                poll=1,
+                detail=lambda: f"raylet still runs on the worker: {c.ray_left(1)}",
+            )
+            left = c.ray_left(1)
             TIMES["ray down -> worker's raylet exited by itself"] = time.monotonic() - t2
             print(f"\nleft on the worker (the teardown kills them by namespace): {left}")
             TIMES["total (ray up to worker gone)"] = time.monotonic() - t0

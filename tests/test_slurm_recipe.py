@@ -30,12 +30,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import yaml
-from netns import NetnsCluster, netns_pids
+from netns import NetnsCluster, wait_until
+from ray_runs import ROOT, slow_steps, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.multinode]
 
-ROOT = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent  # the project's venv: the job activates it
 
 
@@ -106,26 +105,22 @@ class Slurm:
 
     def wait_gone(self, job: str, timeout: float) -> None:
         """Until the job has left the queue (finished, failed or cancelled)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            q = self.cmd("squeue", "-h", "-j", job, "-o", "%T")
-            if not q.stdout.strip():
-                return
-            time.sleep(2)
-        pytest.fail(f"job {job} still queued after {timeout}s: {self.job(job)}")
+        wait_until(
+            f"end of job {job}",
+            lambda: not self.cmd("squeue", "-h", "-j", job, "-o", "%T").stdout.strip(),
+            timeout,
+            poll=2,
+            detail=lambda: f"still queued: {self.job(job)}",
+        )
 
     def ray_processes(self) -> list[str]:
-        """Command lines of Ray processes still alive in any node's namespace."""
-        found = []
-        for ns in self.c.namespaces:
-            for pid in netns_pids(ns):
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                except OSError:
-                    continue
-                if re.search(r"raylet|gcs_server|ray start|ray::|default_worker", cmdline):
-                    found.append(f"{ns}: {cmdline[:200]}")
-        return found
+        """Ray processes still alive on any node."""
+        return [f"node {i}: {p}" for i in range(len(self.c.namespaces)) for p in self.c.ray_left(i)]
+
+    def ctld_log(self, dest: Path) -> str:
+        """slurmctld's log, also copied into ``dest`` (the cluster folder goes with the teardown)."""
+        (kept,) = self.c.keep(dest, "slurm/ctld.log")
+        return kept.read_text(errors="replace")
 
 
 @pytest.fixture(scope="module")
@@ -139,20 +134,17 @@ def slurm():
         state = c.root / "slurm"
         state.mkdir()
         sock = c.root / "munge.sock"
-        c.started.append(
-            subprocess.Popen(
-                ["munged", "-F", "-f", f"--socket={sock}", f"--pid-file={c.root}/munged.pid",
-                 f"--log-file={c.root}/munged.log", f"--seed-file={c.root}/munged.seed"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+        c.popen(
+            None,
+            ["munged", "-F", "-f", f"--socket={sock}", f"--pid-file={c.root}/munged.pid",
+             f"--log-file={c.root}/munged.log", f"--seed-file={c.root}/munged.seed"],
+            c.root / "munged.out",
         )  # fmt: skip
         conf = c.root / "slurm.conf"
         conf.write_text(slurm_conf(c, state, sock))
         (c.root / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
         env = {"SLURM_CONF": str(conf)}
-        deadline = time.monotonic() + 30
-        while not sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until("munge socket", sock.exists, 30, detail=(c.root / "munged.out").read_text)
         c.popen(0, ["slurmctld", "-D", "-f", conf], c.root / "slurmctld.out", **env)
         for i in range(2):
             (state / f"d{c.tag}s{i}").mkdir()
@@ -160,40 +152,28 @@ def slurm():
             # without /sys/fs/cgroup, and slurmd refuses to start without a cgroup folder even
             # when no cgroup plugin is used (proctrack/linuxproc, task/none). An empty tmpfs there,
             # private to this slurmd, is enough: the machine's cgroups are never touched.
-            slurmd = f"mount -t tmpfs none /sys/fs/cgroup && exec slurmd -D -f {conf} -N {c.tag}s{i}"
-            c.popen(i, ["sh", "-c", slurmd], c.root / f"slurmd{i}.out", **env)
+            c.daemon(
+                i,
+                ["slurmd", "-D", "-f", conf, "-N", f"{c.tag}s{i}"],
+                c.root / f"slurmd{i}.out",
+                setup=["mount -t tmpfs none /sys/fs/cgroup"],
+                **env,
+            )
         s = Slurm(c, state, env)
-        # Both nodes idle.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            out = s.cmd("sinfo", "-h", "-o", "%T %D")
-            if out.stdout.split() == ["idle", "2"]:
-                break
-            time.sleep(1)
-        else:
-            pytest.fail(
-                f"Slurm nodes not idle: {out.stdout} {out.stderr}\n"
+        wait_until(
+            "two idle Slurm nodes",
+            lambda: s.cmd("sinfo", "-h", "-o", "%T %D").stdout.split() == ["idle", "2"],
+            60,
+            poll=1,
+            detail=lambda: (
+                s.cmd("sinfo").stdout
                 + "".join(
                     p.read_text()[-1500:]
                     for p in sorted(c.root.glob("slurmd*.out")) + sorted(state.glob("d*.log"))
                 )
-            )
-        yield s
-
-
-def tiny_config(path: Path, model_dir: Path, shards: Path, **train) -> Path:
-    every = train.pop("every_steps", 3)
-    path.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"name_or_path": str(model_dir)},
-                "data": {"shards": str(shards), "batch_size": 4, "shuffle_buffer": 16},
-                "train": {"max_steps": 6, "warmup_steps": 2, "log_every": 1, **train},
-                "checkpoint": {"every_steps": every},
-            }
+            ),
         )
-    )
-    return path
+        yield s
 
 
 def test_slurm_sbatch_trains_on_two_nodes(slurm, tmp_path, tiny_model_dir, tiny_shards):
@@ -205,7 +185,7 @@ def test_slurm_sbatch_trains_on_two_nodes(slurm, tmp_path, tiny_model_dir, tiny_
     slurm.wait_gone(job, timeout=600)
     elapsed = time.monotonic() - t0
     text = log.read_text(errors="replace") if log.exists() else ""
-    (tmp_path / "ctld.log").write_text((slurm.state / "ctld.log").read_text(errors="replace"))
+    slurm.ctld_log(tmp_path)
     acct = slurm.cmd("scontrol", "show", "job", job).stdout
     print(f"\nmeasured: sbatch -> job finished {elapsed:.1f}s")
     assert "[mlctl] 2 Ray nodes up" in text, text[-4000:]
@@ -234,11 +214,7 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
     )
     log = tmp_path / "job.log"
     # Slowed steps (the test-only fault hook's sleep) leave room for the signal to land mid-run.
-    slow = {
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        "MLCTL_TEST_FAULT": json.dumps({"sleep": STEP_SLEEP}),
-    }
+    slow = slow_steps(STEP_SLEEP)
     times: dict[str, float] = {}
     t0 = time.monotonic()
     job = slurm.sbatch(log, config, f"ray.storage_path={storage}", "ray.name=slurm", **slow)
@@ -247,11 +223,7 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
         return log.read_text(errors="replace") if log.exists() else ""
 
     def wait(what: str, cond, timeout: float, poll: float = 1.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout}s; job: {slurm.job(job)}\n{text()[-4000:]}")
-            time.sleep(poll)
+        wait_until(what, cond, timeout, poll, detail=lambda: f"job: {slurm.job(job)}\n{text()[-4000:]}")
         times[what] = time.monotonic() - t0
 
     wait("training", lambda: metrics.is_file() and metrics.read_text().count('"event": "train"') >= 2, 600)
@@ -281,7 +253,7 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
     times["job finished"] = time.monotonic() - t0
     final = slurm.job(job)
     log_text = text()
-    (tmp_path / "ctld.log").write_text((slurm.state / "ctld.log").read_text(errors="replace"))
+    ctld = slurm.ctld_log(tmp_path)
     print("\nmeasured (s from sbatch): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     shortened = t_limit - t0
     print(
@@ -312,5 +284,4 @@ def test_time_limit_signal_requeues_and_the_rerun_resumes(slurm, tmp_path, tiny_
     assert final["JobState"] == "COMPLETED" and final["Restarts"] == "1", final
     assert latest.read_text().strip() == f"step_{MAX_STEPS:08d}"
     # slurmctld's own time-limit warning, not a signal from anyone else.
-    ctld = (tmp_path / "ctld.log").read_text()
     assert re.search(rf"warning signal 10 to JobId={job}\b", ctld), "no time-limit warning in ctld.log"

@@ -137,8 +137,9 @@ def test_a_changed_recipe_is_refused_listing_what_changed(trained, tiny_model_di
 def test_a_checkpoint_of_another_model_is_refused_on_the_driver(
     trained, tmp_path, tiny_model_dir, tiny_shards
 ):
+    from tiny_models import build_tiny_bert
+
     from mlctl.hub import load_tokenizer
-    from mlctl.testing import build_tiny_bert
 
     wider = build_tiny_bert(tmp_path / "wider", load_tokenizer(str(tiny_model_dir)), hidden=48)
     out, _ = train(*base(wider, tiny_shards, trained, "r"), timeout=120)

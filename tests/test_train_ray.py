@@ -14,38 +14,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_runs import ROOT, fault_env, final_weights, meta, run_overrides, slow_steps
+from tiny_models import kill_marked, processes_marked
 
 from mlctl.config import load_config
-from mlctl.testing import kill_marked, processes_marked
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS = 12
 EVERY = 4
 
 
+# This module's runs: 12 steps, checkpoints every 4 (5 kept), pair ids logged for the replay checks.
+RUN = {
+    "train.max_steps": MAX_STEPS,
+    "train.log_every": 4,
+    "train.log_pair_ids": True,
+    "checkpoint.every_steps": EVERY,
+    "checkpoint.keep_last": 5,
+    "metrics.port": 19400,
+}
+
+
 def overrides(model_dir: Path, shards: Path, storage: Path, **extra) -> list[str]:
-    base = {
-        "model.name_or_path": str(model_dir),
-        "data.shards": str(shards),
-        "data.batch_size": 4,
-        "data.shuffle_buffer": 16,
-        "train.max_steps": MAX_STEPS,
-        "train.lr": 1e-3,
-        "train.warmup_steps": 2,
-        "train.log_every": 4,
-        "train.log_pair_ids": True,
-        "checkpoint.every_steps": EVERY,
-        "checkpoint.keep_last": 5,
-        "ray.storage_path": str(storage),
-        "ray.num_workers": 2,
-        "ray.max_failures": 2,
-        "metrics.port": 19400,
-        "deepspeed.zero_stage": 1,
-    }
-    base.update(extra)
-    return [f"{k}={v}" for k, v in base.items()]
+    return run_overrides(model_dir, shards, **{**RUN, "ray.storage_path": str(storage), **extra})
 
 
 @pytest.fixture
@@ -58,16 +50,6 @@ def faults(monkeypatch):
         monkeypatch.setenv("MLCTL_TEST_FAULT", json.dumps(spec))
 
     return arm
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    states = torch.load(
-        run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt",
-        map_location="cpu",
-        weights_only=False,
-    )
-    return states["module"]
 
 
 def pair_log(run_dir: Path) -> dict[int, list[dict]]:
@@ -86,11 +68,6 @@ def step_losses(run_dir: Path) -> dict[int, float]:
         if rec.get("event") == "train":
             out[rec["step"]] = rec["loss"]
     return out
-
-
-def meta(run_dir: Path) -> dict:
-    step = (run_dir / "checkpoints" / "latest").read_text().strip()
-    return json.loads((run_dir / "checkpoints" / step / "meta.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +105,8 @@ def clean_run(tmp_path_factory, tiny_model_dir, tiny_shards):
     t = threading.Thread(target=scraper, daemon=True)
     t.start()
     with pytest.MonkeyPatch.context() as mp:  # module scope: no function-scoped monkeypatch
-        mp.setenv("RAY_RUNTIME_ENV_HOOK", "fault_injection.runtime_env_hook")
-        mp.setenv("MLCTL_TEST_FAULT", json.dumps({"sleep": 0.4}))
+        for k, v in slow_steps(0.4).items():
+            mp.setenv(k, v)
         run_dir = launch(cfg)
     t.join(timeout=5)
     return {"run_dir": run_dir, "scrapes": scrapes, "errors": errors}
@@ -229,13 +206,7 @@ def _train_cmd(model_dir, shards, storage, name, *extra):
 
 def test_driver_killed_and_rerun_resumes(tmp_path, tiny_model_dir, tiny_shards):
     marker = f"{os.getpid()}-{time.time_ns()}"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        "MLCTL_TEST_FAULT": json.dumps({"sleep": 0.5}),
-        "MLCTL_TEST_MARKER": marker,
-    }
+    env = {**os.environ, **slow_steps(0.5), "MLCTL_TEST_MARKER": marker}
     cmd = _train_cmd(tiny_model_dir, tiny_shards, tmp_path, "driver") + ["train.log_every=1"]
     proc = subprocess.Popen(
         cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -293,41 +264,8 @@ def test_more_failures_than_allowed_reports_count_and_checkpoint(
     assert (tmp_path / "fired").read_text().split() == ["6", "6"]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A local S3-compatible server (moto) on 127.0.0.1 with an empty bucket; yields the storage URI
-    the launcher takes and the pyarrow filesystem to look into it."""
-    pytest.importorskip("moto.server", reason="moto[server] is in the dev extra")
-    import logging
-    import socket
-
-    import boto3
-    import pyarrow.fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    for k, v in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(k, v)  # the embedded Ray's workers inherit them
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}").create_bucket(Bucket="mlctl-test")
-        uri = f"s3://mlctl-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = pyarrow.fs.FileSystem.from_uri(uri)
-        yield {"uri": uri, "fs": fs, "root": "mlctl-test/runs"}
-    finally:
-        server.stop()
-
-
 def test_object_store_checkpoints_survive_a_killed_worker(
-    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3, capfd
+    tmp_path, clean_run, tiny_model_dir, tiny_shards, faults, s3_bucket, capfd
 ):
     """No shared filesystem: checkpoints go to S3 through Ray's persistence, a SIGKILLed worker's
     replacement downloads the newest one, and the run ends with the uninterrupted run's weights."""
@@ -341,7 +279,12 @@ def test_object_store_checkpoints_survive_a_killed_worker(
     kill_step = 6
     cfg = load_config(
         None,
-        overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": name, "ray.storage_path": s3["uri"]}),
+        overrides(
+            tiny_model_dir,
+            tiny_shards,
+            tmp_path,
+            **{"ray.name": name, "ray.storage_path": s3_bucket.uri("runs")},
+        ),
     )
     faults({"step": kill_step, "rank": 1, "marker": str(tmp_path / "fired")})
     run_dir = launch(cfg)
@@ -353,7 +296,7 @@ def test_object_store_checkpoints_survive_a_killed_worker(
         assert f"resumed from {run_dir}/restored/step_{EVERY:08d} at step {EVERY}" in out.out + out.err
         assert not any((run_dir / "restored").iterdir())
         assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "step_" in p.name]
-        fs, base = s3["fs"], f"{s3['root']}/{name}/step_{MAX_STEPS:08d}"
+        fs, base = s3_bucket.filesystem(), f"{s3_bucket.name}/runs/{name}/step_{MAX_STEPS:08d}"
         with fs.open_input_file(f"{base}/meta.json") as f:
             m = json.loads(f.read())
         assert m["step"] == MAX_STEPS and m["restarts"] == 1
@@ -368,13 +311,8 @@ def test_object_store_checkpoints_survive_a_killed_worker(
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _driver(cmd: list[str], log: Path, **env: str) -> subprocess.Popen:
-    full = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        "RAY_RUNTIME_ENV_HOOK": "fault_injection.runtime_env_hook",
-        **env,
-    }
+def _driver(cmd: list[str], log: Path, fault: dict | None = None) -> subprocess.Popen:
+    full = {**os.environ, **fault_env(fault or {})}
     with open(log, "w") as f:
         return subprocess.Popen(
             cmd, env=full, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -408,7 +346,7 @@ def test_sigterm_saves_at_the_step_it_stopped_on_and_the_rerun_ends_where_a_clea
     ]
     run_dir = tmp_path / "stopped"
     log = tmp_path / "driver.log"
-    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 0.5}))
+    proc = _driver(cmd, log, {"sleep": 0.5})
     _wait_steps(proc, run_dir, EVERY + 2, log)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -446,7 +384,7 @@ def test_ctrl_c_twice_aborts_without_waiting(tmp_path, tiny_model_dir, tiny_shar
     run_dir = tmp_path / "twice"
     log = tmp_path / "driver.log"
     # slow steps: the first Ctrl-C cannot be honoured before the second arrives
-    proc = _driver(cmd, log, MLCTL_TEST_FAULT=json.dumps({"sleep": 5.0}))
+    proc = _driver(cmd, log, {"sleep": 5.0})
     _wait_steps(proc, run_dir, 1, log)
     proc.send_signal(signal.SIGINT)
     time.sleep(1.0)

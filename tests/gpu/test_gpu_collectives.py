@@ -4,13 +4,10 @@ to float32 and bf16 tolerance."""
 
 from __future__ import annotations
 
-import socket
-from pathlib import Path
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 from gpu_util import needs_gpus
+from ranks import run_ranks
 from test_distributed import LOSSES, TEMP, B, _global_data, _rel, _small_model
 
 # Relative error against the float64 reference. float32 on CUDA (TF32 off) is ~1e-6 here; bf16
@@ -18,48 +15,34 @@ from test_distributed import LOSSES, TEMP, B, _global_data, _rel, _small_model
 TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _rank(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device("cuda", rank)
-    torch.cuda.set_device(device)
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=device
-    )
-    try:
-        data = _global_data(world)
-        rows = slice(rank * B, (rank + 1) * B)
-        res = {}
-        for name, fn in LOSSES.items():
-            for dtype in TOL:
-                model = _small_model(torch.float64).to(device=device, dtype=dtype)
-                a = data["a"][rows].to(device=device, dtype=dtype)
-                b = data["b"][rows].to(device=device, dtype=dtype)
-                loss = fn(model(a), model(b), TEMP, rank=rank, world_size=world)
-                assert loss.dtype == torch.float32  # the loss is computed in float32 whatever the input
-                loss.backward()
-                grads = []
-                for p in model.parameters():
-                    g = p.grad.float()
-                    dist.all_reduce(g)
-                    grads.append((g / world).cpu())
-                res[f"{name}/{dtype}"] = (loss.detach().cpu(), grads)
-        torch.save(res, Path(out) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    data = _global_data(world)
+    rows = slice(rank * B, (rank + 1) * B)
+    res = {}
+    for name, fn in LOSSES.items():
+        for dtype in TOL:
+            model = _small_model(torch.float64).to(device=device, dtype=dtype)
+            a = data["a"][rows].to(device=device, dtype=dtype)
+            b = data["b"][rows].to(device=device, dtype=dtype)
+            loss = fn(model(a), model(b), TEMP, rank=rank, world_size=world)
+            assert loss.dtype == torch.float32  # the loss is computed in float32 whatever the input
+            loss.backward()
+            grads = []
+            for p in model.parameters():
+                g = p.grad.float()
+                dist.all_reduce(g)
+                grads.append((g / world).cpu())
+            res[f"{name}/{dtype}"] = (loss.detach().cpu(), grads)
+    return res
 
 
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=needs_gpus(2))])
-def test_nccl_gathered_loss_and_grads_equal_single_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+def test_nccl_gathered_loss_and_grads_equal_single_process(world):
+    results = run_ranks(_rank, world, backend="nccl")
     data = _global_data(world)
     for name, fn in LOSSES.items():
         model = _small_model(torch.float64)

@@ -4,14 +4,12 @@ loss, and bf16 and fp32 loss curves that agree."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from gpu_util import needs_gpus
+from ranks import run_ranks
 
 STEPS = 20
 # bf16 vs fp32, same seed, data and dropout masks: per-step |loss_bf16 - loss_fp32| within
@@ -19,23 +17,7 @@ STEPS = 20
 ABS, REL = 0.05, 0.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train(rank, world, port, model, shards, run_dir, precisions, steps, out) -> None:
-    os.environ.update(
-        DS_ACCELERATOR="cuda",  # before deepspeed is imported: its accelerator is fixed then
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    import torch.distributed as dist
+def _train(rank, world, model, shards, run_dir, precisions, steps) -> dict:
     from device_check import StrictDevice
 
     from mlctl.config import load_config
@@ -68,23 +50,13 @@ def _train(rank, world, port, model, shards, run_dir, precisions, steps, out) ->
             "losses": losses,
         }
         trainer.loader.close()
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return result
 
 
 def _spawn(world, tmp_path, model, shards, precisions, steps) -> list[dict]:
-    args = (
-        world,
-        _free_port(),
-        str(model),
-        str(shards),
-        str(tmp_path / "run"),
-        precisions,
-        steps,
-        str(tmp_path),
-    )
-    mp.spawn(_train, args=args, nprocs=world, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    args = (str(model), str(shards), str(tmp_path / "run"), precisions, steps)
+    # DS_ACCELERATOR before deepspeed is imported (in _train): its accelerator is fixed then.
+    return run_ranks(_train, world, *args, init="env", env={"DS_ACCELERATOR": "cuda"})
 
 
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=needs_gpus(2))])

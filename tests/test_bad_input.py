@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlctl.cli import main
+from launcher.cli import main
 
 
 @pytest.fixture()
@@ -575,7 +575,7 @@ def test_two_prepares_at_once_leave_one_complete_dataset(files, tiny_model_dir):
 
     (files / "many.tsv").write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(20000)))
     root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-m", "mlctl.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
+    argv = [sys.executable, "-m", "launcher.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
     env = {**os.environ, "PYTHONPATH": str(root)}
     procs = [
         subprocess.Popen([*argv, "--samples-per-shard", "3000"], env=env, stderr=subprocess.PIPE, text=True)
@@ -1064,7 +1064,7 @@ def _cli(*argv: str) -> tuple[int, list[str]]:
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "mlctl.cli", *argv],
+        [sys.executable, "-m", "launcher.cli", *argv],
         capture_output=True,
         text=True,
         timeout=300,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlctl.cli import main as cli_main
+from launcher.cli import main as cli_main
 from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.dataset import ShardLoader
 from mlctl.data.prepare import parse_dictionary_spec, parse_input_spec, prepare

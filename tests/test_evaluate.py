@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launcher.cli import main
 from mlctl import evaluate as ev
-from mlctl.cli import main
 from mlctl.model import MLCTLModel
 
 # ---- pair files ----------------------------------------------------------------------------------

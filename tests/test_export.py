@@ -51,7 +51,7 @@ def test_export_round_trip_autmodel_sentence_transformers_and_eval(runs, stage, 
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from mlctl.cli import main
+    from launcher.cli import main
     from mlctl.evaluate import load_encoder
     from mlctl.model import pool_layers
 

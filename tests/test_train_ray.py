@@ -220,7 +220,7 @@ def _train_cmd(model_dir, shards, storage, name, *extra):
     return [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(model_dir, shards, storage, **{"ray.name": name, "train.max_steps": 16}),
         *extra,
@@ -402,7 +402,7 @@ def test_sigterm_saves_at_the_step_it_stopped_on_and_the_rerun_ends_where_a_clea
     cmd = [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "stopped"}),
     ]
@@ -439,7 +439,7 @@ def test_ctrl_c_twice_aborts_without_waiting(tmp_path, tiny_model_dir, tiny_shar
     cmd = [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "twice"}),
     ]

@@ -25,8 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 LANGS = ("de", "fr", "es")
 DEV_CATALOGS = ("contrib/auth/", "contrib/admindocs/")
 
-log = logging.getLogger("mlctl.demo")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", default=None, help="config (default configs/demo.yaml)")
@@ -224,8 +222,7 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def main() -> int:
-
-    from mlctl.cli import main as cli_main
+    from launcher.cli import main as cli_main
 
     return cli_main(["demo", *sys.argv[1:]])
 

@@ -122,8 +122,9 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     p.samples_per_shard = 256
     # NOTE: prepare logs the first entries of every skip reason with file and line; on Django's
     # catalogs those are expected (plural forms, untranslated strings, sentences without a
-    # dictionary word), so the demo shows the counts by reason once instead.
-    with _quiet("mlctl.data.readers", "mlctl.data.prepare"):
+    # dictionary word), so the demo shows the counts by reason once instead (the data path's
+    # loggers are all under mlctl.data).
+    with _quiet("mlctl.data"):
         manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
     counts = manifest.get("counts", {})
     dropped = sorted((counts.get("dropped") or {}).items(), key=lambda kv: -kv[1])

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mlctl.data.readers import Counts, text_lines
+from mlctl.data.readers import text_lines
+from mlctl.data.skips import Counts
 from mlctl.preflight import check_input_file
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def read_pair_file(
 
     The text is decoded as `mlctl prepare` decodes its inputs (:mod:`mlctl.data.charset`): a BOM,
     UTF-16/32 without one, ``encoding`` if given, else UTF-8. A file in another encoding is refused
-    (:class:`~mlctl.data.readers.InputError` naming its likely encoding), never half read; the odd
+    (:class:`~mlctl.data.skips.InputError` naming its likely encoding), never half read; the odd
     undecodable line, like a line without two non-empty fields, is skipped with a warning naming
     ``file:line``. A missing file raises FileNotFoundError, a file without a single usable pair
     ValueError. ``options`` says, in a refusal, how the command takes an encoding ("": it does not).

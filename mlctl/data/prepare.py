@@ -44,16 +44,9 @@ from mlctl.data.anchors import SpanMapper, mine_char_anchors
 from mlctl.data.clean import Deduper, length_ratio_ok, normalize
 from mlctl.data.dictionary import Dictionary, load_dictionary
 from mlctl.data.output import StagedOutput
-from mlctl.data.readers import (
-    FORMATS,
-    Counts,
-    InputError,
-    check_input,
-    detect_format,
-    multiway_files,
-    read_input,
-)
+from mlctl.data.readers import FORMATS, check_input, detect_format, multiway_files, read_input
 from mlctl.data.shards import ShardWriter, json_bytes, npy_bytes
+from mlctl.data.skips import Counts, InputError
 from mlctl.data.switch import switch_candidates
 
 log = logging.getLogger(__name__)
@@ -452,7 +445,7 @@ def prepare(cfg: PrepareConfig, tokenizer: str, address: str = "") -> dict:
     staging folder of its own and replaces the output's dataset only when it succeeds
     (:mod:`mlctl.data.output`): any failure, Ctrl-C included, leaves the previous dataset as it was.
 
-    Raises :class:`~mlctl.data.readers.InputError` before writing anything when an input is missing,
+    Raises :class:`~mlctl.data.skips.InputError` before writing anything when an input is missing,
     has an unknown format, or a dictionary cannot be read; and at the end when no pair was kept.
     Raises :class:`~mlctl.lock.LockHeld` when another prepare writes to the same output."""
     from mlctl.hub import load_tokenizer

@@ -15,7 +15,7 @@ import sys
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "prepare": ("mlctl.data.prepare", "parallel corpora + dictionary -> anchored WebDataset shards"),
+    "prepare": ("mlctl.data.prepare_verb", "parallel corpora + dictionary -> anchored WebDataset shards"),
     "train": ("launcher.train", "train ML-CTL: Ray-orchestrated DeepSpeed workers, checkpoints, resume"),
     "eval": ("mlctl.evaluate", "retrieval accuracy and bitext-mining F1 of an encoder or run"),
     "export": ("mlctl.export", "a run's encoder as a HuggingFace / sentence-transformers folder"),

@@ -159,7 +159,8 @@ def _quiet(*loggers: str, level: int = logging.ERROR):
 
 
 def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
-    from mlctl.evaluate import load_pairs, retrieval_accuracy_on_pairs
+    from mlctl.pair_files import load_pairs
+    from mlctl.retrieval import retrieval_accuracy_on_pairs
 
     return {
         lang: retrieval_accuracy_on_pairs(model, tokenizer, load_pairs(path))["xx2en"]

@@ -42,7 +42,7 @@ def preflight(cfg: Config, run_dir: Path | None = None) -> Config:
     if missing:
         raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
     cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
-    from mlctl.evaluate import read_pair_file
+    from mlctl.pair_files import read_pair_file
 
     for path in cfg.eval.pairs:
         # Read once here: a file every worker would refuse at its first evaluation (in another

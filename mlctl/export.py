@@ -111,11 +111,6 @@ def locate_run(run_dir: str | Path, checkpoint: str | None = None) -> RunCheckpo
     return RunCheckpoints(run_dir, cfg, [found.path, *older], found.passed_over)
 
 
-def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The checkpoint folder named ``checkpoint`` (e.g. step_00000040), or the newest complete one."""
-    return locate_run(run_dir, checkpoint).candidates[0]
-
-
 def _named_checkpoint(ckpts, name: str) -> Path:
     path = ckpts.root / name
     if not path.is_dir():

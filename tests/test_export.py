@@ -138,11 +138,11 @@ def test_export_averaged_layers_without_remote_code(tiny_model_dir, tiny_tokeniz
 
 
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
-    from mlctl.export import find_checkpoint, load_run_model
+    from mlctl.export import load_run_model, locate_run
 
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_model(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.yaml").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
-        find_checkpoint(tmp_path)
+        locate_run(tmp_path)

@@ -6,8 +6,8 @@
    small bilingual dictionary from the one-word entries of the training catalogs.
 3. `mlctl prepare`s the training catalogs (.mo) into anchored WebDataset shards.
 4. Measures retrieval accuracy of the untrained encoder on the dev pairs, trains ML-CTL with
-   2 CPU workers under an embedded Ray and DeepSpeed ZeRO-1 (configs/demo.yaml), and measures
-   again on the trained run.
+   2 CPU workers under an embedded Ray and DeepSpeed ZeRO-1 (the stock config ``demo``,
+   configs/demo.yaml), and measures again on the trained run.
 """
 
 from __future__ import annotations
@@ -21,15 +21,28 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 LANGS = ("de", "fr", "es")
 DEV_CATALOGS = ("contrib/auth/", "contrib/admindocs/")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", action="append", default=None, help="config (default configs/demo.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=None,
+        help="YAML config or stock config name; repeat to layer (default: the stock config demo)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--work", default="demo_data", help="where catalogs, shards and dev pairs go")
+
+
+def config_files(values: list[str] | None) -> list[str | Path]:
+    """The ``-c`` values as files (:func:`mlctl.stock.config_paths`), or the stock config ``demo``
+    (inside the installed package) when none is given."""
+    from mlctl.stock import config_paths, stock_config
+
+    return config_paths(values) if values else [stock_config("demo")]
 
 
 def django_catalogs(lang: str) -> list[Path]:
@@ -178,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     work = Path(args.work)
-    cfg = load_config(args.config or [str(ROOT / "configs" / "demo.yaml")], args.overrides)
+    cfg = load_config(config_files(args.config), args.overrides)
     train, dicts, devs = build_demo_inputs(work)
     cfg.data.shards = str(prepare_shards(cfg, work, train, dicts))
     cfg.eval.pairs = [str(p) for p in devs.values()]

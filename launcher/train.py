@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from mlctl.config import load_config
+from mlctl.stock import config_paths
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -13,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "-c",
         "--config",
         action="append",
-        help="YAML config; repeat to layer presets (defaults < YAML files in order < overrides)",
+        help="YAML config, or a stock config's name (paper, proof, demo, cluster, ablation/ml-ctl, deepspeed/zero2...); repeat to layer presets (defaults < YAML files in order < overrides)",
     )
     p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. loss.temperature=0.05"
@@ -46,7 +47,7 @@ def resolve(args: argparse.Namespace):
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f"{key}={_quote(value)}")
     if getattr(args, "resume_with_changes", False):
         overrides.append("checkpoint.resume_with_changes=true")
-    return load_config(args.config, overrides)
+    return load_config(config_paths(args.config), overrides)
 
 
 def _quote(value: str) -> str:

@@ -19,7 +19,7 @@ from mlctl.data.specs import parse_input_spec
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
-        help="YAML whose data.prepare section is a PrepareConfig "
+        help="YAML (or a stock config's name, e.g. proof) whose data.prepare section is a PrepareConfig "
         "(model.tokenizer or model.name_or_path gives the tokenizer); flags override it",
     )
     parser.add_argument(
@@ -92,8 +92,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[PrepareConfig, str]:
     tokenizer = ""
     if args.config:
         from mlctl.config import load_config
+        from mlctl.stock import config_path
 
-        full = load_config(args.config)
+        full = load_config(config_path(args.config))
         cfg = full.data.prepare
         tokenizer = full.model.tokenizer or full.model.name_or_path
     else:

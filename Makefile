@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/python -m mlctl.demo
+	$(BIN)/python -m launcher.demo
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

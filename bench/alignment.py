@@ -108,7 +108,7 @@ def prepared(out: Path, keep_no_anchor: bool, inputs: list[Path], code_switch: l
     from mlctl.config import load_config
 
     prep = load_config(ROOT / "configs" / "proof.yaml").data.prepare
-    cmd = [sys.executable, "-m", "mlctl.cli", "prepare", "--tokenizer", MODEL, "--src-lang", "en"]
+    cmd = [sys.executable, "-m", "launcher.cli", "prepare", "--tokenizer", MODEL, "--src-lang", "en"]
     for path in inputs:
         cmd += ["--input", f"{path}:tsv:en-{path.name.split('.')[0]}"]
     for d in prep.dictionaries:

@@ -75,6 +75,7 @@ def main() -> None:
     from tokenizers import Tokenizer
 
     from mlctl.config import PrepareConfig, PrepareInput
+    from mlctl.data import chunks as parallel
     from mlctl.data import prepare as prep
     from mlctl.data.dictionary import load_dictionary
     from mlctl.hub import load_tokenizer
@@ -94,10 +95,10 @@ def main() -> None:
     backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
     backend.no_truncation()
     backend.no_padding()
-    prep._init_worker(args.tokenizer, {("en", "de"): d}, 128, False, True)
+    parallel.init_worker(args.tokenizer, {("en", "de"): d}, 128, False, True)
     chunks = [
-        [(s, t, "en", "de", "bench") for s, t in pairs[i : i + prep.CHUNK]]
-        for i in range(0, len(pairs), prep.CHUNK)
+        [(s, t, "en", "de", "bench") for s, t in pairs[i : i + parallel.CHUNK]]
+        for i in range(0, len(pairs), parallel.CHUNK)
     ]
     ceilings, ourses = [], []
     for _ in range(args.rounds):
@@ -108,7 +109,7 @@ def main() -> None:
         t0 = time.perf_counter()
         n_anchor = 0
         for chunk in chunks:
-            for res in prep.process_chunk(chunk):
+            for res in parallel.process_chunk(chunk):
                 if res[0] == "keep":
                     n_anchor += len(res[1]["anchors"])
         ourses.append(len(pairs) / (time.perf_counter() - t0))
@@ -129,7 +130,7 @@ def main() -> None:
     # our anchors/pair on the reference's sub-sample too, for a like-for-like count
     ours_small = sum(
         len(r[1]["anchors"])
-        for r in prep.process_chunk([(s, t, "en", "de", "bench") for s, t in ref_sample])
+        for r in parallel.process_chunk([(s, t, "en", "de", "bench") for s, t in ref_sample])
         if r[0] == "keep"
     )
 

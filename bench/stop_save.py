@@ -32,8 +32,8 @@ def shards(work: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     sys.path.insert(0, str(ROOT))
+    from launcher.demo import build_demo_inputs, prepare_shards
     from mlctl.config import load_config
-    from mlctl.demo import build_demo_inputs, prepare_shards
 
     cfg = load_config(str(ROOT / "configs" / "demo.yaml"))
     train, dicts, _ = build_demo_inputs(work)
@@ -47,7 +47,7 @@ def records(run_dir: Path) -> list[dict]:
 
 def one_stop(data: Path, storage: Path, name: str, steps_before: int) -> dict:
     cmd = [
-        sys.executable, "-m", "mlctl.cli", "train", "-c", str(ROOT / "configs" / "demo.yaml"),
+        sys.executable, "-m", "launcher.cli", "train", "-c", str(ROOT / "configs" / "demo.yaml"),
         f"data.shards={data}", f"ray.storage_path={storage}", f"ray.name={name}",
         "train.max_steps=10000", "checkpoint.every_steps=0", "eval.every_steps=0", "metrics.port=19900",
     ]  # fmt: skip

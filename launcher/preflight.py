@@ -42,7 +42,7 @@ def preflight(cfg: Config, run_dir: Path | None = None) -> Config:
     if missing:
         raise FileNotFoundError(f"eval.pairs not found: {', '.join(missing)}")
     cfg.eval.pairs = [absolute(p) for p in cfg.eval.pairs]
-    from mlctl.evaluate import read_pair_file
+    from mlctl.pair_files import read_pair_file
 
     for path in cfg.eval.pairs:
         # Read once here: a file every worker would refuse at its first evaluation (in another
@@ -134,8 +134,9 @@ def check_resume(cfg: Config, run_dir: Path, tokenizer_hash: str) -> None:
     """A local run's newest checkpoint must be one this config may resume (the workers check it
     again; here it fails before any of them starts)."""
     from launcher.naming import is_object_store
-    from mlctl.checkpoint import CheckpointDir, CheckpointMeta, check_changes, check_compatible
+    from mlctl.checkpoint_dir import CheckpointDir, CheckpointMeta
     from mlctl.engine import manifest_hash
+    from mlctl.resume_checks import check_changes, check_compatible
 
     if is_object_store(cfg.ray.storage_path) or not cfg.checkpoint.resume:
         return
@@ -158,7 +159,7 @@ def checkpoint_bytes(cfg: Config, run_dir: Path) -> tuple[int, str]:
     """About how many bytes the next checkpoint takes, and how that was judged: the newest
     checkpoint's size, else the model's weight files times the optimizer state that comes with them
     (AdamW's two moments and the fp32 copy ZeRO partitions, plus the bf16/fp16 weights)."""
-    from mlctl.checkpoint import CheckpointDir
+    from mlctl.checkpoint_dir import CheckpointDir
     from mlctl.hub import resolve_model_path
 
     newest = CheckpointDir(run_dir).latest(quiet=True)

@@ -203,7 +203,7 @@ def _abort(cfg: Config, name: str, run_dir: Path, watcher, signals) -> None:
 
 
 def _newest(cfg: Config, run_dir: Path, watcher) -> str:
-    from mlctl.checkpoint import CheckpointDir
+    from mlctl.checkpoint_dir import CheckpointDir
 
     saved = watcher.last.get("saved")
     if is_object_store(cfg.ray.storage_path):
@@ -215,7 +215,7 @@ def _newest(cfg: Config, run_dir: Path, watcher) -> str:
 def _failure_text(cfg: Config, run_dir: Path, control, error: BaseException) -> str:
     import ray
 
-    from mlctl.checkpoint import CheckpointDir
+    from mlctl.checkpoint_dir import CheckpointDir
 
     last = (
         f"the newest one Ray registered under {cfg.ray.storage_path}"

@@ -1,4 +1,4 @@
-"""How a Ray Train worker reports to the launch (:class:`mlctl.checkpoint.Reporter`'s two Ray forms).
+"""How a Ray Train worker reports to the launch (:class:`mlctl.reporter.Reporter`'s two Ray forms).
 
 * :class:`RayReporter`: the run folder is on storage every node mounts. Published checkpoints are
   reported to Ray Train by their figures only; attempts, the stop request, endpoints, step records
@@ -18,7 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mlctl.checkpoint import TMP_PREFIX, Reporter
+from mlctl.checkpoint_dir import TMP_PREFIX
+from mlctl.reporter import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class RayReporter(Reporter):
         import ray.train
 
         # NOTE: no checkpoint goes with it: the run folder is the one record of the latest
-        # checkpoint (mlctl.checkpoint finds the newest complete one).
+        # checkpoint (mlctl.checkpoint_dir finds the newest complete one).
         ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
         self._saved(path, step)
 

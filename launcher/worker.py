@@ -26,9 +26,9 @@ QUIET_LOGGERS = ("transformers", "deepspeed", "DeepSpeed", "ray.train", "torch.d
 
 def fatal_reason(error: BaseException) -> str | None:
     """One line saying why ``error`` cannot be fixed by a retry, or None when a retry may help."""
-    from mlctl.checkpoint import CheckpointMismatch
-    from mlctl.data.dataset import NoReadableData
+    from mlctl.data.blocks import NoReadableData
     from mlctl.data.shards import ShardRefused
+    from mlctl.resume_checks import CheckpointMismatch
 
     if isinstance(error, (CheckpointMismatch, ShardRefused, NoReadableData, ConfigError)):
         return str(error)

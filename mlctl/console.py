@@ -31,14 +31,17 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
     restore_bars = _progress_bars_off()
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by huggingface_hub where it starts up
     transformers_verbosity = _transformers_verbosity(logging.ERROR)
+    errors_only = _ErrorsOnly()
     for logger, _ in saved_levels:
         logger.setLevel(logging.ERROR)
+        logger.addFilter(errors_only)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", module=LIBRARY_MODULES)
             yield
     finally:
         for logger, level in saved_levels:
+            logger.removeFilter(errors_only)
             logger.setLevel(level)
         if transformers_verbosity is not None:
             _transformers_verbosity(transformers_verbosity)
@@ -47,6 +50,18 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = saved_env
+
+
+class _ErrorsOnly(logging.Filter):
+    """Passes ERROR and above.
+
+    NOTE: the level set above is not enough for DeepSpeed: it creates its logger when first imported,
+    which a verb does inside the block (export's zero_to_fp32), and sets that logger's level then,
+    undoing ours; with DS_ACCELERATOR unset, the same import logs its accelerator auto-detection
+    ("Setting accelerator to CPU ...") as a warning. A filter on the logger outlives that."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
 
 
 def _transformers_verbosity(level: int) -> int | None:

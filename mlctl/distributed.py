@@ -71,15 +71,6 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat(all_gather(tensor, group=group if group is not None else dist.group.WORLD), dim=0)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean across ranks (no gradient); identity on one process."""
-    if not is_initialized():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / dist.get_world_size()
-
-
 def all_gather_rows(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Every rank's ``tensor`` (equal shapes) concatenated along dim 0, no gradient; identity on
     one process."""

@@ -17,7 +17,7 @@ What the folder holds:
   passed over (with why).
 
 The checkpoint is the one training would resume from: the newest complete one (``latest`` when it
-names a complete folder), found by :mod:`mlctl.checkpoint`. One that is complete on disk but does
+names a complete folder), found by :mod:`mlctl.checkpoint_dir`. One that is complete on disk but does
 not load (a truncated file, weights of another model) is named, and the next older complete one is
 used instead, with a warning naming both; a checkpoint named with ``--checkpoint`` is never
 substituted.
@@ -41,10 +41,11 @@ from typing import Any
 
 import torch
 
+from mlctl.checkpoint_dir import ENGINE_TAG, CheckpointDir, CheckpointMeta, incomplete_reason, step_of
+
 log = logging.getLogger(__name__)
 
 EXPORT_META = "mlctl_export.json"
-ENGINE_TAG = "state"
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -90,7 +91,6 @@ def locate_run(run_dir: str | Path, checkpoint: str | None = None) -> RunCheckpo
 
     ``checkpoint`` (a folder name such as step_00000040): that one only; missing or damaged, it is
     an error naming it and why (never a silent substitute)."""
-    from mlctl.checkpoint import CheckpointDir, step_of
     from mlctl.config import load_config
 
     run_dir = Path(run_dir)
@@ -111,14 +111,7 @@ def locate_run(run_dir: str | Path, checkpoint: str | None = None) -> RunCheckpo
     return RunCheckpoints(run_dir, cfg, [found.path, *older], found.passed_over)
 
 
-def find_checkpoint(run_dir: str | Path, checkpoint: str | None = None) -> Path:
-    """The checkpoint folder named ``checkpoint`` (e.g. step_00000040), or the newest complete one."""
-    return locate_run(run_dir, checkpoint).candidates[0]
-
-
 def _named_checkpoint(ckpts, name: str) -> Path:
-    from mlctl.checkpoint import incomplete_reason
-
     path = ckpts.root / name
     if not path.is_dir():
         have = sorted(p.name for p in ckpts.root.glob("step_*") if p.is_dir())
@@ -132,8 +125,6 @@ def _named_checkpoint(ckpts, name: str) -> Path:
 
 
 def _no_checkpoint(ckpts, run_dir: Path) -> str:
-    from mlctl.checkpoint import incomplete_reason
-
     folders = sorted((p for p in ckpts.root.glob("step_*") if p.is_dir()), reverse=True)
     if not folders:
         return f"run {run_dir} has no checkpoint yet ({ckpts.root} holds none)"
@@ -253,7 +244,6 @@ def check_weights_fit(model, state: dict[str, torch.Tensor], where: Path, model_
 def load_run(located: RunCheckpoints) -> LoadedRun:
     """Load the run's model with the weights of its first candidate checkpoint; when that fails and
     older complete ones exist, fall back to them in turn, with a warning naming both."""
-    from mlctl.checkpoint import CheckpointMeta
     from mlctl.hub import load_tokenizer
     from mlctl.model import MLCTLModel
 

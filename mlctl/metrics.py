@@ -9,6 +9,9 @@ launcher's progress line and ``mlctl report`` read.
 Totals (steps, samples, tokens, restarts) are carried by the checkpoint: a restarted worker calls
 :meth:`MetricsExporter.restore_totals` so its counters continue from the checkpointed values instead
 of starting at zero.
+
+Where an endpoint binds and what address it advertises is :mod:`mlctl.endpoints`; reading one back
+is :mod:`mlctl.scrape`. This module is where the metrics API is imported from (``__all__``).
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import socket
 import time
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,23 @@ from pathlib import Path
 from typing import IO, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.parser import text_string_to_metric_families
 
 from mlctl.config import MetricsConfig
+from mlctl.endpoints import advertised_host, endpoint_addresses, is_loopback
+from mlctl.scrape import Samples, parse_metrics, scrape
+
+__all__ = [
+    "LABELS",
+    "METRIC_NAMES",
+    "MetricsExporter",
+    "Samples",
+    "StepMetrics",
+    "advertised_host",
+    "endpoint_addresses",
+    "is_loopback",
+    "parse_metrics",
+    "scrape",
+]
 
 log = logging.getLogger(__name__)
 
@@ -410,75 +425,3 @@ class MetricsExporter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and any 127.0.0.0/8 or ``::1`` literal."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def endpoint_addresses(bind: str, node_ip: str) -> tuple[str, str]:
-    """``(address to bind, address to advertise)`` for a worker on a node whose cluster address is
-    ``node_ip`` (what Ray uses for the node; ``127.0.0.1`` for an embedded single-machine Ray).
-
-    - a wildcard bind serves on every interface and is advertised as ``node_ip``;
-    - a loopback bind on a node with a non-loopback address (the node is part of a networked
-      cluster) is replaced by ``node_ip``: a loopback endpoint is unreachable from every other host,
-      and before this rule each node advertised the same ``127.0.0.1:port`` (duplicates a scraper
-      could not tell apart). The node address is the one Ray already serves its peers on;
-    - any other address is bound and advertised as given.
-
-    So a multi-node run never advertises a loopback address.
-    """
-    if bind in ("", "0.0.0.0", "::"):
-        return bind, node_ip
-    if is_loopback(bind) and not is_loopback(node_ip):
-        return node_ip, node_ip
-    return bind, bind
-
-
-def advertised_host(bind: str) -> str:
-    """The address others should scrape: ``bind`` itself, or for a wildcard bind this machine's
-    outward-facing address (no packet is sent; connecting a UDP socket only picks a route)."""
-    if bind not in ("", "0.0.0.0", "::"):
-        return bind
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
-    except OSError:
-        return socket.gethostname()
-
-
-Samples = list[tuple[dict[str, str], float]]
-
-
-def scrape(url: str, timeout: float = 5.0) -> dict[str, Samples]:
-    """GET a Prometheus text endpoint and parse it with prometheus-client's parser.
-
-    Returns ``{name: [(labels, value), ...]}`` keyed by every exposed sample name
-    (``mlctl_train_steps_total``, ``mlctl_train_step_seconds_bucket``, ...). A histogram's base
-    name (``mlctl_train_step_seconds``) maps to its ``_count`` samples, so a check for a name or for
-    its growth works the same for every metric type.
-    """
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        text = resp.read().decode("utf-8")
-    return parse_metrics(text)
-
-
-def parse_metrics(text: str) -> dict[str, Samples]:
-    """The parsing half of :func:`scrape`."""
-    out: dict[str, Samples] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
-        if family.type in ("histogram", "summary"):
-            out[family.name] = list(out.get(family.name + "_count", []))
-    return out

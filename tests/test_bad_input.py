@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from s3_server import BUCKET
 
-from mlctl.cli import main
+from launcher.cli import main
 
 
 @pytest.fixture()
@@ -557,7 +557,7 @@ def test_two_prepares_at_once_leave_one_complete_dataset(files, tiny_model_dir):
 
     (files / "many.tsv").write_text("".join(f"Hello world {i}\tHallo Welt {i}\n" for i in range(20000)))
     root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-m", "mlctl.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
+    argv = [sys.executable, "-m", "launcher.cli", *prepare_args(files, tiny_model_dir, "many.tsv")]
     env = {**os.environ, "PYTHONPATH": str(root)}
     procs = [
         subprocess.Popen([*argv, "--samples-per-shard", "3000"], env=env, stderr=subprocess.PIPE, text=True)
@@ -1040,17 +1040,20 @@ def test_export_into_a_read_only_folder_is_refused_before_loading(
 # Quiet by default (item 10): the verb's own lines, not the libraries' loading chatter; -v shows all
 
 
-def _cli(*argv: str) -> tuple[int, list[str]]:
+def _cli(*argv: str, accelerator: str | None = "cpu") -> tuple[int, list[str]]:
+    """``mlctl ARGV`` in a fresh interpreter; ``accelerator`` None: DS_ACCELERATOR unset, as outside
+    `make`, so DeepSpeed detects the accelerator itself when it is first imported."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mlctl.cli", *argv],
+        [sys.executable, "-m", "launcher.cli", *argv],
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"},
+        env={**env, "PYTHONPATH": str(root), **({"DS_ACCELERATOR": accelerator} if accelerator else {})},
     )
     return proc.returncode, (proc.stdout + proc.stderr).replace("\r", "\n").splitlines()
 
@@ -1065,14 +1068,16 @@ NOISE = (
 
 
 @pytest.mark.slow
-def test_eval_and_export_print_their_own_lines_only(a_run, tmp_path):
+@pytest.mark.parametrize("accelerator", ["cpu", None], ids=["DS_ACCELERATOR=cpu", "DS_ACCELERATOR-unset"])
+def test_eval_and_export_print_their_own_lines_only(a_run, tmp_path, accelerator):
     run = a_run(1, newest=None)  # ZeRO 1: DeepSpeed rebuilds the fp32 weights, and says so at length
-    rc, lines = _cli("eval", "--model", str(run), "--pairs", str(FIXTURE_PAIRS), "--max-pairs", "30")
+    pairs = ("--pairs", str(FIXTURE_PAIRS), "--max-pairs", "30")
+    rc, lines = _cli("eval", "--model", str(run), *pairs, accelerator=accelerator)
     assert rc == 0 and len(lines) == 4, lines  # the model line and the table
     assert lines[0] == f"model: run {run}, checkpoint step_00000001 (step 1)  pool layers: [1, 2]"
-    rc, lines = _cli("export", str(run), str(tmp_path / "exported"))
+    rc, lines = _cli("export", str(run), str(tmp_path / "exported"), accelerator=accelerator)
     assert rc == 0 and lines == [
         f"exported step_00000001 (step 1) of {run} to {tmp_path}/exported (pool layers [1, 2])"
     ], lines
-    rc, lines = _cli("-v", "export", str(run), str(tmp_path / "again"))
+    rc, lines = _cli("-v", "export", str(run), str(tmp_path / "again"), accelerator=accelerator)
     assert rc == 0 and all(any(n in line for line in lines) for n in NOISE[:3]), lines

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlctl import cli
+from launcher import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

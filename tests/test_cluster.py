@@ -65,7 +65,7 @@ def test_train_joins_an_existing_cluster(tmp_path, ray_cluster, tiny_model_dir, 
     cmd = [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         "--address",
         address,
@@ -108,7 +108,7 @@ def test_mlctl_stop_from_another_process_saves_and_stops_the_run(
         "MLCTL_TEST_FAULT": json.dumps({"sleep": 0.5}),
     }
     cmd = [
-        sys.executable, "-m", "mlctl.cli", "train", "--address", address, "--num-workers", "2",
+        sys.executable, "-m", "launcher.cli", "train", "--address", address, "--num-workers", "2",
         "--cpus-per-worker", "1", "--storage", str(tmp_path), "--name", "stopme",
         f"model.name_or_path={tiny_model_dir}", f"data.shards={tiny_shards}", "data.batch_size=4",
         "train.max_steps=200", "checkpoint.every_steps=0", "metrics.port=19650",
@@ -122,7 +122,7 @@ def test_mlctl_stop_from_another_process_saves_and_stops_the_run(
         if driver.poll() is not None or time.time() > deadline:
             pytest.fail("the run did not reach step 3:\n" + log.read_text()[-3000:])
         time.sleep(0.2)
-    stop = [sys.executable, "-m", "mlctl.cli", "stop", "--address", address]
+    stop = [sys.executable, "-m", "launcher.cli", "stop", "--address", address]
     listed = subprocess.run(
         [*stop, "--all", "--wait", "0"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
     )

@@ -131,14 +131,16 @@ def test_exactly_once_and_equal_batches(uneven, world, workers):
             seen += [p for b in batches for p in b["pair_ids"]]
         assert len(seen) == len(set(seen)), "a pair was yielded twice in one epoch"
         # expected: the epoch's global order minus its dropped tail
-        order = loaders[0].epoch_pair_order(epoch)
+        plan = loaders[0].plan
+        order = [(name, i) for name, n in plan.epoch_shards(epoch)[0] for i in range(n)]
         starts, acc = {}, 0
         for entry in json.loads((uneven / "manifest.json").read_text())["shards"]:
             starts[entry["name"]] = acc
             acc += entry["samples"]
         global_keys = [keys[starts[name] + i] for name, i in order]
-        kept = len(global_keys) - loaders[0].dropped_per_epoch
-        assert 0 <= loaders[0].dropped_per_epoch < world * max(1, workers) * B
+        dropped = plan.total - plan.consumers * plan.nb * B  # the tail that makes batches equal
+        kept = len(global_keys) - dropped
+        assert 0 <= dropped < world * max(1, workers) * B
         assert set(seen) == set(global_keys[:kept])
     for lo in loaders:
         lo.close()
@@ -263,7 +265,7 @@ def test_start_up_reads_no_shard(tiny_shards, tmp_path, monkeypatch):
     """Start-up is one stat per shard: no shard file is opened, whatever the corpus size."""
     import builtins
 
-    import mlctl.data.dataset as ds
+    import mlctl.data.manifest as ds
 
     opened: list[str] = []
     real_open = builtins.open

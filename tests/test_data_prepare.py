@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlctl.cli import main as cli_main
+from launcher.cli import main as cli_main
 from mlctl.config import PrepareConfig, PrepareInput
 from mlctl.data.dataset import ShardLoader
-from mlctl.data.prepare import parse_dictionary_spec, parse_input_spec, prepare
+from mlctl.data.prepare import prepare
 from mlctl.data.readers import InputError
 from mlctl.data.shards import scan_shard
+from mlctl.data.specs import parse_dictionary_spec, parse_input_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import django
 import pytest
 
-from mlctl.data.anchors import SpanMapper, mine_char_anchors, words_of
+from mlctl.data.anchors import SpanMapper, mine_char_anchors
 from mlctl.data.clean import Deduper, length_ratio_ok, normalize
 from mlctl.data.dictionary import Dictionary, load_dictionary
 from mlctl.data.readers import Counts, InputError, check_input, detect_format, read_input
+from mlctl.data.words import words_of
 
 DJANGO_DE = Path(django.__file__).parent / "conf" / "locale" / "de" / "LC_MESSAGES"
 

@@ -6,8 +6,8 @@ import re
 
 from test_data_readers import _write_mo
 
+from launcher.demo import prepare_shards
 from mlctl.config import load_config
-from mlctl.demo import prepare_shards
 
 DICT = "open\töffnen\nfile\tDatei\nsave\tspeichern\n"
 

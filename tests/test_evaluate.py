@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from ranks import run_ranks
 
+from launcher.cli import main
 from mlctl import evaluate as ev
-from mlctl.cli import main
 from mlctl.model import MLCTLModel
 
 # ---- pair files ----------------------------------------------------------------------------------

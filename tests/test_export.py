@@ -51,7 +51,7 @@ def test_export_round_trip_autmodel_sentence_transformers_and_eval(runs, stage, 
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from mlctl.cli import main
+    from launcher.cli import main
     from mlctl.evaluate import load_encoder
     from mlctl.model import pool_layers
 
@@ -138,11 +138,11 @@ def test_export_averaged_layers_without_remote_code(tiny_model_dir, tiny_tokeniz
 
 
 def test_not_a_run_folder_is_a_clear_error(tmp_path):
-    from mlctl.export import find_checkpoint, load_run_model
+    from mlctl.export import load_run_model, locate_run
 
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         load_run_model(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "config.yaml").write_text("{}\n")
     with pytest.raises(FileNotFoundError, match="has no checkpoint yet"):
-        find_checkpoint(tmp_path)
+        locate_run(tmp_path)

@@ -38,14 +38,14 @@ def run_plain(code: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-CLI = "import sys\nfrom mlctl.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+CLI = "import sys\nfrom launcher.cli import main\nsys.exit(main(sys.argv[1:]))\n"
 
 
 def test_every_module_and_verb_help_imports_without_extras():
     code = """
 import importlib, pkgutil, sys
 import mlctl, launcher
-from mlctl.cli import VERBS, build_parser
+from launcher.cli import VERBS, build_parser
 names = [m.name for m in pkgutil.walk_packages(mlctl.__path__, "mlctl.")]
 names += [m.name for m in pkgutil.walk_packages(launcher.__path__, "launcher.")]
 for name in names:

@@ -55,7 +55,7 @@ def test_same_batches_as_the_local_folder(tiny_shards, s3_shards, world, workers
 
 
 def test_start_up_is_one_size_lookup_per_shard(s3_shards, tiny_shards, monkeypatch):
-    import mlctl.data.dataset as ds
+    import mlctl.data.blocks as ds
 
     sizes: list[str] = []
     real_size = storage.size

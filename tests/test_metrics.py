@@ -251,7 +251,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 def test_report_plots_a_real_metrics_jsonl(tmp_path, capsys):
-    from mlctl.cli import main
+    from launcher.cli import main
     from mlctl.report import load_metrics
 
     run = tmp_path / "run"
@@ -289,7 +289,7 @@ def test_report_plots_a_real_metrics_jsonl(tmp_path, capsys):
 
 
 def test_report_errors_name_the_file(tmp_path, capsys):
-    from mlctl.cli import main
+    from launcher.cli import main
 
     assert main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl does not exist" in capsys.readouterr().err

@@ -61,7 +61,7 @@ def train_argv(cluster: NetnsCluster, storage: Path, name: str, model_dir, shard
     return [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         "--address",
         cluster.address,

@@ -208,7 +208,7 @@ def test_worker_console_shows_only_what_matters(tmp_path, rank):
 
 
 def test_report_plots_data_wait_share_and_eval_per_language(tmp_path, capsys):
-    from mlctl.cli import main
+    from launcher.cli import main
     from mlctl.report import data_wait_share
 
     run = tmp_path / "run"

@@ -174,7 +174,7 @@ def test_switch_errors(tiny_shards, tiny_model_dir, tmp_path):
 
 def test_cli_flag_and_word_lists(tiny_model_dir, tmp_path):
     """`mlctl prepare --code-switch` with the paper's word-list folder format."""
-    from mlctl.cli import main as cli_main
+    from launcher.cli import main as cli_main
 
     out = tmp_path / "cs"
     rc = cli_main(

@@ -22,7 +22,7 @@ def train(*args: str, timeout: float = 400, **env: str) -> tuple[subprocess.Comp
     full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     t0 = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "mlctl.cli", "train", *args],
+        [sys.executable, "-m", "launcher.cli", "train", *args],
         cwd=ROOT,
         env=full,
         capture_output=True,

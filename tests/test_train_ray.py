@@ -197,7 +197,7 @@ def _train_cmd(model_dir, shards, storage, name, *extra):
     return [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(model_dir, shards, storage, **{"ray.name": name, "train.max_steps": 16}),
         *extra,
@@ -340,7 +340,7 @@ def test_sigterm_saves_at_the_step_it_stopped_on_and_the_rerun_ends_where_a_clea
     cmd = [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "stopped"}),
     ]
@@ -377,7 +377,7 @@ def test_ctrl_c_twice_aborts_without_waiting(tmp_path, tiny_model_dir, tiny_shar
     cmd = [
         sys.executable,
         "-m",
-        "mlctl.cli",
+        "launcher.cli",
         "train",
         *overrides(tiny_model_dir, tiny_shards, tmp_path, **{"ray.name": "twice"}),
     ]

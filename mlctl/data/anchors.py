@@ -2,60 +2,21 @@
 occurs exactly once in x and v exactly once in y, as whole words, case-insensitively; the text keeps
 its casing and the anchor's token spans come from the tokenizer's offset mapping.
 
-Speed: each sentence is split into words once and its word n-grams (n up to the longest dictionary
-phrase, at most a few words) are looked up in the dictionary's hash map, so the cost per pair is
+Speed: each sentence is split into words once (:mod:`mlctl.data.words`, where scripts without
+spaces make every character a word) and its word n-grams (n up to the longest dictionary phrase, at
+most a few words) are looked up in the dictionary's hash map, so the cost per pair is
 O(words x max phrase length), independent of the dictionary size.
-
-Scripts without spaces (Chinese, Japanese kana/kanji): every such character is a word of its own, so a
-dictionary word like 文件 is the two-"word" phrase (文, 件) and matches on character boundaries.
 """
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left, bisect_right
 from typing import TYPE_CHECKING
 
+from mlctl.data.words import lower_words, word_spans
+
 if TYPE_CHECKING:
     from mlctl.data.dictionary import Dictionary
-
-# CJK ideographs, kana, Hangul syllables... are single-character words; other letters/digits form runs.
-_CJK = "\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
-_WORD = re.compile(f"[{_CJK}]|[^\\W{_CJK}]+")  # a negated class: ~5x faster than a lookahead
-MAX_CJK_PHRASE = 8  # longest phrase looked up when a dictionary has CJK entries
-
-
-def words_of(text: str, lang: str = "") -> list[tuple[str, int, int]]:
-    """(word, char start, char end) for every word of ``text``; ``lang`` is unused (the script decides)."""
-    return [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text)]
-
-
-def phrase_key(text: str) -> str:
-    """Dictionary key of a phrase: its lower-cased words joined by single spaces."""
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def _lower_words(text: str) -> tuple[list[str], str | None]:
-    """Lower-cased words, and the lower-cased text when its character positions are the original's
-    (else None: a few characters, e.g. U+0130, change length when lower-cased)."""
-    low = text.lower()
-    if len(low) == len(text):
-        return _WORD.findall(low), low
-    return [w.lower() for w in _WORD.findall(text)], None
-
-
-def _word_spans(text: str, low: str | None, words: list[str]) -> list[tuple[int, int]]:
-    """Character span of every word. Only computed for pairs that have an anchor: ``findall`` plus
-    this is cheaper than match objects for every sentence. ``str.find`` from the end of the previous
-    word lands on the regex's own match, since only non-word characters lie between matches."""
-    if low is None:
-        return [m.span() for m in _WORD.finditer(text)]
-    spans, pos = [], 0
-    for w in words:
-        pos = low.find(w, pos)
-        spans.append((pos, pos + len(w)))
-        pos += len(w)
-    return spans
 
 
 def _once(words: list[str], prefixes: set[str], phrases, max_n: int) -> dict[str, tuple[int, int]]:
@@ -85,12 +46,12 @@ def _once(words: list[str], prefixes: set[str], phrases, max_n: int) -> dict[str
 def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int, int, int]]:
     """All anchors of a pair as character spans ``(src_start, src_end, tgt_start, tgt_end)``, in order
     of their position in the source (then target)."""
-    sw, s_low = _lower_words(src)
+    sw, s_low = lower_words(src)
     entries = d.entries
     cands = _once(sw, d.src_prefixes, entries, d.max_src_words)
     if not cands:
         return []
-    tw, t_low = _lower_words(tgt)
+    tw, t_low = lower_words(tgt)
     t_once = _once(tw, d.tgt_prefixes, d.tgt_phrases, d.max_tgt_words)
     found = []
     for g, (n, i) in cands.items():
@@ -106,7 +67,7 @@ def mine_char_anchors(src: str, tgt: str, d: Dictionary) -> list[tuple[int, int,
             found.append((i, n, j, k))
     if not found:
         return []
-    ss, ts = _word_spans(src, s_low, sw), _word_spans(tgt, t_low, tw)
+    ss, ts = word_spans(src, s_low, sw), word_spans(tgt, t_low, tw)
     out = [(ss[i][0], ss[i + n - 1][1], ts[j][0], ts[j + k - 1][1]) for i, n, j, k in found]
     out.sort()
     return out

@@ -11,7 +11,7 @@ The encoding of a file, first match wins:
 
 A line that does not decode is skipped and counted (``invalid_utf8``, ``invalid_encoding``,
 ``nul_byte``): the odd corrupt line of a large crawl should not stop a run. A file whose bytes show
-that it is in another encoding altogether is refused instead (:class:`~mlctl.data.readers.InputError`
+that it is in another encoding altogether is refused instead (:class:`~mlctl.data.skips.InputError`
 naming the file, the first bad line and byte, and the likely encoding), never read with half its
 lines dropped. It is refused when, read as UTF-8 by default, ``EARLY_BAD`` lines have failed and no
 line so far held valid non-ASCII UTF-8 (the shape of a Latin-1 or cp1251 file); or when more than
@@ -24,10 +24,12 @@ import codecs
 import re
 from typing import TYPE_CHECKING
 
+from mlctl.data.skips import InputError
+
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from mlctl.data.readers import Counts
+    from mlctl.data.skips import Counts
 
 BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
     (codecs.BOM_UTF8, "utf-8"),
@@ -153,7 +155,7 @@ def _location(path: Path | str, where: str) -> str:
 
 class LineDecoder:
     """Decodes one file's lines (or catalog entries), counting the undecodable ones, and refuses the
-    file with :class:`~mlctl.data.readers.InputError` when they show it is in another encoding (see
+    file with :class:`~mlctl.data.skips.InputError` when they show it is in another encoding (see
     the module docstring).
 
     ``explicit``: the encoding was given by the user (no guessing from the first failures then)."""
@@ -227,7 +229,5 @@ class LineDecoder:
             self._refuse()
 
     def _refuse(self) -> None:
-        from mlctl.data.readers import InputError  # here: readers imports this module
-
         failed = f"{self.bad} of its first {self.seen} {self.units} do not decode (the first at {self.first})"
         raise InputError(refusal(self.path, self.encoding, failed, bytes(self.sample), self.options))

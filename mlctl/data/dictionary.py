@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlctl.data import charset
-from mlctl.data.anchors import phrase_key
-from mlctl.data.readers import InputError, open_text_bytes
+from mlctl.data.readers import open_text_bytes
+from mlctl.data.skips import InputError
+from mlctl.data.words import phrase_key
 
 
 @dataclass

@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 from mlctl import storage
-from mlctl.data.readers import InputError
+from mlctl.data.skips import InputError
 from mlctl.lock import RunLock
 
 log = logging.getLogger(__name__)

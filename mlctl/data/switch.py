@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mlctl.data.anchors import SpanMapper, _lower_words, _word_spans
+from mlctl.data.anchors import SpanMapper
+from mlctl.data.words import lower_words, word_spans
 
 if TYPE_CHECKING:
     from mlctl.data.dictionary import Dictionary
@@ -38,7 +39,7 @@ def switch_candidates(
     source side's language, one per target language; ``encode`` turns a phrase into token ids."""
     if not dicts:
         return []
-    words, low = _lower_words(src)
+    words, low = lower_words(src)
     max_n = max(d.max_src_words for d in dicts)
     spans = None
     out: list[list] = []
@@ -57,7 +58,7 @@ def switch_candidates(
             i += 1
             continue
         n, groups = best
-        spans = spans or _word_spans(src, low, words)
+        spans = spans or word_spans(src, low, words)
         tok = mapper.span(spans[i][0], spans[i + n - 1][1])
         options = [[ids for ids in (encode(t) for t in grp) if ids] for grp in groups]
         options = [grp for grp in options if grp]

@@ -6,8 +6,8 @@
    small bilingual dictionary from the one-word entries of the training catalogs.
 3. `mlctl prepare`s the training catalogs (.mo) into anchored WebDataset shards.
 4. Measures retrieval accuracy of the untrained encoder on the dev pairs, trains ML-CTL with
-   2 CPU workers under an embedded Ray and DeepSpeed ZeRO-1 (configs/demo.yaml), and measures
-   again on the trained run.
+   2 CPU workers under an embedded Ray and DeepSpeed ZeRO-1 (the stock config ``demo``,
+   configs/demo.yaml), and measures again on the trained run.
 """
 
 from __future__ import annotations
@@ -21,17 +21,28 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 LANGS = ("de", "fr", "es")
 DEV_CATALOGS = ("contrib/auth/", "contrib/admindocs/")
 
-log = logging.getLogger("mlctl.demo")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", action="append", default=None, help="config (default configs/demo.yaml)")
+    p.add_argument(
+        "-c",
+        "--config",
+        action="append",
+        default=None,
+        help="YAML config or stock config name; repeat to layer (default: the stock config demo)",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--work", default="demo_data", help="where catalogs, shards and dev pairs go")
+
+
+def config_files(values: list[str] | None) -> list[str | Path]:
+    """The ``-c`` values as files (:func:`mlctl.stock.config_paths`), or the stock config ``demo``
+    (inside the installed package) when none is given."""
+    from mlctl.stock import config_paths, stock_config
+
+    return config_paths(values) if values else [stock_config("demo")]
 
 
 def django_catalogs(lang: str) -> list[Path]:
@@ -124,8 +135,9 @@ def prepare_shards(cfg, work: Path, train, dicts) -> Path:
     p.samples_per_shard = 256
     # NOTE: prepare logs the first entries of every skip reason with file and line; on Django's
     # catalogs those are expected (plural forms, untranslated strings, sentences without a
-    # dictionary word), so the demo shows the counts by reason once instead.
-    with _quiet("mlctl.data.readers", "mlctl.data.prepare"):
+    # dictionary word), so the demo shows the counts by reason once instead (the data path's
+    # loggers are all under mlctl.data).
+    with _quiet("mlctl.data"):
         manifest = prepare(p, cfg.model.tokenizer or cfg.model.name_or_path)
     counts = manifest.get("counts", {})
     dropped = sorted((counts.get("dropped") or {}).items(), key=lambda kv: -kv[1])
@@ -160,7 +172,8 @@ def _quiet(*loggers: str, level: int = logging.ERROR):
 
 
 def dev_accuracy(model, tokenizer, devs: dict[str, Path]) -> dict[str, float]:
-    from mlctl.evaluate import load_pairs, retrieval_accuracy_on_pairs
+    from mlctl.pair_files import load_pairs
+    from mlctl.retrieval import retrieval_accuracy_on_pairs
 
     return {
         lang: retrieval_accuracy_on_pairs(model, tokenizer, load_pairs(path))["xx2en"]
@@ -178,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     work = Path(args.work)
-    cfg = load_config(args.config or [str(ROOT / "configs" / "demo.yaml")], args.overrides)
+    cfg = load_config(config_files(args.config), args.overrides)
     train, dicts, devs = build_demo_inputs(work)
     cfg.data.shards = str(prepare_shards(cfg, work, train, dicts))
     cfg.eval.pairs = [str(p) for p in devs.values()]
@@ -224,8 +237,7 @@ def _fmt(acc: dict[str, float]) -> str:
 
 
 def main() -> int:
-
-    from mlctl.cli import main as cli_main
+    from launcher.cli import main as cli_main
 
     return cli_main(["demo", *sys.argv[1:]])
 

@@ -28,7 +28,7 @@ def build_step(model_dir: str, batch: int, max_length: int):
     from tiny_models import fixture_texts
 
     from mlctl.hub import load_tokenizer
-    from mlctl.losses import cz_nce, inbatch_accuracy
+    from mlctl.losses import contrastive_loss, inbatch_accuracy
     from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
     tok = load_tokenizer(model_dir)
@@ -47,7 +47,7 @@ def build_step(model_dir: str, batch: int, max_length: int):
         mlm_ids, labels = mask_tokens(ids, mask, special, tok.mask_token_id, len(tok), generator=gen)
         out = model(EncoderInputs.build(ids, mask, None, mlm_ids, labels))
         x, y = out.sentence[:batch], out.sentence[batch:]
-        cl = cz_nce(x, y)
+        cl = contrastive_loss(x, y, cross_zero=True)
         loss = cl + 0.1 * out.mlm_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

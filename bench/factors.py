@@ -5,9 +5,8 @@
 
 Trains ``configs/paper-proof`` settings (``configs/paper.yaml``'s method on the proof data, see
 bench/alignment.py) with the given overrides, in a thin single-process loop over mlctl's own
-pieces: :class:`~mlctl.model.MLCTLModel`, the step's inputs from ``Trainer.batch_inputs`` (MLM copy
-included), the loss composition :func:`mlctl.losses.contrastive_terms` (the function
-``Trainer.micro_step`` calls), the streaming :class:`~mlctl.data.dataset.ShardLoader` (or, for
+pieces: :class:`~mlctl.model.MLCTLModel`, the step's inputs and loss from :mod:`mlctl.step` (MLM
+copy included; what ``Trainer.micro_step`` calls), the streaming :class:`~mlctl.data.dataset.ShardLoader` (or, for
 other batches, its :func:`~mlctl.data.collate.collate` and code-switching) and the engine's
 learning-rate schedule. What it leaves out
 is DeepSpeed and the process group, which do not change the arithmetic on one process (fp32,
@@ -37,31 +36,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 MAX_TOKENS = 64  # the random/nn/lex batches' rows (the proof shards' max_tokens is larger)
 
 
-def host_trainer(cfg, tok, vocab_size: int):
-    """The engine's :class:`~mlctl.engine.Trainer` without DeepSpeed or a process group, holding what
-    ``Trainer.setup`` gives :meth:`~mlctl.engine.Trainer.batch_inputs` (one CPU process, rank 0), so
-    this loop builds its inputs exactly as training does."""
-    from mlctl.engine import Trainer
-
-    trainer = Trainer(cfg, ROOT / "runs" / "factors", rank=0, world_size=1)
-    trainer.device = torch.device("cpu")
-    trainer.tokenizer = tok
-    trainer.special_ids = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
-    trainer.vocab_size = vocab_size
-    return trainer
-
-
 def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=((), 0.0)):
     from mlctl.data.dataset import ShardLoader
-    from mlctl.engine import lr_lambda, param_groups
+    from mlctl.deepspeed_setup import lr_lambda, param_groups
     from mlctl.hub import load_tokenizer
-    from mlctl.losses import contrastive_terms
     from mlctl.model import MLCTLModel
+    from mlctl.step import Vocab, host_inputs, mlm_copy, step_loss
 
     tok = load_tokenizer(cfg.model.name_or_path)
     torch.manual_seed(cfg.train.seed)
     model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers, cfg.model.unpad)
-    trainer = host_trainer(cfg, tok, model.config.vocab_size)
+    vocab = Vocab.of(tok, model.config.vocab_size)
     loader = ShardLoader(
         cfg.data.shards,
         batch_size=cfg.data.batch_size,
@@ -85,12 +70,10 @@ def train_mlctl(cfg, steps: int, pairs=None, mode: str = "stream", switch=((), 0
     )
     t0 = time.perf_counter()
     for step in range(steps):
-        trainer.state.step = step  # the MLM masks' seed
-        inputs, anchored, source_ids = trainer.batch_inputs(next(it), micro=0)
-        out = model(inputs)
-        cl, _, _ = contrastive_terms(cfg, out, anchored, 0, 1, source_ids=source_ids)
-        mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros(())
-        loss = cl + cfg.loss.mlm_weight * mlm  # as Trainer.micro_step
+        batch = next(it)
+        # the training step's own pieces (mlctl.step), on one process: rank 0, micro-batch 0
+        inputs, anchored, source_ids = host_inputs(batch, cfg, *mlm_copy(batch, cfg, vocab, step, 0, 0))
+        loss, cl, mlm, _, _ = step_loss(cfg, model(inputs), anchored, 0, 1, source_ids)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -228,13 +228,13 @@ class ReferenceStep:
         return self.mlp(sent, word), out.loss
 
     def __call__(self):
-        from mlctl.losses import cz_nce
+        from mlctl.losses import contrastive_loss
 
         src, tgt, spans = next(self.batches)
         b = len(src)
         vx, mlm_x = self._side(src, spans[:b])
         vy, mlm_y = self._side(tgt, spans[b:])
-        loss = cz_nce(vx, vy, TAU) + MLM_WEIGHT * 0.5 * (mlm_x + mlm_y)
+        loss = contrastive_loss(vx, vy, TAU, cross_zero=True) + MLM_WEIGHT * 0.5 * (mlm_x + mlm_y)
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()

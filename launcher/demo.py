@@ -198,9 +198,10 @@ def run(args: argparse.Namespace) -> int:
 
     quiet_library_output()
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
-    # The fresh MLM head is reported by the training workers; it plays no part in this evaluation.
-    with _quiet("mlctl.model"):
-        model = MLCTLModel.from_pretrained(cfg.model.name_or_path, cfg.model.pool_layers).eval()
+    # the untrained encoder's accuracy: its MLM head (fresh in this checkpoint) plays no part
+    model = MLCTLModel.from_pretrained(
+        cfg.model.name_or_path, cfg.model.pool_layers, head_matters=False
+    ).eval()
     before = dev_accuracy(model, tokenizer, devs)
     del model
     print(f"[demo] dev retrieval accuracy before training (xx->en): {_fmt(before)}", flush=True)

@@ -135,7 +135,7 @@ def check_resume(cfg: Config, run_dir: Path, tokenizer_hash: str) -> None:
     again; here it fails before any of them starts)."""
     from launcher.naming import is_object_store
     from mlctl.checkpoint_dir import CheckpointDir, CheckpointMeta
-    from mlctl.engine import manifest_hash
+    from mlctl.data.manifest import manifest_hash
     from mlctl.resume_checks import check_changes, check_compatible
 
     if is_object_store(cfg.ray.storage_path) or not cfg.checkpoint.resume:

@@ -3,7 +3,11 @@ multi-node run never advertises a loopback address (:func:`endpoint_addresses`).
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+from pathlib import Path
+from typing import Any
 
 
 def is_loopback(host: str) -> bool:
@@ -49,3 +53,31 @@ def advertised_host(bind: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return socket.gethostname()
+
+
+def endpoint_info(rank: int, node: str, host: str, port: int) -> dict[str, Any]:
+    """What a rank announces of its endpoint (the driver prints it and feeds Prometheus from it)."""
+    shown = f"[{host}]" if ":" in host else host
+    return {"rank": rank, "node": node, "host": host, "port": port, "url": f"http://{shown}:{port}/metrics"}
+
+
+def write_endpoint(run_dir: Path, info: dict[str, Any]) -> None:
+    """``RUN/endpoints/rankNNNNN.json``, replaced atomically (a record in the run folder)."""
+    folder = Path(run_dir) / "endpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".rank{info['rank']:05d}.json"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank{info['rank']:05d}.json")
+
+
+def node_ip() -> str:
+    """The address Ray uses for this node. Outside Ray (the engine driven by plain torch processes,
+    as in its own tests) the run is on one machine, so loopback."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"

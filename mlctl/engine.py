@@ -11,16 +11,12 @@ embeds its pairs in chunks and back-propagates the gathered loss chunk by chunk 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
-import os
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,100 +24,13 @@ import torch.distributed as dist
 
 from mlctl.checkpoint import Checkpointer, Reporter, TrainState, step_seed
 from mlctl.config import Config
+from mlctl.data.manifest import manifest_hash
 from mlctl.hub import load_tokenizer, tokenizer_fingerprint
-from mlctl.losses import contrastive_terms, inbatch_accuracy
-from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
+from mlctl.losses import inbatch_accuracy
+from mlctl.model import EncoderInputs, MLCTLModel
+from mlctl.step import Vocab, host_inputs, mlm_copy, step_loss
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# DeepSpeed pieces
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON config from the typed config (``deepspeed.extra`` merged last)."""
-    b, gas = cfg.data.batch_size, cfg.train.grad_accum
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": b,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": b * gas * world_size,
-        "gradient_clipping": cfg.train.grad_clip,
-        # NOTE: DeepSpeed's default buckets are 5e8 elements (2 GB of fp32 each); a few tens of
-        # millions keep the same overlap for encoders of this size at a tenth of the memory.
-        "zero_optimization": {
-            "stage": cfg.deepspeed.zero_stage,
-            "reduce_bucket_size": 50_000_000,
-            "allgather_bucket_size": 50_000_000,
-        },
-        "bf16": {"enabled": cfg.deepspeed.precision == "bf16"},
-        "fp16": {"enabled": cfg.deepspeed.precision == "fp16", "initial_scale_power": 12},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.deepspeed.precision == "bf16":
-        # NOTE: bf16.enabled alone makes DeepSpeed (0.19) accumulate gradients over micro-batches
-        # and all-reduce / reduce-scatter them in bf16 (8 bits of mantissa): sums over many ranks
-        # and micro-batches then lose the small gradients. fp32 for both; accumulation in fp32 is
-        # ZeRO >= 1 only (ZeRO-0 raises "unsupported mix"), so ZeRO-0 keeps bf16 accumulation.
-        ds["communication_data_type"] = "fp32"
-        if cfg.deepspeed.zero_stage >= 1:
-            ds["data_types"] = {"grad_accum_dtype": "fp32"}
-        elif gas > 1:
-            log.warning(
-                "deepspeed.precision=bf16 with zero_stage=0 accumulates %d micro-batches' gradients in "
-                "bf16 (DeepSpeed accumulates in fp32 from ZeRO-1 on); set deepspeed.zero_stage=1",
-                gas,
-            )
-    for key, value in cfg.deepspeed.extra.items():
-        if isinstance(value, dict) and isinstance(ds.get(key), dict):
-            ds[key] = {**ds[key], **value}
-        else:
-            ds[key] = value
-    return ds
-
-
-def lr_lambda(cfg: Config) -> Callable[[int], float]:
-    """Multiplier of the peak rate: linear warmup, then constant (the paper), linear or cosine decay.
-
-    NOTE: after warmup this is transformers' ``get_{constant,linear,cosine}_schedule_with_warmup``
-    exactly (tests/test_checkpoint.py checks it); their warmup is one step behind (step 0 runs at
-    lr 0, a wasted step), so this stays rather than change the trained trajectory."""
-    warmup, total, kind = cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.schedule
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases and LayerNorm weights."""
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def manifest_hash(shards: str) -> str:
-    """Hash of the shard folder's manifest.json (a local folder or an object-store URI)."""
-    from mlctl import storage
-
-    try:
-        return hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()[:16]
-    except FileNotFoundError:
-        return ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +84,6 @@ class Trainer:
         tok_name = cfg.model.tokenizer or cfg.model.name_or_path
         self.tokenizer = load_tokenizer(tok_name)
         self.tokenizer_hash = tokenizer_fingerprint(self.tokenizer)
-        self.special_ids = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), dtype=torch.long)
 
         torch.manual_seed(cfg.train.seed)  # identical fusion-MLP init on every rank
         model = MLCTLModel.from_pretrained(
@@ -185,7 +93,7 @@ class Trainer:
             cfg.model.attention,
             head_matters=cfg.loss.mlm_weight > 0,  # without MLM a fresh head is nobody's concern
         )
-        self.vocab_size = model.config.vocab_size
+        self.vocab = Vocab.of(self.tokenizer, model.config.vocab_size)
 
         self.loader = ShardLoader(
             cfg.data.shards,
@@ -236,38 +144,20 @@ class Trainer:
         return training_device(get_accelerator().device_name(), self.local_rank, self.assigned_device)
 
     def _build_engine(self, model: MLCTLModel) -> Any:
-        """The DeepSpeed engine around ``model``: AdamW, the schedule, ZeRO and precision."""
-        import deepspeed
+        """The DeepSpeed engine around ``model`` (mlctl.deepspeed_setup)."""
+        from mlctl.deepspeed_setup import build_engine
 
-        cfg = self.cfg
-        optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.train.weight_decay),
-            lr=cfg.train.lr,
-            betas=(cfg.train.betas[0], cfg.train.betas[1]),
-            # One kernel over all parameters instead of ~10 passes of elementwise ops (12 vs 120 ms
-            # a step for 22.7M fp32 parameters on one CPU core); what transformers' Trainer
-            # defaults to as well. ZeRO hands it the flat fp32 partitions.
-            fused=True,
-        )
-        schedule = lr_lambda(cfg)
-        engine, _, _, _ = deepspeed.initialize(
-            # NOTE: without device_rank DeepSpeed picks cuda:LOCAL_RANK, wrong for a Ray worker
-            # that sees one GPU (cuda:0) with local rank 1.
-            args=SimpleNamespace(device_rank=self.device.index or 0),
-            model=model,
-            optimizer=optimizer,
-            config=deepspeed_config(cfg, self.world_size),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
-        )
-        return engine
+        return build_engine(self.cfg, model, self.world_size, self.device)
 
     def _setup_metrics(self) -> None:
+        """This rank's Prometheus exporter on an address other nodes can reach, announced to the
+        launcher (and recorded in RUN/endpoints/)."""
         from dataclasses import replace
 
-        from mlctl.metrics import MetricsExporter, endpoint_addresses
+        from mlctl.endpoints import endpoint_addresses, endpoint_info, node_ip, write_endpoint
+        from mlctl.metrics import MetricsExporter
 
-        node_ip = _node_ip()
-        bind, host = endpoint_addresses(self.cfg.metrics.bind, node_ip)
+        bind, host = endpoint_addresses(self.cfg.metrics.bind, node_ip())
         if bind != self.cfg.metrics.bind:
             log.warning(
                 "metrics.bind=%s is unreachable from other nodes; rank %d serves on the node address %s",
@@ -286,18 +176,8 @@ class Trainer:
         )
         port = self.metrics.start()
         if port is not None:
-            ep_dir = self.run_dir / "endpoints"
-            ep_dir.mkdir(parents=True, exist_ok=True)
-            info = {
-                "rank": self.rank,
-                "node": self.node,
-                "host": host,
-                "port": port,
-                "url": f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics",
-            }
-            tmp = ep_dir / f".rank{self.rank:05d}.json"
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, ep_dir / f"rank{self.rank:05d}.json")
+            info = endpoint_info(self.rank, self.node, host, port)
+            write_endpoint(self.run_dir, info)
             self.reporter.announce(self.rank, info)
 
     # ---- checkpoints (the I/O lives in mlctl.checkpoint) ------------------------------------
@@ -331,42 +211,20 @@ class Trainer:
     def batch_inputs(
         self, batch: dict[str, Any], micro: int
     ) -> tuple[EncoderInputs, torch.Tensor | None, torch.Tensor]:
-        """The micro-batch's encoder inputs (MLM copy included), anchor flags and source ids.
-
-        Everything that depends on the data (MLM picks, token positions, lengths) is derived here on
-        the host from the CPU batch, then moved in one go (pinned, non-blocking on CUDA): the step
-        never has to read the device back to learn a shape."""
-        cfg = self.cfg
-        mlm_ids, mlm_labels = self.mlm_copy(batch, micro)
-        word_level = cfg.model.word_level
-        inputs = EncoderInputs.build(
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["spans"] if word_level else None,
-            mlm_ids,
-            mlm_labels,
+        """The micro-batch's encoder inputs (MLM copy included), anchor flags and source ids,
+        derived on the host (mlctl.step) and moved in one go (pinned, non-blocking on CUDA)."""
+        inputs, anchored, sids = host_inputs(batch, self.cfg, *self.mlm_copy(batch, micro))
+        return (
+            self.to_device(inputs),
+            None if anchored is None else self.to_device(anchored),
+            self.to_device(sids),
         )
-        anchored = self.to_device(batch["anchored"]) if word_level else None
-        return self.to_device(inputs), anchored, self.to_device(batch["source_ids"])
 
     def mlm_copy(
         self, batch: dict[str, Any], micro: int
     ) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
-        """The micro-batch's masked copy and its labels (CPU), seeded by step, rank and micro-batch;
-        (None, None) without an MLM term."""
-        cfg = self.cfg
-        if cfg.loss.mlm_weight <= 0:
-            return None, None
-        gen = torch.Generator().manual_seed(step_seed(cfg.train.seed, self.state.step, self.rank, micro))
-        return mask_tokens(
-            batch["input_ids"],
-            batch["attention_mask"],
-            self.special_ids,
-            self.tokenizer.mask_token_id,
-            self.vocab_size,
-            cfg.loss.mlm_probability,
-            generator=gen,
-        )
+        """The micro-batch's masked copy and its labels (CPU); see :func:`mlctl.step.mlm_copy`."""
+        return mlm_copy(batch, self.cfg, self.vocab, self.state.step, self.rank, micro)
 
     def to_device(self, x: Any) -> Any:
         """A CPU tensor (or EncoderInputs) on the step's device: pinned and non-blocking on CUDA."""
@@ -375,23 +233,19 @@ class Trainer:
         return x.to(self.device)
 
     def micro_step(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        if cfg.loss.cache_chunk:
+        if self.cfg.loss.cache_chunk:
             from mlctl.gradcache import cached_micro_step
 
             return cached_micro_step(self, batch, micro)
         inputs, anchored, sids = self.batch_inputs(batch, micro)
         out = self.engine(inputs)
-        # Translations of one source sentence (multiway corpora) are never each other's negatives.
-        cl, x, y = contrastive_terms(cfg, out, anchored, self.rank, self.world_size, source_ids=sids)
-        mlm = out.mlm_loss if out.mlm_loss is not None else torch.zeros((), device=cl.device)
-        loss = cl + cfg.loss.mlm_weight * mlm.float()
+        loss, cl, mlm, x, y = step_loss(self.cfg, out, anchored, self.rank, self.world_size, sids)
         self.engine.backward(loss)
         self.engine.step()
         return {
             "loss": loss.detach(),
             "cl": cl.detach(),
-            "mlm": mlm.detach().float(),
+            "mlm": mlm.detach(),
             # this rank's share of the global-batch accuracy; stays on the device
             "acc": inbatch_accuracy(x.detach(), y.detach(), rank=self.rank, world_size=self.world_size),
         }
@@ -612,16 +466,3 @@ class Trainer:
 
 def _every(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
-
-
-def _node_ip() -> str:
-    """The address Ray uses for this node. Outside Ray (the engine driven by plain torch processes,
-    as in its own tests) the run is on one machine, so loopback."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except ImportError:
-        pass
-    return "127.0.0.1"

@@ -23,15 +23,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from mlctl.config import Config
 from mlctl.losses import contrastive_terms, inbatch_accuracy
 from mlctl.model import EncoderInputs, EncoderOutput
 
-if TYPE_CHECKING:
-    from mlctl.engine import Trainer
+
+class StepHost(Protocol):
+    """What the cached step needs of the trainer running it (:class:`mlctl.engine.Trainer`)."""
+
+    cfg: Config
+    engine: Any
+    rank: int
+    world_size: int
+
+    def mlm_copy(self, batch: dict[str, Any], micro: int) -> tuple[Any, Any]: ...
+
+    def to_device(self, x: Any) -> Any: ...
+
 
 Terms = Callable[[EncoderOutput], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -228,7 +240,7 @@ def chunk_backwards(engine: Any) -> Iterator[Callable[[torch.Tensor, bool], None
         engine.set_gradient_accumulation_boundary(None)
 
 
-def cached_micro_step(trainer: Trainer, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+def cached_micro_step(trainer: StepHost, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
     """:meth:`mlctl.engine.Trainer.micro_step` with ``loss.cache_chunk`` > 0: the same loss,
     gradient and figures, activation memory for one chunk of pairs."""
     cfg = trainer.cfg

@@ -168,52 +168,6 @@ def _ints(values: Any, n: int, name: str, device: torch.device) -> torch.Tensor:
     return out
 
 
-def info_nce(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    temperature: float = 0.07,
-    *,
-    same_language_negatives: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-    group=None,
-) -> torch.Tensor:
-    """InfoNCE: log(e^p + sum_neg e^s) - p, symmetric, mean over the 2B anchors (always >= 0)."""
-    return contrastive_loss(
-        x,
-        y,
-        temperature,
-        cross_zero=False,
-        same_language_negatives=same_language_negatives,
-        rank=rank,
-        world_size=world_size,
-        group=group,
-    )
-
-
-def cz_nce(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    temperature: float = 0.07,
-    *,
-    same_language_negatives: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-    group=None,
-) -> torch.Tensor:
-    """CZ-NCE: log(sum_neg e^s) - p, symmetric, mean over the 2B anchors (can go below zero)."""
-    return contrastive_loss(
-        x,
-        y,
-        temperature,
-        cross_zero=True,
-        same_language_negatives=same_language_negatives,
-        rank=rank,
-        world_size=world_size,
-        group=group,
-    )
-
-
 def inbatch_accuracy(
     x: torch.Tensor, y: torch.Tensor, *, rank: int = 0, world_size: int = 1, group=None
 ) -> torch.Tensor:

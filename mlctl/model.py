@@ -216,9 +216,6 @@ class MLCTLModel(nn.Module):
     def config(self):
         return self.mlm.config
 
-    def mlm_head(self) -> nn.Module:
-        return self.mlm.get_output_embeddings()
-
     def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # `cls` is BERT's prediction head (transform + tied decoder); other encoders expose
         # their head as the module holding the output embeddings.

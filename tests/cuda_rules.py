@@ -242,7 +242,7 @@ class StandInEngine:
     holds the module state in DeepSpeed's file layout."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device, cfg: Any, rank: int):
-        from mlctl.engine import lr_lambda, param_groups
+        from mlctl.deepspeed_setup import lr_lambda, param_groups
 
         self.module = module.to(device)
         self.device = device

@@ -198,7 +198,7 @@ def test_lr_schedule_against_transformers(schedule):
         get_linear_schedule_with_warmup,
     )
 
-    from mlctl.engine import lr_lambda
+    from mlctl.deepspeed_setup import lr_lambda
 
     warmup, total = 10, 110
     cfg = load_config(

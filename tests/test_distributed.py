@@ -11,13 +11,19 @@ Each check also asserts that a gradient N times too large or too small would fai
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.distributed as dist
 from ranks import run_ranks
 
 from mlctl.distributed import all_gather_with_grad
-from mlctl.losses import cz_nce, info_nce
+from mlctl.losses import contrastive_loss
+
+# The two losses of mlctl.losses.contrastive_loss (InfoNCE and the paper's CZ-NCE).
+info_nce = partial(contrastive_loss, cross_zero=False)
+cz_nce = partial(contrastive_loss, cross_zero=True)
 
 B, D, D_IN, TEMP = 3, 8, 5, 0.1
 LOSSES = {"info_nce": info_nce, "cz_nce": cz_nce}

@@ -12,7 +12,7 @@ import torch
 
 from mlctl.checkpoint import CheckpointDir, CheckpointMeta, CheckpointMismatch, check_compatible
 from mlctl.config import load_config
-from mlctl.engine import deepspeed_config, lr_lambda
+from mlctl.deepspeed_setup import deepspeed_config, lr_lambda
 
 ROOT = Path(__file__).resolve().parent.parent
 

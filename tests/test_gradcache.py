@@ -393,7 +393,8 @@ def _sgd_trainer():
     parameter comparison after AdamW would measure its conditioning, not the cache's exactness."""
     from types import SimpleNamespace
 
-    from mlctl.engine import Trainer, deepspeed_config
+    from mlctl.deepspeed_setup import deepspeed_config
+    from mlctl.engine import Trainer
 
     class SGDTrainer(Trainer):
         def _build_engine(self, model):

@@ -123,7 +123,7 @@ def test_mlm_head_is_tied_and_loaded_from_checkpoint(model, tiny_model_dir: Path
     head = model.mlm.cls.predictions
     emb = model.mlm.get_input_embeddings().weight
     assert head.decoder.weight is emb
-    assert model.mlm_head().weight is emb
+    assert model.mlm.get_output_embeddings().weight is emb
     saved = load_file(str(tiny_model_dir / "model.safetensors"))
     transform = {k: v for k, v in saved.items() if k.startswith("cls.predictions.transform.")}
     assert len(transform) == 4  # dense weight/bias, LayerNorm weight/bias

@@ -1,4 +1,4 @@
-"""bf16 training keeps its gradient reductions in fp32 (mlctl.engine.deepspeed_config).
+"""bf16 training keeps its gradient reductions in fp32 (mlctl.deepspeed_setup.deepspeed_config).
 
 With ``bf16.enabled`` alone, DeepSpeed 0.19 accumulates gradients and all-reduces / reduce-scatters
 them in bf16. The config mlctl emits asks for fp32 accumulation (ZeRO >= 1) and fp32
@@ -13,7 +13,7 @@ import torch
 from ranks import run_ranks
 
 from mlctl.config import load_config
-from mlctl.engine import deepspeed_config
+from mlctl.deepspeed_setup import deepspeed_config
 
 
 def _cfg(*overrides: str):

@@ -8,6 +8,7 @@ read every object). Damage that keeps the size is found later, while streaming
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tarfile
@@ -93,3 +94,12 @@ def check_manifest(root: str, manifest: dict) -> dict:
             legacy,
         )
     return {"valid": valid, "skipped": skipped}
+
+
+def manifest_hash(shards: str) -> str:
+    """Hash of the shard folder's manifest.json (a local folder or an object-store URI): what a
+    checkpoint records of the data it was trained on."""
+    try:
+        return hashlib.sha256(storage.read_bytes(storage.join(shards, "manifest.json"))).hexdigest()[:16]
+    except FileNotFoundError:
+        return ""

@@ -19,6 +19,17 @@ from mlctl.hub import resolve_model_path
 log = logging.getLogger(__name__)
 
 
+def _no_hub_kernels() -> dict[str, bool]:
+    """transformers >= 5.25 kernelizes every loaded model by default: it swaps layers for code from
+    the Hub at load and on each ``train()``/``eval()``. mlctl runs its own packed attention over
+    the encoder's weights, so it loads the plain torch layers; transformers before 4.53 has no
+    such switch (and no hub kernels)."""
+    import transformers
+    from packaging.version import Version
+
+    return {"use_kernels": False} if Version(transformers.__version__) >= Version("4.53") else {}
+
+
 class EncoderOutput(NamedTuple):
     """What the encoder returns. A tuple on purpose: DeepSpeed finds the output tensors of a forward
     in tuples, lists and dicts (not in a dataclass) and hangs its backward prologue on them, which
@@ -194,7 +205,7 @@ class MLCTLModel(nn.Module):
         from transformers import AutoModelForMaskedLM
 
         path = resolve_model_path(name_or_path)
-        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **_no_hub_kernels())
         missing = [k for k in info.get("missing_keys", []) if "decoder.weight" not in k]
         if missing:
             # all-MiniLM-L6-v2 and other sentence encoders ship without an MLM head: its transform

@@ -218,3 +218,19 @@ def _raise_failure(out: Path, rank: int, world: int, code: int) -> None:
     if exc is None:
         raise cause
     raise exc from cause
+
+
+def run_engine_worker(run_dir: Path, fault: dict | None, overrides: list[str]):
+    """tests/engine_worker.py in a subprocess: one standalone training process (world size 1, gloo)
+    on ``run_dir`` with a fault of tests/fault_injection.py (or None); its CompletedProcess."""
+    import json
+    import subprocess
+
+    tests = Path(__file__).resolve().parent
+    return subprocess.run(
+        [sys.executable, str(tests / "engine_worker.py"), str(run_dir), json.dumps(fault), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tests.parent,
+    )

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from ranks import run_engine_worker
 
 from mlctl.checkpoint import CheckpointDir, CheckpointMeta, CheckpointMismatch, check_compatible
 from mlctl.config import load_config
 from mlctl.deepspeed_setup import deepspeed_config, lr_lambda
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_deepspeed_config_follows_the_typed_config():
@@ -99,22 +95,6 @@ def test_checkpoint_dir_publishes_atomically_and_keeps_last_k(tmp_path):
     assert not tmp.exists()
 
 
-def _worker(run_dir: Path, fault: dict | None, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "engine_worker.py"),
-            str(run_dir),
-            json.dumps(fault),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-
-
 def _base(model_dir, shards, **extra) -> list[str]:
     d = {
         "model.name_or_path": str(model_dir),
@@ -132,12 +112,12 @@ def _base(model_dir, shards, **extra) -> list[str]:
 @pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path, tiny_model_dir, tiny_shards):
     run = tmp_path / "run"
-    out = _worker(run, {"event": "save", "step": 8}, *_base(tiny_model_dir, tiny_shards))
+    out = run_engine_worker(run, {"event": "save", "step": 8}, _base(tiny_model_dir, tiny_shards))
     assert out.returncode == -9, out.stdout[-2000:] + out.stderr[-2000:]
     ck = CheckpointDir(run)
     assert ck.latest().name == "step_00000004"  # the save at step 8 never got published
     assert ck.tmp_path(8).exists()
-    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards))
+    out = run_engine_worker(run, None, _base(tiny_model_dir, tiny_shards))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr and "step_00000004" in out.stderr
     assert json.loads(out.stdout.split("FINAL", 1)[1])["step"] == 8
@@ -149,13 +129,13 @@ def test_damaged_newest_checkpoint_and_pointer_fall_back_to_the_one_before(
     tmp_path, tiny_model_dir, tiny_shards
 ):
     run = tmp_path / "run"
-    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards))
+    out = run_engine_worker(run, None, _base(tiny_model_dir, tiny_shards))
     assert out.returncode == 0, out.stderr[-3000:]
     ck = CheckpointDir(run)
     for f in (ck.root / "step_00000008" / "engine" / "state").glob("*model_states.pt"):
         f.unlink()  # e.g. a disk that filled up, or a copy that stopped halfway
     (ck.root / "latest").write_text("garbage\n")
-    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards, **{"train.max_steps": 10}))
+    out = run_engine_worker(run, None, _base(tiny_model_dir, tiny_shards, **{"train.max_steps": 10}))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "no DeepSpeed model state" in out.stderr and "resuming from" in out.stderr
     assert "resumed from" in out.stderr and "step_00000004 at step 4" in out.stderr
@@ -168,9 +148,9 @@ def test_every_restart_counts_even_between_the_same_two_checkpoints(tmp_path, ti
     run = tmp_path / "run"
     args = _base(tiny_model_dir, tiny_shards, **{"train.max_steps": 6, "checkpoint.every_steps": 2})
     for _ in range(2):  # two crashes at step 3, both after the step-2 checkpoint and before the next
-        out = _worker(run, {"event": "step", "step": 2}, *args)
+        out = run_engine_worker(run, {"event": "step", "step": 2}, args)
         assert out.returncode == -9, out.stderr[-3000:]
-    out = _worker(run, None, *args)
+    out = run_engine_worker(run, None, args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "(restart 2)" in out.stderr
     assert json.loads(out.stdout.split("FINAL", 1)[1])["restarts"] == 2
@@ -184,10 +164,10 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(
     from tiny_models import build_tiny_bert
 
     run = tmp_path / "run"
-    out = _worker(run, None, *_base(tiny_model_dir, tiny_shards, **{"train.max_steps": 4}))
+    out = run_engine_worker(run, None, _base(tiny_model_dir, tiny_shards, **{"train.max_steps": 4}))
     assert out.returncode == 0, out.stderr[-3000:]
     other = build_tiny_bert(tmp_path / "other", tiny_tokenizer, hidden=48)
-    out = _worker(run, None, *_base(other, tiny_shards, **{"train.max_steps": 6}))
+    out = run_engine_worker(run, None, _base(other, tiny_shards, **{"train.max_steps": 6}))
     assert out.returncode != 0
     assert "cannot resume from" in out.stderr and f"config has '{other}'" in out.stderr
 
@@ -209,9 +189,9 @@ def test_zero_stages_and_precisions_train_and_resume(tmp_path, tiny_model_dir, t
             },
         )
 
-    out = _worker(run, None, *args(2))
+    out = run_engine_worker(run, None, args(2))
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _worker(run, None, *args(3))
+    out = run_engine_worker(run, None, args(3))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stderr
     final = json.loads(out.stdout.split("FINAL", 1)[1])

@@ -17,24 +17,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from fixture_data import DATA, prepare_fixture_shards
-from ranks import exit_rank, free_port
+from ranks import run_engine_worker, run_ranks
 
 from mlctl.config import load_config
 from mlctl.gradcache import cached_backward, split_batch
 from mlctl.losses import contrastive_terms
 from mlctl.model import EncoderInputs, MLCTLModel, mask_tokens
 
-ROOT = Path(__file__).resolve().parent.parent
 PAIRS = 12  # global batch of the exactness tests
 ANCHORLESS = (1, 4, 7, 10)  # pairs whose "word" is the whole side (prepared with keep_no_anchor)
 SHARED_SOURCES = ((0, 3, 8), (5, 6))  # translations of one sentence (a multiway corpus)
@@ -246,29 +241,13 @@ def test_cached_step_equals_the_plain_step(one_rank, option):
     _check(one_rank, option)
 
 
-def _exactness_rank(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        result = exactness(Path(model_dir), rank, world, chunk=4)  # 6 pairs a rank: chunks of 4 and 2
-    except Exception as e:  # shown by the test
-        result = {"error": f"{type(e).__name__}: {e}"}
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_rank()
+def _exactness_rank(rank: int, world: int, model_dir: str) -> dict[str, dict]:
+    return exactness(Path(model_dir), rank, world, chunk=4)  # 6 pairs a rank: chunks of 4 and 2
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_model_dir, tmp_path_factory) -> list[dict[str, dict]]:
-    out = tmp_path_factory.mktemp("gradcache_two_ranks")
-    mp.spawn(_exactness_rank, args=(2, free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}: {res['error']}"
-    return results
+def two_ranks(tiny_model_dir) -> list[dict[str, dict]]:
+    return run_ranks(_exactness_rank, 2, str(tiny_model_dir))
 
 
 @pytest.mark.slow
@@ -440,42 +419,22 @@ def _count_reductions(engine) -> list[int]:
     return count
 
 
-def _engine_rank(rank: int, world: int, port: int, model_dir: str, shards: str, zero: int, out: str):
-    torch.set_num_threads(1)
-    os.environ.update(
-        DS_ACCELERATOR="cpu",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-    )
-    import torch.distributed as dist
-
+def _engine_rank(rank: int, world: int, model_dir: str, shards: str, zero: int, out: str) -> dict:
     result: dict = {}
-    try:
-        for precision, chunk in RUNS:
-            cfg = _engine_config(model_dir, shards, zero, precision, chunk)
-            trainer = _sgd_trainer()(cfg, Path(out) / f"{precision}-{chunk}", rank=rank, world_size=world)
-            trainer.setup()
-            reductions = _count_reductions(trainer.engine)
-            before = _params(trainer.model)
-            trainer.engine.train()
-            it = iter(trainer.loader)
-            figures = [trainer.train_step(it) for _ in range(2)]
-            trainer.loader.close()
-            after = _params(trainer.model)
-            update = torch.cat([(after[n] - before[n]).reshape(-1) for n in sorted(after)])
-            result[precision, chunk] = {"update": update, "figures": figures, "reductions": reductions[0]}
-    except Exception as e:  # shown by the test
-        import traceback
-
-        result = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
-    torch.save(result, Path(out) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_rank()
+    for precision, chunk in RUNS:
+        cfg = _engine_config(model_dir, shards, zero, precision, chunk)
+        trainer = _sgd_trainer()(cfg, Path(out) / f"{precision}-{chunk}", rank=rank, world_size=world)
+        trainer.setup()
+        reductions = _count_reductions(trainer.engine)
+        before = _params(trainer.model)
+        trainer.engine.train()
+        it = iter(trainer.loader)
+        figures = [trainer.train_step(it) for _ in range(2)]
+        trainer.loader.close()
+        after = _params(trainer.model)
+        update = torch.cat([(after[n] - before[n]).reshape(-1) for n in sorted(after)])
+        result[precision, chunk] = {"update": update, "figures": figures, "reductions": reductions[0]}
+    return result
 
 
 @pytest.fixture(scope="module", params=[0, 1, 2, 3], ids=lambda z: f"zero{z}")
@@ -484,12 +443,8 @@ def engine_runs(request, tmp_path_factory, still_model_dir, mixed_shards) -> tup
     DeepSpeed engine: the parameter updates and figures of the RUNS, per rank."""
     zero = request.param
     out = tmp_path_factory.mktemp(f"gradcache_zero{zero}")
-    args = (2, free_port(), str(still_model_dir), str(mixed_shards), zero, str(out))
-    mp.spawn(_engine_rank, args=args, nprocs=2, join=True)
-    results = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"zero {zero} rank {r}: {res['error']}"
-    return zero, results
+    args = (str(still_model_dir), str(mixed_shards), zero, str(out))
+    return zero, run_ranks(_engine_rank, 2, *args, init="env", env={"DS_ACCELERATOR": "cpu"}, timeout=900)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -570,22 +525,6 @@ def test_plain_bf16_step(engine_runs):
 # Resume
 
 
-def _worker(run_dir: Path, fault: dict | None, overrides: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "tests" / "engine_worker.py"),
-            str(run_dir),
-            json.dumps(fault),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-
-
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     step = (run_dir / "checkpoints" / "latest").read_text().strip()
     path = run_dir / "checkpoints" / step / "engine" / "state" / "mp_rank_00_model_states.pt"
@@ -611,11 +550,11 @@ def test_cached_run_resumes_exactly(tmp_path, tiny_model_dir, mixed_shards):
         "checkpoint.every_steps=2",
         "metrics.enabled=false",
     ]
-    clean = _worker(tmp_path / "clean", None, overrides)
+    clean = run_engine_worker(tmp_path / "clean", None, overrides)
     assert clean.returncode == 0, clean.stderr[-3000:]
-    killed = _worker(tmp_path / "killed", {"event": "step", "step": 2}, overrides)
+    killed = run_engine_worker(tmp_path / "killed", {"event": "step", "step": 2}, overrides)
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = _worker(tmp_path / "killed", None, overrides)
+    resumed = run_engine_worker(tmp_path / "killed", None, overrides)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step_00000002" in resumed.stderr
     a, b = _final_weights(tmp_path / "clean"), _final_weights(tmp_path / "killed")

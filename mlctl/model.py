@@ -19,7 +19,7 @@ from mlctl.hub import resolve_model_path
 log = logging.getLogger(__name__)
 
 
-def _no_hub_kernels() -> dict[str, bool]:
+def _no_hub_kernels() -> dict[str, Any]:
     """transformers >= 5.25 kernelizes every loaded model by default: it swaps layers for code from
     the Hub at load and on each ``train()``/``eval()``. mlctl runs its own packed attention over
     the encoder's weights, so it loads the plain torch layers; transformers before 4.53 has no

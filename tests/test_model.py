@@ -135,6 +135,16 @@ def test_mlm_head_is_tied_and_loaded_from_checkpoint(model, tiny_model_dir: Path
     assert torch.equal(emb, saved["bert.embeddings.word_embeddings.weight"])
 
 
+def test_loaded_without_hub_kernels(model):
+    """transformers >= 5.25 swaps layers for Hub kernels on load and on every train()/eval() unless
+    told not to; mlctl's packed attention runs the plain layers (and a device without a kernel
+    build, meta included, must not be refused)."""
+    assert not getattr(model.mlm, "use_kernels", False)
+    model.train()
+    model.eval()
+    assert not getattr(model.mlm, "use_kernels", False)
+
+
 def test_pool_layers_out_of_range(model):
     for bad in ([3], [-3], [0]):
         with pytest.raises(ValueError, match=r"out of range for a 2-layer encoder"):

@@ -9,7 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 W=${1:-runs/alignment-batch}
 B=".venv/bin/python bench/alignment.py --work $W --threads 1 --seed 0"
-run() { echo "=== $(date +%T) $*"; $B "$@" 2>&1 | grep -E "trained|done earlier|Error|error"; }
+run() { echo "=== $(date +%T) $*"; $B "$@" 2>&1 | grep -E "trained [0-9]+ pairs|done earlier|Error|error"; }
 run --arms default --steps 96 --batch 64 --label default-b64
 run --arms mnrl --steps 96 --batch 64 --peer-lr 1e-4 --label mnrl-1e-4-b64
 run --arms mnrl --steps 96 --batch 64 --peer-lr 2e-4 --label mnrl-2e-4-b64

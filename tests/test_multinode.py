@@ -37,12 +37,15 @@ TIMES: dict[str, float] = {}  # measured durations, printed at the end of the mo
 
 
 # This module's runs: 8 steps, checkpoints every 4, a log line per step, one worker per node.
+METRICS_PORT = 9700
 RUN = {
     "train.max_steps": MAX_STEPS,
     "train.log_every": 1,
     "checkpoint.every_steps": EVERY,
     "ray.cpus_per_worker": 1,
-    "metrics.port": 19700,
+    # below Ray's default worker-port range (10002-19999): a Ray worker process on a node may hold
+    # any port in it, and the rank would then serve on the next one (seen once: 19701 on node 1)
+    "metrics.port": METRICS_PORT,
 }
 
 
@@ -241,7 +244,7 @@ def test_prometheus_scrapes_every_worker_on_both_nodes(cluster, two_node_run):
     # Never a loopback address in what the run advertised.
     sd = json.loads((two_node_run["run_dir"] / "prometheus_sd.json").read_text())
     targets = sorted(t for entry in sd for t in entry["targets"])
-    assert targets == sorted(f"{ip}:19700" for ip in cluster.ips[:2]), sd
+    assert targets == sorted(f"{ip}:{METRICS_PORT}" for ip in cluster.ips[:2]), sd
     assert "is unreachable from other nodes; rank" in two_node_run["log"]
     # Prometheus (on a third host) scraped each worker through the discovery file while it ran.
     res = prometheus_query(
